@@ -1,0 +1,203 @@
+//! Passing file descriptors over a Unix stream socket (`SCM_RIGHTS`).
+//!
+//! This is how a memfd segment and an eventfd reach the peer process. The
+//! descriptors travel attached to the first byte of the data; the data itself
+//! is ordinary stream data, so callers frame it themselves. Received
+//! descriptors are close-on-exec (`MSG_CMSG_CLOEXEC`).
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use rustix::io::Errno;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+
+/// Most descriptors accepted in one message: the kernel's own limit
+/// (`SCM_MAX_FD`).
+pub const MAX_FDS: usize = 253;
+
+/// Sends all of `data` on the Unix stream socket `sock`, with `fds` attached
+/// to its first byte.
+///
+/// `data` must not be empty when `fds` is not (descriptors need at least one
+/// byte to ride on). Retries on `EINTR` and after partial writes (the
+/// descriptors go only with the first chunk). Uses `MSG_NOSIGNAL`, so a
+/// closed peer yields `EPIPE` instead of `SIGPIPE`. A non-blocking socket may
+/// fail with `WouldBlock` part-way through.
+pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if data.is_empty() && !fds.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "send_with_fds: descriptors need at least one byte of data",
+        ));
+    }
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "send_with_fds: {} descriptors, at most {MAX_FDS} per message",
+                fds.len()
+            ),
+        ));
+    }
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("send_with_fds: control buffer too small"));
+    }
+    let mut no_control = SendAncillaryBuffer::default();
+    let mut sent = 0;
+    while sent < data.len() {
+        let iov = [IoSlice::new(&data[sent..])];
+        // The first chunk carries the descriptors; later ones only data.
+        let ctl = if sent == 0 {
+            &mut control
+        } else {
+            &mut no_control
+        };
+        match rustix::net::sendmsg(sock, &iov, ctl, SendFlags::NOSIGNAL) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "sendmsg wrote nothing",
+                ))
+            }
+            Ok(n) => sent += n,
+            Err(Errno::INTR) => continue,
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("sendmsg with {} descriptors: {e}", fds.len()),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Receives data into `buf` from the Unix stream socket `sock`, with up to
+/// `max_fds` descriptors attached.
+///
+/// Returns the number of bytes read (0 at end of stream) and the received
+/// descriptors (close-on-exec). Retries on `EINTR`. If the sender attached
+/// more descriptors than `max_fds` the kernel truncates the control data
+/// (`MSG_CTRUNC`, the excess descriptors are closed by the kernel); this is
+/// reported as an error and the descriptors that did arrive are closed.
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let max_fds = max_fds.min(MAX_FDS);
+    let mut space =
+        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(max_fds.max(1)))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = loop {
+        let mut iov = [IoSliceMut::new(buf)];
+        match rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+            Ok(msg) => break msg,
+            Err(Errno::INTR) => continue,
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("recvmsg: {e}"),
+                ))
+            }
+        }
+    };
+    let mut fds = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = m {
+            fds.extend(rights);
+        }
+    }
+    if msg.flags.contains(ReturnFlags::CTRUNC) || fds.len() > max_fds {
+        // `fds` is dropped here, closing what did arrive.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("recvmsg: control data truncated (peer sent more than {max_fds} descriptors)"),
+        ));
+    }
+    Ok((msg.bytes, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    use std::os::fd::AsFd;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn passes_memfd_and_data() {
+        let (a, b) = pair();
+        let seg = crate::Segment::create_memfd("fdpass", 4096).unwrap();
+        let ev = crate::EventFd::new().unwrap();
+        send_with_fds(a.as_fd(), b"hello", &[seg.fd(), ev.fd()]).unwrap();
+
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf, 4).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(fds.len(), 2);
+        for fd in &fds {
+            let fl = rustix::io::fcntl_getfd(fd).unwrap();
+            assert!(fl.contains(rustix::io::FdFlags::CLOEXEC));
+        }
+        let mut it = fds.into_iter();
+        let peer = crate::Segment::from_memfd(it.next().unwrap()).unwrap();
+        // SAFETY: offset 10 is inside both 4096-byte mappings.
+        unsafe {
+            seg.as_ptr().as_ptr().add(10).write_volatile(77);
+            assert_eq!(peer.as_ptr().as_ptr().add(10).read_volatile(), 77);
+        }
+        let peer_ev = crate::EventFd::from_fd(it.next().unwrap());
+        peer_ev.notify().unwrap();
+        let r = ev.wait(None, Some(std::time::Duration::ZERO)).unwrap();
+        assert!(r.event);
+    }
+
+    #[test]
+    fn plain_data_and_eof() {
+        let _g = crate::test_support::fd_sensitive();
+        let (a, b) = pair();
+        send_with_fds(a.as_fd(), b"xyz", &[]).unwrap();
+        let mut buf = [0u8; 8];
+        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf, 2).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"xyz"[..], 0));
+        drop(a);
+        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf, 2).unwrap();
+        assert_eq!((n, fds.len()), (0, 0));
+    }
+
+    #[test]
+    fn too_many_fds_is_error() {
+        let (a, b) = pair();
+        let e1 = crate::EventFd::new().unwrap();
+        let e2 = crate::EventFd::new().unwrap();
+        let e3 = crate::EventFd::new().unwrap();
+        send_with_fds(a.as_fd(), b"!", &[e1.fd(), e2.fd(), e3.fd()]).unwrap();
+        let mut buf = [0u8; 8];
+        let err = recv_with_fds(b.as_fd(), &mut buf, 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn fds_need_data() {
+        let (a, _b) = pair();
+        let e = crate::EventFd::new().unwrap();
+        assert!(send_with_fds(a.as_fd(), b"", &[e.fd()]).is_err());
+    }
+}

@@ -1,0 +1,71 @@
+//! vmc layer 2, the OS layer: shared-memory segments, wake-ups and liveness.
+//!
+//! vmc accelerates TCP connections between co-resident processes by moving
+//! their bytes through shared memory. This crate holds everything that talks
+//! to the kernel for that; the ring layer below it is pure memory, the
+//! channel layer above it combines the two.
+//!
+//! # Segments
+//!
+//! A [`Segment`] is a file mapped shared and read-write. It can be
+//!
+//! * a **memfd** ([`Segment::create_memfd`]), sealed against resizing and
+//!   handed to the peer over a Unix socket ([`send_with_fds`] /
+//!   [`recv_with_fds`]); the receiver checks the seals
+//!   ([`Segment::from_memfd`]);
+//! * a **file in a private directory** ([`SegmentDir`]), for peers that
+//!   share a directory but not a socket, such as containers sharing
+//!   `/dev/shm` (and later VMs): the creator sends the file's name, the
+//!   attacher opens and unlinks it, so nothing stays on disk;
+//! * an **existing file** ([`Segment::open_file`]), such as an ivshmem PCI
+//!   BAR exposed as a file.
+//!
+//! # Wake-ups
+//!
+//! * [`futex_wait`] / [`futex_wake`] on a word in the segment, when both
+//!   sides share a kernel;
+//! * an [`EventFd`] doorbell, when the channel must sit in an `epoll` set
+//!   with ordinary sockets;
+//! * polling with a [`Backoff`], for peers in other VMs where neither exists.
+//!
+//! # Liveness
+//!
+//! * the Unix socket a memfd came over: [`hung_up`] turns true when the peer
+//!   closes it or dies (the kernel closes a dead process's sockets);
+//! * for directory segments, OFD lock bytes in the file
+//!   ([`Segment::peer_alive`]): each side holds a lock on its own byte, and
+//!   the kernel releases it when the holder dies, even by `SIGKILL`.
+//!   [`SegmentDir::reclaim_stale`] uses the same locks to remove files left
+//!   behind by dead processes.
+
+pub mod fdpass;
+pub mod mapping;
+pub mod proc;
+pub mod segment;
+pub mod wake;
+
+pub use fdpass::{recv_with_fds, send_with_fds};
+pub use mapping::Mapping;
+pub use proc::{euid, pid};
+pub use segment::{Segment, SegmentDir, SegmentKind, MAX_SEGMENT_LEN};
+pub use wake::{futex_wait, futex_wake, hung_up, Backoff, EventFd, Readiness};
+
+/// Coordination between tests that `fork` and tests that watch descriptors
+/// close: a forked child briefly holds copies of every descriptor of the
+/// test process, which would keep a socket or a lock alive.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+    static FORK: RwLock<()> = RwLock::new(());
+
+    /// Held by tests that expect a dropped descriptor to be really closed.
+    pub(crate) fn fd_sensitive() -> RwLockReadGuard<'static, ()> {
+        FORK.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Held by tests that fork.
+    pub(crate) fn fork_exclusive() -> RwLockWriteGuard<'static, ()> {
+        FORK.write().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,736 @@
+//! A single-producer, single-consumer byte ring whose peer is untrusted.
+//!
+//! # Indices
+//! `tail` counts bytes ever produced, `head` bytes ever consumed; both are `u64` and
+//! only grow (wrapping arithmetic keeps this correct even past 2^64 bytes). A byte at
+//! index `i` lives at `i & (capacity - 1)`. The ring holds `tail - head` bytes, which
+//! is always in `0..=capacity`.
+//!
+//! Each side owns its own index **privately** (the shared copy is only ever written
+//! by its owner, never read back), and keeps a *cached* copy of the peer's index,
+//! reloading the shared one only when the cache says the ring looks full (producer) or
+//! empty (consumer): the FastForward/MCRingBuffer idea that keeps the two sides off
+//! each other's cache lines while the ring is neither. Publication is batched per call:
+//! one `write` or `commit` publishes once, however many pieces it copied.
+//!
+//! # Orderings
+//! The producer copies data, then stores `tail` with `Release`; the consumer loads
+//! `tail` with `Acquire` before reading the bytes below it. Symmetrically the consumer
+//! stores `head` with `Release` after it has finished reading, and the producer loads
+//! it with `Acquire` before overwriting that space. Close flags are stored `Release`
+//! after the final index and loaded `Acquire`. Sleep words follow [`crate::wait`].
+//!
+//! # An untrusted peer
+//! Every index loaded from shared memory is checked before it is used: a consumer
+//! accepts a tail only in `cached_tail..=head + capacity`, a producer a head only in
+//! `cached_head..=tail`. Anything else poisons the ring with [`RingError::Corrupt`],
+//! and every later call returns that error. Positions are always computed from the
+//! private index and the private capacity, so no value a peer writes can move a copy
+//! out of the ring's bounds, and every loop is bounded by the sizes the caller passed.
+
+use core::ptr::NonNull;
+
+use crate::error::RingError;
+use crate::layout::RingControl;
+use crate::sync::{AtomicU32, Ordering};
+use crate::wait;
+use alloc::sync::Arc;
+
+/// Keeps the memory a ring lives in alive (a mapping, or a heap block in tests).
+pub type Owner = Arc<dyn Send + Sync>;
+
+/// Where one ring lives: its control block and its data area.
+pub(crate) struct RingMem {
+    ctl: NonNull<RingControl>,
+    #[cfg(not(loom))]
+    data: NonNull<u8>,
+    #[cfg(loom)]
+    data: Arc<[loom::cell::UnsafeCell<u8>]>,
+    /// Power of two; a private copy, never re-read from shared memory.
+    cap: usize,
+    _owner: Owner,
+}
+
+// SAFETY: RingMem is a pair of pointers into memory kept alive by `_owner` (which is
+// Send + Sync). All shared fields are atomics; the data area is accessed only by the
+// one Producer or the one Consumer built on it, as the ring protocol assigns.
+unsafe impl Send for RingMem {}
+
+impl RingMem {
+    /// # Safety
+    /// `ctl` must point to a `RingControl` and `data` to `cap` bytes, both valid for
+    /// reads and writes for as long as `owner` lives; `cap` must be a power of two.
+    /// Other parties may access that memory concurrently, but only through the ring
+    /// protocol (or by breaking it, which can change byte values but nothing else).
+    #[cfg(not(loom))]
+    pub(crate) unsafe fn new(
+        ctl: NonNull<RingControl>,
+        data: NonNull<u8>,
+        cap: usize,
+        owner: Owner,
+    ) -> RingMem {
+        debug_assert!(cap.is_power_of_two());
+        RingMem {
+            ctl,
+            data,
+            cap,
+            _owner: owner,
+        }
+    }
+
+    #[cfg(loom)]
+    pub(crate) fn new_loom(ctl: NonNull<RingControl>, cap: usize, owner: Owner) -> RingMem {
+        let data = (0..cap).map(|_| loom::cell::UnsafeCell::new(0)).collect();
+        RingMem {
+            ctl,
+            data,
+            cap,
+            _owner: owner,
+        }
+    }
+
+    #[inline]
+    fn ctl(&self) -> &RingControl {
+        // SAFETY: `new`'s contract: `ctl` is valid while `_owner` lives, which is as
+        // long as `self`. RingControl is all atomics, so shared access is sound.
+        unsafe { self.ctl.as_ref() }
+    }
+
+    /// Copies `src` into the ring starting at index `at`, wrapping as needed.
+    ///
+    /// The caller guarantees `src.len() <= cap` and that the producer owns the bytes
+    /// `at..at + src.len()` (they are free space).
+    #[inline]
+    fn copy_in(&self, at: u64, src: &[u8]) {
+        debug_assert!(src.len() <= self.cap);
+        let pos = at as usize & (self.cap - 1);
+        let first = src.len().min(self.cap - pos);
+        #[cfg(not(loom))]
+        // SAFETY: `pos + first <= cap` and `src.len() - first <= pos` (since
+        // `src.len() <= cap`), so both copies stay inside the `cap`-byte data area,
+        // which is valid per `new`. `src` is private memory, so they do not overlap.
+        unsafe {
+            let d = self.data.as_ptr();
+            core::ptr::copy_nonoverlapping(src.as_ptr(), d.add(pos), first);
+            core::ptr::copy_nonoverlapping(src.as_ptr().add(first), d, src.len() - first);
+        }
+        #[cfg(loom)]
+        for (i, b) in src.iter().enumerate() {
+            let p = (pos + i) & (self.cap - 1);
+            // SAFETY: loom checks that no other access to this cell is concurrent.
+            self.data[p].with_mut(|c| unsafe { *c = *b });
+        }
+        let _ = first;
+    }
+
+    /// Copies bytes `at..at + dst.len()` out of the ring into `dst`.
+    ///
+    /// The caller guarantees `dst.len() <= cap` and that those bytes were published.
+    #[inline]
+    fn copy_out(&self, at: u64, dst: &mut [u8]) {
+        debug_assert!(dst.len() <= self.cap);
+        let pos = at as usize & (self.cap - 1);
+        let first = dst.len().min(self.cap - pos);
+        #[cfg(not(loom))]
+        // SAFETY: bounds as in `copy_in`. The bytes are plain data: a peer breaking
+        // the protocol can change which values we copy, never where we copy them.
+        unsafe {
+            let s = self.data.as_ptr();
+            core::ptr::copy_nonoverlapping(s.add(pos), dst.as_mut_ptr(), first);
+            let rest = dst.len() - first;
+            core::ptr::copy_nonoverlapping(s, dst.as_mut_ptr().add(first), rest);
+        }
+        #[cfg(loom)]
+        for (i, b) in dst.iter_mut().enumerate() {
+            let p = (pos + i) & (self.cap - 1);
+            // SAFETY: loom checks that no other access to this cell is concurrent.
+            *b = self.data[p].with(|c| unsafe { *c });
+        }
+        let _ = first;
+    }
+
+    /// The ring's bytes `at..at + len` as up to two slices (before and after the
+    /// wrap). Not available under loom, which cannot track slices.
+    ///
+    /// # Safety
+    /// `len <= cap`, and the caller must hold those bytes exclusively under the
+    /// protocol (free space for the producer, published data for the consumer) for
+    /// as long as the slices live.
+    #[cfg(not(loom))]
+    #[inline]
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slices(&self, at: u64, len: usize) -> (&mut [u8], &mut [u8]) {
+        let pos = at as usize & (self.cap - 1);
+        let first = len.min(self.cap - pos);
+        let d = self.data.as_ptr();
+        // SAFETY: both ranges lie inside the data area (see `copy_in`) and do not
+        // overlap each other; the caller guarantees exclusivity under the protocol.
+        unsafe {
+            (
+                core::slice::from_raw_parts_mut(d.add(pos), first),
+                core::slice::from_raw_parts_mut(d, len - first),
+            )
+        }
+    }
+}
+
+/// Checks a tail loaded from shared memory against what the consumer knows.
+///
+/// Valid tails lie in `cached_tail..=head + cap` (tails never move backwards and
+/// never run more than a ring ahead of what was consumed).
+#[inline]
+pub(crate) fn check_tail(
+    head: u64,
+    cached_tail: u64,
+    tail: u64,
+    cap: usize,
+) -> Result<u64, RingError> {
+    let ahead = tail.wrapping_sub(head);
+    if ahead > cap as u64 || ahead < cached_tail.wrapping_sub(head) {
+        return Err(RingError::corrupt("tail", tail));
+    }
+    Ok(tail)
+}
+
+/// Checks a head loaded from shared memory against what the producer knows.
+///
+/// Valid heads lie in `cached_head..=tail` (heads never move backwards and never
+/// pass what was produced).
+#[inline]
+pub(crate) fn check_head(cached_head: u64, tail: u64, head: u64) -> Result<u64, RingError> {
+    if head.wrapping_sub(cached_head) > tail.wrapping_sub(cached_head) {
+        return Err(RingError::corrupt("head", head));
+    }
+    Ok(head)
+}
+
+/// The writing end of a ring.
+pub struct Producer {
+    mem: RingMem,
+    /// Bytes produced; authoritative (the shared copy is only written).
+    tail: u64,
+    /// Last validated head; `tail - cached_head` is in `0..=cap`.
+    cached_head: u64,
+    /// Something was published since the last [`Producer::needs_wake`].
+    unchecked_publish: bool,
+    poisoned: Option<RingError>,
+}
+
+impl Producer {
+    pub(crate) fn new(mem: RingMem) -> Producer {
+        // A fresh ring is empty; a re-attached one is not supported (layout v1).
+        let tail = mem.ctl().tail.0.load(Ordering::Relaxed);
+        let head = mem.ctl().head.0.load(Ordering::Relaxed);
+        let mut p = Producer {
+            mem,
+            tail,
+            cached_head: tail,
+            unchecked_publish: false,
+            poisoned: None,
+        };
+        if head != tail {
+            p.poisoned = Some(RingError::corrupt("head", head));
+        }
+        p
+    }
+
+    /// Bytes the ring can hold.
+    pub fn capacity(&self) -> usize {
+        self.mem.cap
+    }
+
+    /// Bytes written so far (the private tail).
+    pub fn position(&self) -> u64 {
+        self.tail
+    }
+
+    fn check(&self) -> Result<(), RingError> {
+        match self.poisoned {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&mut self, e: RingError) -> RingError {
+        self.poisoned = Some(e);
+        e
+    }
+
+    #[inline]
+    fn cached_free(&self) -> usize {
+        self.mem.cap - self.tail.wrapping_sub(self.cached_head) as usize
+    }
+
+    /// Free space, reloading the consumer's head if the cache shows less than `want`.
+    #[inline]
+    fn free_for(&mut self, want: usize) -> Result<usize, RingError> {
+        self.check()?;
+        let free = self.cached_free();
+        if free >= want {
+            return Ok(free);
+        }
+        let head = self.mem.ctl().head.0.load(Ordering::Acquire);
+        self.cached_head =
+            check_head(self.cached_head, self.tail, head).map_err(|e| self.poison(e))?;
+        Ok(self.cached_free())
+    }
+
+    /// Free space right now (reloads the consumer's index).
+    pub fn free(&mut self) -> Result<usize, RingError> {
+        self.free_for(self.mem.cap)
+    }
+
+    /// Fails with [`RingError::ReaderClosed`] once the consumer has closed its end.
+    #[inline]
+    fn check_reader(&self) -> Result<(), RingError> {
+        if self.mem.ctl().state.0.reader_closed.load(Ordering::Acquire) != 0 {
+            return Err(RingError::ReaderClosed);
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn publish(&mut self) {
+        self.mem.ctl().tail.0.store(self.tail, Ordering::Release);
+        self.unchecked_publish = true;
+    }
+
+    /// Copies as much of `src` as fits and publishes it; returns the bytes written
+    /// (0 if the ring is full). Larger writes proceed in pieces through repeated
+    /// calls, which is what the channel's blocking `write_all` does.
+    pub fn write(&mut self, src: &[u8]) -> Result<usize, RingError> {
+        self.check_reader()?;
+        let free = self.free_for(src.len().min(self.mem.cap))?;
+        let n = src.len().min(free);
+        if n == 0 {
+            return Ok(0);
+        }
+        self.mem.copy_in(self.tail, &src[..n]);
+        self.tail = self.tail.wrapping_add(n as u64);
+        self.publish();
+        Ok(n)
+    }
+
+    /// Zero-copy write, step 1: the free space as two slices (the second is the part
+    /// after the wrap and is empty unless the space wraps). Reloads the consumer's
+    /// index when the cache shows less than `want` bytes free. Fill a prefix, then
+    /// [`Producer::commit`] it.
+    #[cfg(not(loom))]
+    pub fn write_slices(&mut self, want: usize) -> Result<(&mut [u8], &mut [u8]), RingError> {
+        self.check_reader()?;
+        let free = self.free_for(want.min(self.mem.cap))?;
+        // SAFETY: `free` bytes from `tail` are free space, which only the producer
+        // touches until it publishes them; the slices borrow `self` mutably, so no
+        // commit (publication) can happen while they live.
+        Ok(unsafe { self.mem.slices(self.tail, free) })
+    }
+
+    /// Zero-copy write, step 2: publishes the first `n` bytes of the free space.
+    pub fn commit(&mut self, n: usize) -> Result<(), RingError> {
+        self.check()?;
+        let free = self.cached_free();
+        if n > free {
+            return Err(RingError::OutOfRange {
+                asked: n,
+                available: free,
+            });
+        }
+        if n > 0 {
+            self.tail = self.tail.wrapping_add(n as u64);
+            self.publish();
+        }
+        Ok(())
+    }
+
+    /// After publishing, before returning to the caller or sleeping: true if the
+    /// consumer announced it is asleep and must be woken (at most once per sleep).
+    #[inline]
+    pub fn needs_wake(&mut self) -> bool {
+        if !core::mem::take(&mut self.unchecked_publish) {
+            return false;
+        }
+        wait::should_wake(&self.mem.ctl().state.0.reader_sleep)
+    }
+
+    /// Orderly end of the stream: the consumer reads what was written, then EOF.
+    /// Call [`Producer::needs_wake`] afterwards, a sleeping reader must see it.
+    pub fn close(&mut self) {
+        self.mem
+            .ctl()
+            .state
+            .0
+            .writer_closed
+            .store(1, Ordering::Release);
+        self.unchecked_publish = true;
+    }
+
+    /// True once the consumer has closed its end.
+    pub fn is_reader_closed(&self) -> bool {
+        self.check_reader().is_err()
+    }
+
+    /// Announces that the producer will sleep until space frees, then re-checks.
+    /// Returns `Ok(true)` if it may sleep now (on [`Producer::sleep_word`], expecting
+    /// [`wait::SLEEPING`]), `Ok(false)` if space appeared or the reader closed in the
+    /// meantime (the announcement is withdrawn). After any sleep, call
+    /// [`Producer::finish_sleep`].
+    pub fn prepare_sleep(&mut self) -> Result<bool, RingError> {
+        let word = &self.mem.ctl().state.0.writer_sleep;
+        wait::announce(word);
+        let ready = self.is_reader_closed() || self.free()? > 0;
+        if ready {
+            wait::retract(&self.mem.ctl().state.0.writer_sleep);
+        }
+        Ok(!ready)
+    }
+
+    /// Withdraws the sleep announcement after waking.
+    pub fn finish_sleep(&mut self) {
+        wait::retract(&self.mem.ctl().state.0.writer_sleep);
+    }
+
+    /// The word this producer sleeps on (a futex waits on it).
+    pub fn sleep_word(&self) -> &AtomicU32 {
+        &self.mem.ctl().state.0.writer_sleep
+    }
+
+    /// The word the consumer sleeps on: futex-wake it when [`Producer::needs_wake`].
+    pub fn peer_sleep_word(&self) -> &AtomicU32 {
+        &self.mem.ctl().state.0.reader_sleep
+    }
+}
+
+/// The reading end of a ring.
+pub struct Consumer {
+    mem: RingMem,
+    /// Bytes consumed; authoritative (the shared copy is only written).
+    head: u64,
+    /// Last validated tail; `cached_tail - head` is in `0..=cap`.
+    cached_tail: u64,
+    /// Something was published since the last [`Consumer::needs_wake`].
+    unchecked_publish: bool,
+    poisoned: Option<RingError>,
+}
+
+impl Consumer {
+    pub(crate) fn new(mem: RingMem) -> Consumer {
+        let head = mem.ctl().head.0.load(Ordering::Relaxed);
+        Consumer {
+            mem,
+            head,
+            cached_tail: head,
+            unchecked_publish: false,
+            poisoned: None,
+        }
+    }
+
+    /// Bytes the ring can hold.
+    pub fn capacity(&self) -> usize {
+        self.mem.cap
+    }
+
+    /// Bytes read so far (the private head).
+    pub fn position(&self) -> u64 {
+        self.head
+    }
+
+    fn check(&self) -> Result<(), RingError> {
+        match self.poisoned {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&mut self, e: RingError) -> RingError {
+        self.poisoned = Some(e);
+        e
+    }
+
+    #[inline]
+    fn cached_available(&self) -> usize {
+        self.cached_tail.wrapping_sub(self.head) as usize
+    }
+
+    /// Bytes ready to read; reloads the producer's tail only if the cache is empty.
+    #[inline]
+    pub fn available(&mut self) -> Result<usize, RingError> {
+        self.check()?;
+        let n = self.cached_available();
+        if n > 0 {
+            return Ok(n);
+        }
+        self.refresh()
+    }
+
+    /// Bytes ready to read, always reloading the producer's tail.
+    pub fn refresh(&mut self) -> Result<usize, RingError> {
+        self.check()?;
+        let tail = self.mem.ctl().tail.0.load(Ordering::Acquire);
+        self.cached_tail = check_tail(self.head, self.cached_tail, tail, self.mem.cap)
+            .map_err(|e| self.poison(e))?;
+        Ok(self.cached_available())
+    }
+
+    #[inline]
+    fn publish(&mut self) {
+        self.mem.ctl().head.0.store(self.head, Ordering::Release);
+        self.unchecked_publish = true;
+    }
+
+    /// Copies up to `dst.len()` ready bytes into `dst`; returns how many (0 when the
+    /// ring is empty: see [`Consumer::is_finished`] to tell EOF from "not yet").
+    pub fn read(&mut self, dst: &mut [u8]) -> Result<usize, RingError> {
+        let n = dst.len().min(self.available()?);
+        if n == 0 {
+            return Ok(0);
+        }
+        self.mem.copy_out(self.head, &mut dst[..n]);
+        self.head = self.head.wrapping_add(n as u64);
+        self.publish();
+        Ok(n)
+    }
+
+    /// Zero-copy read, step 1: the ready bytes as two slices (the second is the part
+    /// after the wrap). Use a prefix, then [`Consumer::consume`] it.
+    #[cfg(not(loom))]
+    pub fn read_slices(&mut self) -> Result<(&[u8], &[u8]), RingError> {
+        let n = self.available()?;
+        // SAFETY: the `n` bytes from `head` were published by the producer (tail was
+        // validated) and stay untouched by it until we publish a new head, which needs
+        // `&mut self` while these slices borrow `self`.
+        let (a, b) = unsafe { self.mem.slices(self.head, n) };
+        Ok((a, b))
+    }
+
+    /// Zero-copy read, step 2: releases the first `n` ready bytes to the producer.
+    pub fn consume(&mut self, n: usize) -> Result<(), RingError> {
+        self.check()?;
+        let avail = self.cached_available();
+        if n > avail {
+            return Err(RingError::OutOfRange {
+                asked: n,
+                available: avail,
+            });
+        }
+        if n > 0 {
+            self.head = self.head.wrapping_add(n as u64);
+            self.publish();
+        }
+        Ok(())
+    }
+
+    /// After consuming, before returning or sleeping: true if the producer announced
+    /// it is asleep waiting for space and must be woken (at most once per sleep).
+    #[inline]
+    pub fn needs_wake(&mut self) -> bool {
+        if !core::mem::take(&mut self.unchecked_publish) {
+            return false;
+        }
+        wait::should_wake(&self.mem.ctl().state.0.writer_sleep)
+    }
+
+    /// True when the producer closed its end and every byte it wrote was consumed:
+    /// end of stream.
+    pub fn is_finished(&mut self) -> Result<bool, RingError> {
+        if self.available()? > 0 {
+            return Ok(false);
+        }
+        if self.mem.ctl().state.0.writer_closed.load(Ordering::Acquire) == 0 {
+            return Ok(false);
+        }
+        // The close flag was stored after the final tail: reload it to be sure no
+        // byte published just before the close is missed.
+        Ok(self.refresh()? == 0)
+    }
+
+    /// Tells the producer nothing more will be read: its writes fail from now on.
+    /// Call [`Consumer::needs_wake`] afterwards, a producer waiting for space must
+    /// see it.
+    pub fn close(&mut self) {
+        self.mem
+            .ctl()
+            .state
+            .0
+            .reader_closed
+            .store(1, Ordering::Release);
+        self.unchecked_publish = true;
+    }
+
+    /// Announces that the consumer will sleep until data arrives, then re-checks.
+    /// Returns `Ok(true)` if it may sleep now (on [`Consumer::sleep_word`], expecting
+    /// [`wait::SLEEPING`]), `Ok(false)` if data or EOF arrived in the meantime (the
+    /// announcement is withdrawn). After any sleep, call [`Consumer::finish_sleep`].
+    pub fn prepare_sleep(&mut self) -> Result<bool, RingError> {
+        wait::announce(&self.mem.ctl().state.0.reader_sleep);
+        let ready = self.refresh()? > 0
+            || self.mem.ctl().state.0.writer_closed.load(Ordering::Acquire) != 0;
+        if ready {
+            wait::retract(&self.mem.ctl().state.0.reader_sleep);
+        }
+        Ok(!ready)
+    }
+
+    /// Withdraws the sleep announcement after waking.
+    pub fn finish_sleep(&mut self) {
+        wait::retract(&self.mem.ctl().state.0.reader_sleep);
+    }
+
+    /// The word this consumer sleeps on (a futex waits on it).
+    pub fn sleep_word(&self) -> &AtomicU32 {
+        &self.mem.ctl().state.0.reader_sleep
+    }
+
+    /// The word the producer sleeps on: futex-wake it when [`Consumer::needs_wake`].
+    pub fn peer_sleep_word(&self) -> &AtomicU32 {
+        &self.mem.ctl().state.0.writer_sleep
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::heap::ring_pair;
+    use alloc::vec;
+    use alloc::vec::Vec;
+
+    #[test]
+    fn validation_accepts_exactly_the_possible_indices() {
+        // Consumer: head 100, cached tail 110, capacity 16.
+        assert!(check_tail(100, 110, 110, 16).is_ok());
+        assert!(check_tail(100, 110, 116, 16).is_ok());
+        assert!(
+            check_tail(100, 110, 117, 16).is_err(),
+            "more than a ring ahead"
+        );
+        assert!(check_tail(100, 110, 109, 16).is_err(), "moved backwards");
+        assert!(check_tail(100, 110, 99, 16).is_err(), "behind the head");
+        // Producer: cached head 50, tail 60.
+        assert!(check_head(50, 60, 50).is_ok());
+        assert!(check_head(50, 60, 60).is_ok());
+        assert!(check_head(50, 60, 61).is_err(), "past the tail");
+        assert!(check_head(50, 60, 49).is_err(), "moved backwards");
+        // Near the 2^64 wrap the same rules hold.
+        let h = u64::MAX - 3;
+        assert!(check_tail(h, h, h.wrapping_add(16), 16).is_ok());
+        assert!(check_tail(h, h, h.wrapping_add(17), 16).is_err());
+        assert!(check_head(h, h.wrapping_add(8), h.wrapping_add(8)).is_ok());
+        assert!(check_head(h, h.wrapping_add(8), h.wrapping_add(9)).is_err());
+    }
+
+    #[test]
+    fn writes_wrap_and_read_back_in_order() {
+        let (mut tx, mut rx) = ring_pair(16);
+        let mut out = [0u8; 16];
+        for round in 0u8..20 {
+            let msg: Vec<u8> = (0..11)
+                .map(|i| round.wrapping_mul(31).wrapping_add(i))
+                .collect();
+            assert_eq!(tx.write(&msg).unwrap(), 11);
+            assert_eq!(rx.read(&mut out).unwrap(), 11);
+            assert_eq!(&out[..11], &msg[..]);
+        }
+    }
+
+    #[test]
+    fn a_full_ring_takes_nothing_more() {
+        let (mut tx, mut rx) = ring_pair(16);
+        assert_eq!(tx.write(&[1; 40]).unwrap(), 16);
+        assert_eq!(tx.write(&[2; 1]).unwrap(), 0);
+        let mut out = [0u8; 4];
+        assert_eq!(rx.read(&mut out).unwrap(), 4);
+        assert_eq!(tx.write(&[3; 40]).unwrap(), 4);
+    }
+
+    #[test]
+    fn zero_copy_slices_split_at_the_wrap() {
+        let (mut tx, mut rx) = ring_pair(16);
+        tx.write(&[0; 12]).unwrap();
+        let n = rx.available().unwrap();
+        rx.consume(n).unwrap();
+        let (a, b) = tx.write_slices(16).unwrap();
+        assert_eq!((a.len(), b.len()), (4, 12));
+        a.copy_from_slice(&[1, 2, 3, 4]);
+        b[..2].copy_from_slice(&[5, 6]);
+        tx.commit(6).unwrap();
+        let (a, b) = rx.read_slices().unwrap();
+        assert_eq!((a, b), (&[1, 2, 3, 4][..], &[5, 6][..]));
+        assert!(matches!(
+            rx.consume(7),
+            Err(RingError::OutOfRange {
+                asked: 7,
+                available: 6
+            })
+        ));
+        rx.consume(6).unwrap();
+        assert!(matches!(tx.commit(17), Err(RingError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn eof_comes_after_the_last_byte() {
+        let (mut tx, mut rx) = ring_pair(16);
+        tx.write(b"bye").unwrap();
+        tx.close();
+        assert!(!rx.is_finished().unwrap());
+        let mut out = [0u8; 8];
+        assert_eq!(rx.read(&mut out).unwrap(), 3);
+        assert!(rx.is_finished().unwrap());
+    }
+
+    #[test]
+    fn a_closed_reader_fails_writes() {
+        let (mut tx, mut rx) = ring_pair(16);
+        rx.close();
+        assert_eq!(tx.write(b"x"), Err(RingError::ReaderClosed));
+    }
+
+    #[test]
+    fn sleepers_are_woken_once_and_only_when_asleep() {
+        let (mut tx, mut rx) = ring_pair(16);
+        tx.write(b"a").unwrap();
+        assert!(!tx.needs_wake(), "nobody sleeps");
+        assert!(!rx.prepare_sleep().unwrap(), "data is there: no sleep");
+        rx.read(&mut [0; 1]).unwrap();
+        assert!(rx.prepare_sleep().unwrap());
+        tx.write(b"b").unwrap();
+        assert!(tx.needs_wake());
+        assert!(!tx.needs_wake());
+        rx.finish_sleep();
+        // A full ring puts the producer to sleep until the consumer frees space.
+        tx.write(&[0; 16]).unwrap();
+        assert!(tx.prepare_sleep().unwrap());
+        rx.read(&mut [0; 4]).unwrap();
+        assert!(rx.needs_wake());
+    }
+
+    #[test]
+    fn corrupt_indices_poison_the_ring_for_good() {
+        let (mut tx, mut rx) = ring_pair(16);
+        tx.write(&[7; 4]).unwrap();
+        // The "peer" publishes an impossible tail.
+        rx.mem.ctl().tail.0.store(1 << 40, Ordering::Relaxed);
+        rx.cached_tail = rx.head; // force a reload
+        let err = rx.read(&mut [0; 4]).unwrap_err();
+        assert!(matches!(err, RingError::Corrupt { field: "tail", .. }));
+        assert_eq!(rx.read(&mut [0; 4]), Err(err));
+        assert_eq!(rx.available(), Err(err));
+
+        // And an impossible head for the producer.
+        tx.mem.ctl().head.0.store(u64::MAX, Ordering::Relaxed);
+        let err = tx.write(&[0; 16]).unwrap_err();
+        assert!(matches!(err, RingError::Corrupt { field: "head", .. }));
+        assert_eq!(tx.commit(0), Err(err));
+    }
+
+    #[test]
+    fn big_writes_proceed_in_pieces() {
+        let (mut tx, mut rx) = ring_pair(64);
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut out = vec![0u8; data.len()];
+        let (mut w, mut r) = (0, 0);
+        while r < data.len() {
+            w += tx.write(&data[w..]).unwrap();
+            r += rx.read(&mut out[r..]).unwrap();
+        }
+        assert_eq!(out, data);
+    }
+}
