@@ -1,0 +1,481 @@
+//! The channel: a full-duplex byte stream over two rings, with blocking,
+//! non-blocking and timed reads and writes, orderly shutdown of each direction, and
+//! a dead peer turned into an error within [`LIVENESS_INTERVAL`].
+//!
+//! A [`Channel`] can be [split](Channel::split) into a [`ReadHalf`] and a
+//! [`WriteHalf`] that run on two threads; nothing is shared between them but the
+//! read-only [`Core`], so neither ever waits for the other.
+
+use std::io::{self, Read, Write};
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmc_os::Backoff;
+use vmc_ring::{Consumer, Producer, RingError};
+
+use crate::config::{WakeMode, LIVENESS_INTERVAL};
+use crate::core::{Core, Dir};
+use crate::spin::Spinner;
+
+/// The most a poll-mode sleeper sleeps between two looks at its ring.
+const POLL_MAX_SLEEP: Duration = Duration::from_micros(200);
+
+/// Turns a ring error into what a socket would report.
+pub(crate) fn ring_error(e: RingError) -> io::Error {
+    match e {
+        RingError::ReaderClosed => io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "vmc channel: the peer closed its reading end",
+        ),
+        RingError::Corrupt { .. } => {
+            io::Error::new(io::ErrorKind::InvalidData, format!("vmc channel: {e}"))
+        }
+        e => io::Error::other(format!("vmc channel: {e}")),
+    }
+}
+
+fn peer_died() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        "vmc channel: the peer died without closing",
+    )
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "vmc channel: timed out")
+}
+
+/// Blocking behaviour of one half.
+#[derive(Clone, Copy, Debug)]
+enum Blocking {
+    Forever,
+    Timeout(Duration),
+    Never,
+}
+
+/// The state both halves keep for waiting.
+struct Waiter {
+    spinner: Spinner,
+    backoff: Backoff,
+    blocking: Blocking,
+}
+
+impl Waiter {
+    fn new(core: &Core) -> Waiter {
+        Waiter {
+            spinner: Spinner::new(core.spin),
+            backoff: Backoff::new(POLL_MAX_SLEEP),
+            blocking: Blocking::Forever,
+        }
+    }
+
+    fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.blocking = match t {
+            Some(d) if d.is_zero() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a zero timeout is not allowed",
+                ))
+            }
+            Some(d) => Blocking::Timeout(d),
+            None => Blocking::Forever,
+        };
+        Ok(())
+    }
+
+    fn set_nonblocking(&mut self, on: bool) {
+        self.blocking = if on {
+            Blocking::Never
+        } else {
+            Blocking::Forever
+        };
+    }
+}
+
+/// A ring end that a half can wait on: the consumer for data, the producer for space.
+trait WaitRing {
+    /// The condition the half waits for (data or EOF; space or a closed reader).
+    fn ready(&mut self) -> io::Result<bool>;
+    fn prepare_sleep(&mut self) -> io::Result<bool>;
+    fn finish_sleep(&mut self);
+    fn sleep_word(&self) -> &AtomicU32;
+}
+
+impl WaitRing for Consumer {
+    fn ready(&mut self) -> io::Result<bool> {
+        Ok(self.available().map_err(ring_error)? > 0 || self.is_finished().map_err(ring_error)?)
+    }
+    fn prepare_sleep(&mut self) -> io::Result<bool> {
+        Consumer::prepare_sleep(self).map_err(ring_error)
+    }
+    fn finish_sleep(&mut self) {
+        Consumer::finish_sleep(self)
+    }
+    fn sleep_word(&self) -> &AtomicU32 {
+        Consumer::sleep_word(self)
+    }
+}
+
+impl WaitRing for Producer {
+    fn ready(&mut self) -> io::Result<bool> {
+        // A closed reader counts as ready: the next write reports it.
+        Ok(self.is_reader_closed() || self.free().map_err(ring_error)? > 0)
+    }
+    fn prepare_sleep(&mut self) -> io::Result<bool> {
+        Producer::prepare_sleep(self).map_err(ring_error)
+    }
+    fn finish_sleep(&mut self) {
+        Producer::finish_sleep(self)
+    }
+    fn sleep_word(&self) -> &AtomicU32 {
+        Producer::sleep_word(self)
+    }
+}
+
+/// Waits until `ring` is ready: spin, then sleep in rounds on `dir`'s word.
+///
+/// The peer's death ends the wait with [`io::ErrorKind::ConnectionReset`], but only
+/// after a last check of the ring, so bytes written just before it are still read.
+fn wait_until<R: WaitRing>(
+    ring: &mut R,
+    waiter: &mut Waiter,
+    core: &Core,
+    dir: Dir,
+) -> io::Result<()> {
+    let started = Instant::now();
+    if waiter.spinner.spin(|| ring.ready())? {
+        return Ok(());
+    }
+    let deadline = match waiter.blocking {
+        Blocking::Never => return Err(io::ErrorKind::WouldBlock.into()),
+        Blocking::Timeout(t) => Some(started + t),
+        Blocking::Forever => None,
+    };
+    waiter.backoff.reset();
+    loop {
+        if ring.prepare_sleep()? {
+            let left = deadline.map_or(LIVENESS_INTERVAL, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            let slept = core.sleep(dir, ring.sleep_word(), left, &mut waiter.backoff);
+            ring.finish_sleep();
+            slept?;
+        }
+        if ring.ready()? {
+            break;
+        }
+        if !core.peer_alive() {
+            if ring.ready()? {
+                break;
+            }
+            return Err(peer_died());
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(timed_out());
+        }
+    }
+    waiter.spinner.slept(started.elapsed());
+    Ok(())
+}
+
+/// The reading half of a channel.
+pub struct ReadHalf {
+    rx: Consumer,
+    waiter: Waiter,
+    core: Arc<Core>,
+}
+
+/// The writing half of a channel.
+pub struct WriteHalf {
+    tx: Producer,
+    /// Set by [`WriteHalf::shutdown`]: later writes fail like on a shut-down socket.
+    shut: bool,
+    waiter: Waiter,
+    core: Arc<Core>,
+}
+
+impl ReadHalf {
+    /// Reads at least one byte, blocking as configured; 0 means end of stream.
+    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let n = self.rx.read(buf).map_err(ring_error)?;
+            if n > 0 {
+                if self.rx.needs_wake() {
+                    self.core.wake(Dir::Write, self.rx.peer_sleep_word());
+                }
+                return Ok(n);
+            }
+            if self.rx.is_finished().map_err(ring_error)? {
+                return Ok(0);
+            }
+            self.wait_readable()?;
+        }
+    }
+
+    fn wait_readable(&mut self) -> io::Result<()> {
+        wait_until(&mut self.rx, &mut self.waiter, &self.core, Dir::Read)
+    }
+
+    /// Zero-copy read: calls `f` with the ready bytes (as two slices, before and
+    /// after the ring's wrap) and consumes as many as `f` returns. Blocks like
+    /// [`ReadHalf::read`] until at least one byte is ready; returns `Ok(0)` at end of
+    /// stream without calling `f`.
+    pub fn read_with(&mut self, f: impl FnOnce(&[u8], &[u8]) -> usize) -> io::Result<usize> {
+        loop {
+            let (a, b) = self.rx.read_slices().map_err(ring_error)?;
+            if !a.is_empty() {
+                let n = f(a, b).min(a.len() + b.len());
+                self.rx.consume(n).map_err(ring_error)?;
+                if self.rx.needs_wake() {
+                    self.core.wake(Dir::Write, self.rx.peer_sleep_word());
+                }
+                return Ok(n);
+            }
+            if self.rx.is_finished().map_err(ring_error)? {
+                return Ok(0);
+            }
+            self.wait_readable()?;
+        }
+    }
+
+    /// Bytes that can be read right now without blocking.
+    pub fn available(&mut self) -> io::Result<usize> {
+        self.rx.available().map_err(ring_error)
+    }
+
+    /// Read timeout (`None`: block forever). A zero duration is refused, as by std.
+    pub fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.waiter.set_timeout(t)
+    }
+
+    /// Non-blocking mode: reads that would wait fail with `WouldBlock` instead.
+    pub fn set_nonblocking(&mut self, on: bool) {
+        self.waiter.set_nonblocking(on)
+    }
+
+    /// Bytes read so far.
+    pub fn position(&self) -> u64 {
+        self.rx.position()
+    }
+}
+
+impl WriteHalf {
+    /// Writes at least one byte of `buf` (as much as fits), blocking as configured.
+    pub fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        self.check_open()?;
+        loop {
+            let n = self.tx.write(buf).map_err(ring_error)?;
+            if n > 0 {
+                if self.tx.needs_wake() {
+                    self.core.wake(Dir::Read, self.tx.peer_sleep_word());
+                }
+                return Ok(n);
+            }
+            self.wait_writable()?;
+        }
+    }
+
+    fn wait_writable(&mut self) -> io::Result<()> {
+        wait_until(&mut self.tx, &mut self.waiter, &self.core, Dir::Write)
+    }
+
+    /// Zero-copy write: calls `f` with the free space (two slices, before and after
+    /// the wrap; at least one byte in total) and publishes as many bytes as `f`
+    /// returns. Blocks like [`WriteHalf::write`] until there is space.
+    pub fn write_with(
+        &mut self,
+        f: impl FnOnce(&mut [u8], &mut [u8]) -> usize,
+    ) -> io::Result<usize> {
+        self.check_open()?;
+        loop {
+            let (a, b) = self.tx.write_slices(1).map_err(ring_error)?;
+            if !a.is_empty() {
+                let total = a.len() + b.len();
+                let n = f(a, b).min(total);
+                self.tx.commit(n).map_err(ring_error)?;
+                if self.tx.needs_wake() {
+                    self.core.wake(Dir::Read, self.tx.peer_sleep_word());
+                }
+                return Ok(n);
+            }
+            self.wait_writable()?;
+        }
+    }
+
+    fn check_open(&self) -> io::Result<()> {
+        if self.shut {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "vmc channel: write after shutdown",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ends this direction: the peer reads what was written, then end of stream.
+    /// Later writes fail with `BrokenPipe`, as on a shut-down socket.
+    pub fn shutdown(&mut self) {
+        if std::mem::replace(&mut self.shut, true) {
+            return;
+        }
+        self.tx.close();
+        if self.tx.needs_wake() {
+            self.core.wake(Dir::Read, self.tx.peer_sleep_word());
+        }
+    }
+
+    /// Write timeout (`None`: block forever). A zero duration is refused, as by std.
+    pub fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.waiter.set_timeout(t)
+    }
+
+    /// Non-blocking mode: writes that would wait fail with `WouldBlock` instead.
+    pub fn set_nonblocking(&mut self, on: bool) {
+        self.waiter.set_nonblocking(on)
+    }
+
+    /// Bytes written so far.
+    pub fn position(&self) -> u64 {
+        self.tx.position()
+    }
+}
+
+impl Drop for ReadHalf {
+    fn drop(&mut self) {
+        self.rx.close();
+        if self.rx.needs_wake() {
+            self.core.wake(Dir::Write, self.rx.peer_sleep_word());
+        }
+    }
+}
+
+impl Drop for WriteHalf {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Read for ReadHalf {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        ReadHalf::read(self, buf)
+    }
+}
+
+impl Write for WriteHalf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        WriteHalf::write(self, buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(()) // every write is published before it returns
+    }
+}
+
+/// A full-duplex shared-memory byte stream to one peer process.
+///
+/// Made by [`crate::ChannelListener::accept`] and [`Channel::connect`] (a memfd passed
+/// over a Unix socket), by [`Channel::pair`] (both ends here, e.g. before a fork), or
+/// over a directory segment ([`crate::Channel::create_in_dir`]). Dropping it closes
+/// both directions: the peer reads the rest, then end of stream, and its writes fail.
+pub struct Channel {
+    reader: ReadHalf,
+    writer: WriteHalf,
+}
+
+impl Channel {
+    pub(crate) fn from_parts(core: Core, tx: Producer, rx: Consumer) -> Channel {
+        let core = Arc::new(core);
+        Channel {
+            reader: ReadHalf {
+                rx,
+                waiter: Waiter::new(&core),
+                core: core.clone(),
+            },
+            writer: WriteHalf {
+                tx,
+                shut: false,
+                waiter: Waiter::new(&core),
+                core,
+            },
+        }
+    }
+
+    /// Splits the channel into halves that can be used from two threads.
+    pub fn split(self) -> (ReadHalf, WriteHalf) {
+        (self.reader, self.writer)
+    }
+
+    /// Reassembles halves that came from one [`Channel::split`]; gives them back if
+    /// they belong to different channels.
+    pub fn unsplit(reader: ReadHalf, writer: WriteHalf) -> Result<Channel, (ReadHalf, WriteHalf)> {
+        if Arc::ptr_eq(&reader.core, &writer.core) {
+            Ok(Channel { reader, writer })
+        } else {
+            Err((reader, writer))
+        }
+    }
+
+    /// The reading half.
+    pub fn reader(&mut self) -> &mut ReadHalf {
+        &mut self.reader
+    }
+
+    /// The writing half.
+    pub fn writer(&mut self) -> &mut WriteHalf {
+        &mut self.writer
+    }
+
+    /// Ends our sending direction (like `shutdown(SHUT_WR)`).
+    pub fn shutdown_write(&mut self) {
+        self.writer.shutdown()
+    }
+
+    /// Sets both halves non-blocking (or blocking again).
+    pub fn set_nonblocking(&mut self, on: bool) {
+        self.reader.set_nonblocking(on);
+        self.writer.set_nonblocking(on);
+    }
+
+    /// Ring bytes per direction.
+    pub fn capacity(&self) -> usize {
+        self.reader.core.header.layout().capacity
+    }
+
+    /// Shared memory this channel maps (both rings and the header).
+    pub fn segment_len(&self) -> usize {
+        self.reader.core.segment.len()
+    }
+
+    /// How the ends sleep and wake each other.
+    pub fn wake_mode(&self) -> WakeMode {
+        self.reader.core.wake_mode()
+    }
+
+    /// True if the peer closed the whole channel in an orderly way.
+    pub fn peer_closed(&self) -> bool {
+        self.reader.core.peer_closed()
+    }
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl Write for Channel {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writer.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+//! What both halves of a channel share: the mapped segment, how each side sleeps
+//! and is woken, and how a dead peer is noticed.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmc_os::{Backoff, EventFd, Segment};
+use vmc_ring::{SharedHeader, SideState};
+
+use crate::config::{WakeMode, LIVENESS_INTERVAL};
+
+/// Which half of the channel is sleeping or being woken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dir {
+    /// The reading half (waits for data, woken by the peer's writes).
+    Read,
+    /// The writing half (waits for space, woken by the peer's reads).
+    Write,
+}
+
+/// How sleeps and wake-ups are carried out (the choice of [`WakeMode`]).
+pub(crate) enum Signals {
+    Futex,
+    /// Our own eventfds (we sleep on them) and the peer's (we notify them), indexed
+    /// by [`Dir`]: `[read, write]`.
+    EventFd {
+        mine: [EventFd; 2],
+        peer: [EventFd; 2],
+    },
+    Poll,
+}
+
+/// How we learn that the peer died without closing.
+pub(crate) enum Link {
+    /// The Unix socket the handshake used: the kernel hangs it up when the peer dies.
+    Socket(OwnedFd),
+    /// OFD lock bytes on a directory segment, released by the kernel at death.
+    SegmentLocks,
+    /// Nothing (an ivshmem region between VMs): only orderly closes are seen.
+    None,
+}
+
+pub(crate) struct Core {
+    pub(crate) header: SharedHeader,
+    pub(crate) signals: Signals,
+    pub(crate) link: Link,
+    pub(crate) segment: Arc<Segment>,
+    pub(crate) spin: Duration,
+}
+
+impl Core {
+    pub(crate) fn wake_mode(&self) -> WakeMode {
+        match self.signals {
+            Signals::Futex => WakeMode::Futex,
+            Signals::EventFd { .. } => WakeMode::EventFd,
+            Signals::Poll => WakeMode::Poll,
+        }
+    }
+
+    /// Wakes the peer's `dir` half, which announced it sleeps on `word`.
+    pub(crate) fn wake(&self, dir: Dir, word: &AtomicU32) {
+        let r = match &self.signals {
+            Signals::Futex => vmc_os::futex_wake(word, 1).map(drop),
+            Signals::EventFd { peer, .. } => peer[dir as usize].notify(),
+            Signals::Poll => Ok(()),
+        };
+        if let Err(e) = r {
+            // The sleeper re-checks on its own every LIVENESS_INTERVAL at worst.
+            tracing::debug!("waking the peer's {dir:?} half failed: {e}");
+        }
+    }
+
+    /// Sleeps our `dir` half, which announced itself on `word`, for at most
+    /// `timeout` (capped so that a dead peer is noticed). Spurious returns are fine:
+    /// callers re-check.
+    pub(crate) fn sleep(
+        &self,
+        dir: Dir,
+        word: &AtomicU32,
+        timeout: Duration,
+        backoff: &mut Backoff,
+    ) -> io::Result<()> {
+        let timeout = timeout.min(LIVENESS_INTERVAL);
+        match &self.signals {
+            Signals::Futex => vmc_os::futex_wait(word, vmc_ring::wait::SLEEPING, Some(timeout)),
+            Signals::EventFd { mine, .. } => {
+                let also = match &self.link {
+                    Link::Socket(s) => Some(s.as_fd()),
+                    _ => None,
+                };
+                let me = &mine[dir as usize];
+                me.wait(also, Some(timeout))?;
+                me.drain()
+            }
+            Signals::Poll => {
+                backoff.snooze();
+                Ok(())
+            }
+        }
+    }
+
+    /// False once the peer is known to have died (not merely closed).
+    pub(crate) fn peer_alive(&self) -> bool {
+        let alive = match &self.link {
+            Link::Socket(s) => vmc_os::hung_up(s.as_fd()).map(|h| !h),
+            Link::SegmentLocks => self.segment.peer_alive(),
+            Link::None => Ok(true),
+        };
+        // If we cannot tell, assume alive: a false "dead" would lose a connection.
+        alive.unwrap_or(true)
+    }
+
+    /// True if the peer closed the whole channel in an orderly way.
+    pub(crate) fn peer_closed(&self) -> bool {
+        self.header.peer_state() == Some(SideState::Closed)
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.header.set_state(SideState::Closed);
+    }
+}

@@ -1,0 +1,483 @@
+//! Setting a channel up: who creates the segment, how the peer gets it, how both
+//! agree on the way they wake each other.
+//!
+//! # Over a Unix socket (the default)
+//! The creator makes a sealed memfd, lays the channel out in it and sends it with one
+//! `HELLO` message; the attacher checks and maps it and answers `ACK`. The socket
+//! stays open afterwards as the liveness link: the kernel hangs it up when the peer
+//! dies, however it dies. Any connected Unix stream socket will do
+//! ([`Channel::create_over`], [`Channel::attach_over`]); [`ChannelListener`] and
+//! [`Channel::connect`] are the rendezvous on a socket path.
+//!
+//! ```text
+//!   HELLO  creator -> attacher   "VMC1" kind:u8 wake:u8 0:u16 segment_len:u64
+//!                                fds: memfd [+ eventfd read, eventfd write]
+//!   ACK    attacher -> creator   "VMCA" status:u8 0:u8 0:u16
+//!                                fds: [eventfd read, eventfd write]
+//! ```
+//!
+//! # Over a directory
+//! For peers that share a directory but cannot pass descriptors (containers sharing
+//! /dev/shm): [`Channel::create_in_dir`] makes a file segment and returns its name,
+//! which travels to the peer by any means; [`Channel::attach_in_dir`] opens it. Liveness
+//! is the OFD lock each end holds on the file; wake-ups use the futex (or polling).
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmc_os::{EventFd, Segment, SegmentDir};
+use vmc_ring::{ChannelLayout, Endpoint, SideState};
+
+use crate::channel::{ring_error, Channel};
+use crate::config::{ChannelConfig, WakeMode};
+use crate::core::{Core, Link, Signals};
+
+const HELLO_MAGIC: &[u8; 4] = b"VMC1";
+const ACK_MAGIC: &[u8; 4] = b"VMCA";
+const KIND_MEMFD: u8 = 1;
+const STATUS_OK: u8 = 0;
+const STATUS_REFUSED: u8 = 1;
+
+/// How long a handshake may wait for the other side before giving up.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn wake_code(m: WakeMode) -> u8 {
+    m.kind() as u8
+}
+
+fn wake_from_code(c: u8) -> Option<WakeMode> {
+    match vmc_ring::WakeKind::from_u32(c.into())? {
+        vmc_ring::WakeKind::Futex => Some(WakeMode::Futex),
+        vmc_ring::WakeKind::EventFd => Some(WakeMode::EventFd),
+        vmc_ring::WakeKind::Poll => Some(WakeMode::Poll),
+    }
+}
+
+fn protocol_error(msg: impl Into<String>) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("vmc handshake: {}", msg.into()),
+    )
+}
+
+fn set_handshake_timeout(sock: BorrowedFd<'_>, t: Option<Duration>) -> io::Result<()> {
+    use rustix::net::sockopt::{set_socket_timeout, Timeout};
+    set_socket_timeout(sock, Timeout::Recv, t)?;
+    set_socket_timeout(sock, Timeout::Send, t)?;
+    Ok(())
+}
+
+fn map_err_timeout(e: io::Error, what: &str) -> io::Error {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("vmc handshake: no {what} within {HANDSHAKE_TIMEOUT:?}"),
+        )
+    } else {
+        e
+    }
+}
+
+/// Maps a segment and builds the ring endpoint on it.
+fn endpoint(
+    segment: &Arc<Segment>,
+    config: Option<&ChannelConfig>,
+    wake: WakeMode,
+) -> io::Result<Endpoint> {
+    let owner: vmc_ring::ring::Owner = segment.clone();
+    let pid = vmc_os::pid();
+    // SAFETY: the segment's mapping is page aligned, `len()` bytes long and stays
+    // mapped while `owner` (the segment) lives; in this process only the endpoint
+    // built here touches it.
+    let ep = unsafe {
+        match config {
+            Some(c) => Endpoint::create(
+                segment.as_ptr(),
+                segment.len(),
+                owner,
+                c.capacity,
+                pid,
+                wake.kind(),
+            ),
+            None => Endpoint::attach(segment.as_ptr(), segment.len(), owner, pid, wake.kind()),
+        }
+    };
+    ep.map_err(ring_error)
+}
+
+fn assemble(
+    ep: Endpoint,
+    segment: Arc<Segment>,
+    signals: Signals,
+    link: Link,
+    spin: Duration,
+) -> Channel {
+    let core = Core {
+        header: ep.header,
+        signals,
+        link,
+        segment,
+        spin,
+    };
+    Channel::from_parts(core, ep.tx, ep.rx)
+}
+
+/// The creator's half of a socket handshake, between `HELLO` and `ACK`.
+pub struct Offer {
+    sock: OwnedFd,
+    segment: Arc<Segment>,
+    endpoint: Endpoint,
+    mine: Option<[EventFd; 2]>,
+    config: ChannelConfig,
+}
+
+impl Offer {
+    /// Waits for the attacher's `ACK` and returns the creator's end of the channel.
+    pub fn finish(self) -> io::Result<Channel> {
+        let mut msg = [0u8; 8];
+        let want = if self.mine.is_some() { 2 } else { 0 };
+        let (n, fds) = vmc_os::recv_with_fds(self.sock.as_fd(), &mut msg, want)
+            .map_err(|e| map_err_timeout(e, "ACK"))?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "vmc handshake: peer left before ACK",
+            ));
+        }
+        if n != msg.len() || &msg[..4] != ACK_MAGIC {
+            return Err(protocol_error("malformed ACK"));
+        }
+        if msg[4] != STATUS_OK {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "vmc handshake: peer refused the channel",
+            ));
+        }
+        if self.endpoint.header.peer_state() != Some(SideState::Open) {
+            return Err(protocol_error("ACK without attaching to the segment"));
+        }
+        let signals = match self.mine {
+            Some(mine) => {
+                let peer = two_eventfds(fds)?;
+                Signals::EventFd { mine, peer }
+            }
+            None if fds.is_empty() => signals_without_fds(self.config.wake),
+            None => return Err(protocol_error("unexpected descriptors with ACK")),
+        };
+        set_handshake_timeout(self.sock.as_fd(), None)?;
+        Ok(assemble(
+            self.endpoint,
+            self.segment,
+            signals,
+            Link::Socket(self.sock),
+            self.config.spin,
+        ))
+    }
+}
+
+fn two_eventfds(fds: Vec<OwnedFd>) -> io::Result<[EventFd; 2]> {
+    let [r, w]: [OwnedFd; 2] = fds.try_into().map_err(|v: Vec<OwnedFd>| {
+        protocol_error(format!("expected 2 eventfds, got {}", v.len()))
+    })?;
+    Ok([EventFd::from_fd(r), EventFd::from_fd(w)])
+}
+
+fn signals_without_fds(mode: WakeMode) -> Signals {
+    match mode {
+        WakeMode::Poll => Signals::Poll,
+        _ => Signals::Futex,
+    }
+}
+
+fn new_eventfds() -> io::Result<[EventFd; 2]> {
+    Ok([EventFd::new()?, EventFd::new()?])
+}
+
+impl Channel {
+    /// Creator side of a handshake over a connected Unix stream socket, step 1:
+    /// creates the segment and sends `HELLO`. Finish with [`Offer::finish`].
+    pub fn offer_over(sock: OwnedFd, config: &ChannelConfig) -> io::Result<Offer> {
+        let layout = ChannelLayout::for_capacity(config.capacity).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("vmc channel: {e}"))
+        })?;
+        set_handshake_timeout(sock.as_fd(), Some(HANDSHAKE_TIMEOUT))?;
+        let segment = Arc::new(Segment::create_memfd("vmc-channel", layout.segment_len)?);
+        let endpoint = endpoint(&segment, Some(config), config.wake)?;
+        let mine = match config.wake {
+            WakeMode::EventFd => Some(new_eventfds()?),
+            _ => None,
+        };
+        let mut hello = [0u8; 16];
+        hello[..4].copy_from_slice(HELLO_MAGIC);
+        hello[4] = KIND_MEMFD;
+        hello[5] = wake_code(config.wake);
+        hello[8..].copy_from_slice(&(layout.segment_len as u64).to_le_bytes());
+        let mut fds = vec![segment.fd()];
+        if let Some(m) = &mine {
+            fds.extend(m.iter().map(|e| e.fd()));
+        }
+        vmc_os::send_with_fds(sock.as_fd(), &hello, &fds)?;
+        Ok(Offer {
+            sock,
+            segment,
+            endpoint,
+            mine,
+            config: config.clone(),
+        })
+    }
+
+    /// Creator side of a handshake over a connected Unix stream socket.
+    pub fn create_over(sock: OwnedFd, config: &ChannelConfig) -> io::Result<Channel> {
+        Channel::offer_over(sock, config)?.finish()
+    }
+
+    /// Attacher side of a handshake over a connected Unix stream socket: receives
+    /// the segment, checks it, answers. `spin` is this end's spin limit (the other
+    /// settings are the creator's).
+    pub fn attach_over(sock: OwnedFd, spin: Duration) -> io::Result<Channel> {
+        set_handshake_timeout(sock.as_fd(), Some(HANDSHAKE_TIMEOUT))?;
+        let mut hello = [0u8; 16];
+        let (n, mut fds) = vmc_os::recv_with_fds(sock.as_fd(), &mut hello, 3)
+            .map_err(|e| map_err_timeout(e, "HELLO"))?;
+        if n != hello.len() || &hello[..4] != HELLO_MAGIC || hello[4] != KIND_MEMFD {
+            return Err(protocol_error("malformed HELLO"));
+        }
+        let wake = wake_from_code(hello[5])
+            .ok_or_else(|| protocol_error(format!("unknown wake mode {}", hello[5])))?;
+        let want_fds = if wake == WakeMode::EventFd { 3 } else { 1 };
+        if fds.len() != want_fds {
+            return Err(protocol_error(format!(
+                "expected {want_fds} descriptors, got {}",
+                fds.len()
+            )));
+        }
+        let peer = if wake == WakeMode::EventFd {
+            Some(two_eventfds(fds.split_off(1))?)
+        } else {
+            None
+        };
+        let memfd = fds.pop().expect("one descriptor left");
+        let attached = Segment::from_memfd(memfd).and_then(|seg| {
+            let seg = Arc::new(seg);
+            let ep = endpoint(&seg, None, wake)?;
+            Ok((seg, ep))
+        });
+        let mut ack = [0u8; 8];
+        ack[..4].copy_from_slice(ACK_MAGIC);
+        let (segment, ep) = match attached {
+            Ok(ok) => ok,
+            Err(e) => {
+                ack[4] = STATUS_REFUSED;
+                let _ = vmc_os::send_with_fds(sock.as_fd(), &ack, &[]);
+                return Err(e);
+            }
+        };
+        let mine = if wake == WakeMode::EventFd {
+            Some(new_eventfds()?)
+        } else {
+            None
+        };
+        let my_fds: Vec<BorrowedFd<'_>> = mine.iter().flatten().map(|e| e.fd()).collect();
+        vmc_os::send_with_fds(sock.as_fd(), &ack, &my_fds)?;
+        set_handshake_timeout(sock.as_fd(), None)?;
+        let signals = match (mine, peer) {
+            (Some(mine), Some(peer)) => Signals::EventFd { mine, peer },
+            _ => signals_without_fds(wake),
+        };
+        Ok(assemble(ep, segment, signals, Link::Socket(sock), spin))
+    }
+
+    /// Both ends of a new channel in this process (over a socketpair), e.g. to hand
+    /// one to a child after fork, or for tests.
+    pub fn pair(config: &ChannelConfig) -> io::Result<(Channel, Channel)> {
+        let (a, b) = UnixStream::pair()?;
+        let offer = Channel::offer_over(a.into(), config)?;
+        let attacher = Channel::attach_over(b.into(), config.spin)?;
+        Ok((offer.finish()?, attacher))
+    }
+
+    /// Connects to a [`ChannelListener`] at `path` and attaches to the channel it
+    /// offers.
+    pub fn connect(path: impl AsRef<Path>) -> io::Result<Channel> {
+        let sock = UnixStream::connect(path.as_ref()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("vmc channel: connect to {}: {e}", path.as_ref().display()),
+            )
+        })?;
+        Channel::attach_over(sock.into(), ChannelConfig::from_env().spin)
+    }
+
+    /// Creates a channel in a file of `dir` for a peer that can open that directory;
+    /// send it [`PendingChannel::name`], then [`PendingChannel::wait`].
+    ///
+    /// Eventfd wake-ups need a socket to travel over, so [`WakeMode::EventFd`] falls
+    /// back to the futex here.
+    pub fn create_in_dir(dir: &SegmentDir, config: &ChannelConfig) -> io::Result<PendingChannel> {
+        let layout = ChannelLayout::for_capacity(config.capacity).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("vmc channel: {e}"))
+        })?;
+        let wake = if config.wake == WakeMode::Poll {
+            WakeMode::Poll
+        } else {
+            WakeMode::Futex
+        };
+        let segment = Arc::new(Segment::create_in_dir(dir, layout.segment_len)?);
+        let endpoint = endpoint(&segment, Some(config), wake)?;
+        Ok(PendingChannel {
+            segment,
+            endpoint,
+            wake,
+            spin: config.spin,
+            locks: true,
+        })
+    }
+
+    /// Lays a channel out in an existing file of at least the layout's size: an
+    /// ivshmem BAR that a VM sees as a file, or a host file two VMs' ivshmem devices
+    /// share. Nothing is unlinked; sleepers poll ([`WakeMode::Poll`]) because no
+    /// kernel object reaches across VMs, and a peer's death is not detected (only
+    /// its orderly close).
+    pub fn create_on_file(
+        path: impl AsRef<Path>,
+        config: &ChannelConfig,
+    ) -> io::Result<PendingChannel> {
+        let layout = ChannelLayout::for_capacity(config.capacity).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("vmc channel: {e}"))
+        })?;
+        let segment = Arc::new(Segment::open_file(path, layout.segment_len)?);
+        let endpoint = endpoint(&segment, Some(config), WakeMode::Poll)?;
+        Ok(PendingChannel {
+            segment,
+            endpoint,
+            wake: WakeMode::Poll,
+            spin: config.spin,
+            locks: false,
+        })
+    }
+
+    /// Attaches to a channel the peer laid out in the file at `path` (see
+    /// [`Channel::create_on_file`]); `len` is how much of the file to map.
+    pub fn attach_on_file(
+        path: impl AsRef<Path>,
+        len: usize,
+        spin: Duration,
+    ) -> io::Result<Channel> {
+        let segment = Arc::new(Segment::open_file(path, len)?);
+        let ep = endpoint(&segment, None, WakeMode::Poll)?;
+        Ok(assemble(ep, segment, Signals::Poll, Link::None, spin))
+    }
+
+    /// Attaches to the channel a peer created in `dir` under `name`; the file is
+    /// unlinked at once (both ends hold it mapped).
+    pub fn attach_in_dir(dir: &SegmentDir, name: &str, spin: Duration) -> io::Result<Channel> {
+        let segment = Arc::new(Segment::open_in_dir(dir, name)?);
+        // The creator chose the wake mode; its side block says which.
+        let ep = endpoint(&segment, None, WakeMode::Futex)?;
+        let wake = match ep.header.header().side_wake_kind(vmc_ring::Side::Creator) {
+            Some(vmc_ring::WakeKind::Poll) => WakeMode::Poll,
+            _ => WakeMode::Futex,
+        };
+        Ok(assemble(
+            ep,
+            segment,
+            signals_without_fds(wake),
+            Link::SegmentLocks,
+            spin,
+        ))
+    }
+}
+
+/// A channel created in a directory, waiting for its peer to attach.
+pub struct PendingChannel {
+    segment: Arc<Segment>,
+    endpoint: Endpoint,
+    wake: WakeMode,
+    spin: Duration,
+    /// Liveness through OFD locks (directory segments) or none (plain files).
+    locks: bool,
+}
+
+impl PendingChannel {
+    /// The name the peer passes to [`Channel::attach_in_dir`].
+    pub fn name(&self) -> &str {
+        self.segment.name().unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for the peer to attach.
+    pub fn wait(self, timeout: Duration) -> io::Result<Channel> {
+        let deadline = Instant::now() + timeout;
+        let mut backoff = vmc_os::Backoff::new(Duration::from_millis(2));
+        while self.endpoint.header.peer_state() != Some(SideState::Open) {
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "vmc channel: nobody attached in time",
+                ));
+            }
+            backoff.snooze();
+        }
+        let link = if self.locks {
+            Link::SegmentLocks
+        } else {
+            Link::None
+        };
+        Ok(assemble(
+            self.endpoint,
+            self.segment,
+            signals_without_fds(self.wake),
+            link,
+            self.spin,
+        ))
+    }
+}
+
+/// A Unix socket path where peers come to get a channel each.
+pub struct ChannelListener {
+    listener: UnixListener,
+    path: PathBuf,
+    config: ChannelConfig,
+}
+
+impl ChannelListener {
+    /// Listens on `path` (which must not exist yet); every accepted peer gets a new
+    /// channel made with `config`.
+    pub fn bind(path: impl AsRef<Path>, config: ChannelConfig) -> io::Result<ChannelListener> {
+        let path = path.as_ref().to_path_buf();
+        let listener = UnixListener::bind(&path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("vmc channel: bind {}: {e}", path.display()),
+            )
+        })?;
+        Ok(ChannelListener {
+            listener,
+            path,
+            config,
+        })
+    }
+
+    /// Waits for a peer and sets up a channel with it.
+    pub fn accept(&self) -> io::Result<Channel> {
+        let (sock, _) = self.listener.accept()?;
+        Channel::create_over(sock.into(), &self.config)
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ChannelListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
