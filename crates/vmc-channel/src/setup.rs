@@ -182,6 +182,12 @@ impl Offer {
     }
 }
 
+/// The layout `config` asks for, or an `InvalidInput` error naming the bad capacity.
+fn layout_for(config: &ChannelConfig) -> io::Result<ChannelLayout> {
+    ChannelLayout::for_capacity(config.capacity)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("vmc channel: {e}")))
+}
+
 fn two_eventfds(fds: Vec<OwnedFd>) -> io::Result<[EventFd; 2]> {
     let [r, w]: [OwnedFd; 2] = fds.try_into().map_err(|v: Vec<OwnedFd>| {
         protocol_error(format!("expected 2 eventfds, got {}", v.len()))
@@ -204,9 +210,7 @@ impl Channel {
     /// Creator side of a handshake over a connected Unix stream socket, step 1:
     /// creates the segment and sends `HELLO`. Finish with [`Offer::finish`].
     pub fn offer_over(sock: OwnedFd, config: &ChannelConfig) -> io::Result<Offer> {
-        let layout = ChannelLayout::for_capacity(config.capacity).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("vmc channel: {e}"))
-        })?;
+        let layout = layout_for(config)?;
         set_handshake_timeout(sock.as_fd(), Some(HANDSHAKE_TIMEOUT))?;
         let segment = Arc::new(Segment::create_memfd("vmc-channel", layout.segment_len)?);
         let endpoint = endpoint(&segment, Some(config), config.wake)?;
@@ -321,9 +325,7 @@ impl Channel {
     /// Eventfd wake-ups need a socket to travel over, so [`WakeMode::EventFd`] falls
     /// back to the futex here.
     pub fn create_in_dir(dir: &SegmentDir, config: &ChannelConfig) -> io::Result<PendingChannel> {
-        let layout = ChannelLayout::for_capacity(config.capacity).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("vmc channel: {e}"))
-        })?;
+        let layout = layout_for(config)?;
         let wake = if config.wake == WakeMode::Poll {
             WakeMode::Poll
         } else {
@@ -349,9 +351,7 @@ impl Channel {
         path: impl AsRef<Path>,
         config: &ChannelConfig,
     ) -> io::Result<PendingChannel> {
-        let layout = ChannelLayout::for_capacity(config.capacity).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("vmc channel: {e}"))
-        })?;
+        let layout = layout_for(config)?;
         let segment = Arc::new(Segment::open_file(path, layout.segment_len)?);
         let endpoint = endpoint(&segment, Some(config), WakeMode::Poll)?;
         Ok(PendingChannel {
@@ -450,6 +450,7 @@ impl ChannelListener {
     /// Listens on `path` (which must not exist yet); every accepted peer gets a new
     /// channel made with `config`.
     pub fn bind(path: impl AsRef<Path>, config: ChannelConfig) -> io::Result<ChannelListener> {
+        layout_for(&config)?;
         let path = path.as_ref().to_path_buf();
         let listener = UnixListener::bind(&path).map_err(|e| {
             io::Error::new(

@@ -1,1 +1,259 @@
-fn main() {}
+//! `vmc`: the command-line front end of vmc, the co-resident communication
+//! accelerator that moves TCP connections' bytes onto shared-memory rings.
+//!
+//! Subcommands: `bench` (latency and throughput of shm vs TCP vs Unix
+//! sockets), `demo` (a short guided comparison) and the hidden
+//! `__bench-server` that `bench` spawns for the other end of each run.
+//! Logging goes to stderr, filtered by `VMC_LOG` (e.g. `VMC_LOG=debug`).
+
+mod bench;
+mod demo;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use bench::transport::{ShmTuning, Transport};
+use bench::{BenchConfig, Mode, ServerArgs};
+
+/// vmc moves co-resident TCP connections' bytes onto shared-memory rings.
+#[derive(Debug, Parser)]
+#[command(name = "vmc", version, propagate_version = true)]
+#[command(after_help = "\
+Start with `vmc demo` for a quick, explained look; use `vmc bench` for numbers
+you can script (`--json`). Set VMC_LOG (e.g. VMC_LOG=debug) for diagnostics on stderr.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure round-trip latency (rr) or throughput (stream) over shm, TCP and Unix sockets.
+    #[command(after_help = "\
+Examples:
+  vmc bench rr                              64-byte round trips over shm, tcp and unix
+  vmc bench stream --size 1M --duration 5   1 MiB writes for 5 s per transport
+  vmc bench rr --transport tcp,unix --json  one JSON object per transport on stdout
+
+Each run starts a fresh server process (this binary, re-executed) for one connection.")]
+    Bench(BenchArgs),
+    /// Run a short shm vs TCP vs Unix comparison (about 10 s) and explain the numbers.
+    Demo(DemoArgs),
+    /// Serve one bench connection (spawned by `vmc bench`; not for direct use).
+    #[command(name = "__bench-server", hide = true)]
+    BenchServer(ServerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// rr: request/response round trips (latency); stream: one-way bulk writes (throughput)
+    #[arg(value_enum, hide_possible_values = true)]
+    mode: Mode,
+    /// Bytes per message (rr) or per write (stream), K/M/G suffixes allowed
+    /// [default: 64 for rr, 64K for stream]
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    size: Option<usize>,
+    /// Measured seconds per transport.
+    #[arg(long, value_name = "SECS", default_value_t = 3.0, value_parser = parse_positive_secs)]
+    duration: f64,
+    /// Unmeasured seconds per transport before measuring.
+    #[arg(long, value_name = "SECS", default_value_t = 0.3, value_parser = parse_secs)]
+    warmup: f64,
+    /// Transports to run, comma separated, in this order (shm, tcp, unix)
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "shm,tcp,unix",
+        hide_possible_values = true
+    )]
+    transport: Vec<Transport>,
+    /// Print one JSON object per transport on stdout (and nothing else).
+    #[arg(long)]
+    json: bool,
+    /// shm only: ring bytes per direction [default: the library's].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    capacity: Option<usize>,
+    /// shm only: microseconds a blocked side spins before sleeping [default: the library's].
+    #[arg(long, value_name = "N")]
+    spin_us: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Much shorter runs (for tests and impatient people); the numbers get noisier.
+    #[arg(long)]
+    quick: bool,
+}
+
+/// Parse a byte count like `64`, `64K`, `64KiB`, `1M`, `1g` (binary multiples), at least 1.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(split);
+    let number: usize = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a byte count (e.g. 64, 64K, 1M)"))?;
+    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => return Err(format!("unknown size suffix '{other}' (use K, M or G)")),
+    };
+    let bytes = number
+        .checked_mul(1usize << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))?;
+    if bytes == 0 {
+        return Err("must be at least 1 byte".to_owned());
+    }
+    Ok(bytes)
+}
+
+/// Parse a non-negative, finite number of seconds.
+fn parse_secs(text: &str) -> Result<f64, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
+        return Err("must be between 0 and 86400 seconds".to_owned());
+    }
+    Ok(secs)
+}
+
+/// Parse a positive, finite number of seconds.
+fn parse_positive_secs(text: &str) -> Result<f64, String> {
+    let secs = parse_secs(text)?;
+    if secs <= 0.0 {
+        return Err("must be more than 0 seconds".to_owned());
+    }
+    Ok(secs)
+}
+
+impl BenchArgs {
+    fn config(&self) -> BenchConfig {
+        BenchConfig {
+            mode: self.mode,
+            size: self.size.unwrap_or(self.mode.default_size()),
+            duration: Duration::from_secs_f64(self.duration),
+            warmup: Duration::from_secs_f64(self.warmup),
+            transports: self.transport.clone(),
+            tuning: ShmTuning {
+                capacity: self.capacity,
+                spin: self.spin_us.map(Duration::from_micros),
+            },
+            progress: !self.json,
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Bench(args) => bench::command(&args.config(), args.json),
+        Command::Demo(args) => demo::run(args.quick),
+        Command::BenchServer(args) => bench::serve(&args),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let who = match cli.command {
+        Command::BenchServer(ref args) => {
+            format!("vmc bench server ({} {})", args.mode.name(), args.transport)
+        }
+        _ => "vmc".to_owned(),
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{who}: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("64"), Ok(64));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("1m"), Ok(1 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12x").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn seconds_parse() {
+        assert_eq!(parse_secs("0"), Ok(0.0));
+        assert_eq!(parse_positive_secs("0.25"), Ok(0.25));
+        assert!(parse_positive_secs("0").is_err());
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("nan").is_err());
+        assert!(parse_secs("inf").is_err());
+    }
+
+    #[test]
+    fn bench_defaults() {
+        let cli = Cli::try_parse_from(["vmc", "bench", "stream"]).unwrap();
+        let Command::Bench(args) = cli.command else {
+            panic!("not bench")
+        };
+        let config = args.config();
+        assert_eq!(config.size, 65536);
+        assert_eq!(config.transports, Transport::ALL);
+        assert_eq!(config.duration, Duration::from_secs(3));
+        assert_eq!(config.warmup, Duration::from_millis(300));
+        assert_eq!(config.tuning, ShmTuning::default());
+
+        let cli = Cli::try_parse_from(["vmc", "bench", "rr", "--transport", "unix,tcp"]).unwrap();
+        let Command::Bench(args) = cli.command else {
+            panic!("not bench")
+        };
+        let config = args.config();
+        assert_eq!(config.size, 64);
+        assert_eq!(config.transports, [Transport::Unix, Transport::Tcp]);
+    }
+
+    #[test]
+    fn unknown_transport_lists_the_valid_ones() {
+        let err =
+            Cli::try_parse_from(["vmc", "bench", "rr", "--transport", "tcp,udp"]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("udp"), "{text}");
+        assert!(
+            text.contains("shm") && text.contains("tcp") && text.contains("unix"),
+            "{text}"
+        );
+    }
+}
