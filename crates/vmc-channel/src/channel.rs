@@ -46,19 +46,15 @@ fn timed_out() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "vmc channel: timed out")
 }
 
-/// Blocking behaviour of one half.
-#[derive(Clone, Copy, Debug)]
-enum Blocking {
-    Forever,
-    Timeout(Duration),
-    Never,
-}
-
 /// The state both halves keep for waiting.
 struct Waiter {
     spinner: Spinner,
     backoff: Backoff,
-    blocking: Blocking,
+    /// Blocking operations give up with `TimedOut` after this long (`None`: never).
+    timeout: Option<Duration>,
+    /// Operations that would block fail with `WouldBlock` instead (takes precedence
+    /// over `timeout`, which is kept, as on a socket).
+    nonblocking: bool,
 }
 
 impl Waiter {
@@ -66,30 +62,20 @@ impl Waiter {
         Waiter {
             spinner: Spinner::new(core.spin),
             backoff: Backoff::new(POLL_MAX_SLEEP),
-            blocking: Blocking::Forever,
+            timeout: None,
+            nonblocking: false,
         }
     }
 
     fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
-        self.blocking = match t {
-            Some(d) if d.is_zero() => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "a zero timeout is not allowed",
-                ))
-            }
-            Some(d) => Blocking::Timeout(d),
-            None => Blocking::Forever,
-        };
+        if t.is_some_and(|d| d.is_zero()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a zero timeout is not allowed",
+            ));
+        }
+        self.timeout = t;
         Ok(())
-    }
-
-    fn set_nonblocking(&mut self, on: bool) {
-        self.blocking = if on {
-            Blocking::Never
-        } else {
-            Blocking::Forever
-        };
     }
 }
 
@@ -143,15 +129,22 @@ fn wait_until<R: WaitRing>(
     core: &Core,
     dir: Dir,
 ) -> io::Result<()> {
+    if waiter.nonblocking {
+        // No spinning either: the caller polls. But a dead peer must not look like
+        // "try again" forever.
+        if ring.ready()? {
+            return Ok(());
+        }
+        if !core.peer_alive() && !ring.ready()? {
+            return Err(peer_died());
+        }
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
     let started = Instant::now();
     if waiter.spinner.spin(|| ring.ready())? {
         return Ok(());
     }
-    let deadline = match waiter.blocking {
-        Blocking::Never => return Err(io::ErrorKind::WouldBlock.into()),
-        Blocking::Timeout(t) => Some(started + t),
-        Blocking::Forever => None,
-    };
+    let deadline = waiter.timeout.map(|t| started + t);
     waiter.backoff.reset();
     loop {
         if ring.prepare_sleep()? {
@@ -254,7 +247,7 @@ impl ReadHalf {
 
     /// Non-blocking mode: reads that would wait fail with `WouldBlock` instead.
     pub fn set_nonblocking(&mut self, on: bool) {
-        self.waiter.set_nonblocking(on)
+        self.waiter.nonblocking = on
     }
 
     /// Bytes read so far.
@@ -266,10 +259,10 @@ impl ReadHalf {
 impl WriteHalf {
     /// Writes at least one byte of `buf` (as much as fits), blocking as configured.
     pub fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.check_open()?;
         if buf.is_empty() {
             return Ok(0);
         }
-        self.check_open()?;
         loop {
             let n = self.tx.write(buf).map_err(ring_error)?;
             if n > 0 {
@@ -295,7 +288,10 @@ impl WriteHalf {
     ) -> io::Result<usize> {
         self.check_open()?;
         loop {
-            let (a, b) = self.tx.write_slices(1).map_err(ring_error)?;
+            let (a, b) = self
+                .tx
+                .write_slices(self.tx.capacity())
+                .map_err(ring_error)?;
             if !a.is_empty() {
                 let total = a.len() + b.len();
                 let n = f(a, b).min(total);
@@ -338,7 +334,7 @@ impl WriteHalf {
 
     /// Non-blocking mode: writes that would wait fail with `WouldBlock` instead.
     pub fn set_nonblocking(&mut self, on: bool) {
-        self.waiter.set_nonblocking(on)
+        self.waiter.nonblocking = on
     }
 
     /// Bytes written so far.
@@ -414,6 +410,7 @@ impl Channel {
 
     /// Reassembles halves that came from one [`Channel::split`]; gives them back if
     /// they belong to different channels.
+    #[allow(clippy::result_large_err)] // mirrors tokio's `ReuniteError`: hand both halves back
     pub fn unsplit(reader: ReadHalf, writer: WriteHalf) -> Result<Channel, (ReadHalf, WriteHalf)> {
         if Arc::ptr_eq(&reader.core, &writer.core) {
             Ok(Channel { reader, writer })

@@ -160,7 +160,7 @@ impl Offer {
                 "vmc handshake: peer refused the channel",
             ));
         }
-        if self.endpoint.header.peer_state() != Some(SideState::Open) {
+        if !peer_attached(&self.endpoint) {
             return Err(protocol_error("ACK without attaching to the segment"));
         }
         let signals = match self.mine {
@@ -180,6 +180,15 @@ impl Offer {
             self.config.spin,
         ))
     }
+}
+
+/// True once the peer has attached (it may already have closed again: a short-lived
+/// peer's bytes must still be read).
+fn peer_attached(ep: &Endpoint) -> bool {
+    matches!(
+        ep.header.peer_state(),
+        Some(SideState::Open | SideState::Closed)
+    )
 }
 
 /// The layout `config` asks for, or an `InvalidInput` error naming the bad capacity.
@@ -331,6 +340,16 @@ impl Channel {
         } else {
             WakeMode::Futex
         };
+        // Segments whose both ends died before one could unlink them are removed here,
+        // so a directory never accumulates them.
+        match dir.reclaim_stale() {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!("reclaimed {n} stale segment(s) in {}", dir.path().display()),
+            Err(e) => tracing::warn!(
+                "could not reclaim stale segments in {}: {e}",
+                dir.path().display()
+            ),
+        }
         let segment = Arc::new(Segment::create_in_dir(dir, layout.segment_len)?);
         let endpoint = endpoint(&segment, Some(config), wake)?;
         Ok(PendingChannel {
@@ -415,7 +434,7 @@ impl PendingChannel {
     pub fn wait(self, timeout: Duration) -> io::Result<Channel> {
         let deadline = Instant::now() + timeout;
         let mut backoff = vmc_os::Backoff::new(Duration::from_millis(2));
-        while self.endpoint.header.peer_state() != Some(SideState::Open) {
+        while !peer_attached(&self.endpoint) {
             if Instant::now() >= deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,

@@ -139,7 +139,8 @@ impl EventFd {
     }
 
     /// Waits until the eventfd is notified, or `also` (typically the liveness
-    /// socket) becomes readable or hangs up, or `timeout` elapses (`None`:
+    /// socket) hangs up or fails (data arriving on it does not count: a stray byte
+    /// must not turn every sleep into a spin), or `timeout` elapses (`None`:
     /// forever; zero: just check). Does not drain: call
     /// [`EventFd::drain`] before re-checking the shared state.
     ///
@@ -155,10 +156,7 @@ impl EventFd {
                 PollFd::from_borrowed_fd(self.fd.as_fd(), PollFlags::IN),
                 // Placeholder when there is no second descriptor: only the
                 // first entry is passed to poll then.
-                PollFd::from_borrowed_fd(
-                    also.unwrap_or(self.fd.as_fd()),
-                    PollFlags::IN | PollFlags::RDHUP,
-                ),
+                PollFd::from_borrowed_fd(also.unwrap_or(self.fd.as_fd()), PollFlags::RDHUP),
             ];
             let n = if also.is_some() { 2 } else { 1 };
             let ts = match (timeout, deadline) {
@@ -167,11 +165,8 @@ impl EventFd {
             };
             match rustix::event::poll(&mut fds[..n], ts.as_ref()) {
                 Ok(_) => {
-                    let other_bits = PollFlags::IN
-                        | PollFlags::HUP
-                        | PollFlags::RDHUP
-                        | PollFlags::ERR
-                        | PollFlags::NVAL;
+                    let other_bits =
+                        PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR | PollFlags::NVAL;
                     return Ok(Readiness {
                         event: fds[0].revents().intersects(PollFlags::IN),
                         other: n == 2 && fds[1].revents().intersects(other_bits),

@@ -67,7 +67,9 @@ fn cross_core(c: &mut Criterion) {
     for cap in [64 * 1024, 256 * 1024, 1024 * 1024] {
         for size in [64usize, 65536] {
             let id = BenchmarkId::new(format!("cap{}k", cap / 1024), size);
-            g.bench_function(id, |b| b.iter_custom(|iters| (0..iters).map(|_| stream(cap, size, TOTAL)).sum()));
+            g.bench_function(id, |b| {
+                b.iter_custom(|iters| (0..iters).map(|_| stream(cap, size, TOTAL)).sum())
+            });
         }
     }
     g.finish();

@@ -92,7 +92,10 @@ pub fn ring_pair(capacity: usize) -> (Producer, Consumer) {
         }),
     });
     let ptr = NonNull::from(&*ctl);
-    let tx = Producer::new(RingMem::new_loom(ptr, capacity, ctl.clone()));
-    let rx = Consumer::new(RingMem::new_loom(ptr, capacity, ctl));
+    let data: Arc<[loom::cell::UnsafeCell<u8>]> = (0..capacity)
+        .map(|_| loom::cell::UnsafeCell::new(0))
+        .collect();
+    let tx = Producer::new(RingMem::new_loom(ptr, data.clone(), ctl.clone()));
+    let rx = Consumer::new(RingMem::new_loom(ptr, data, ctl));
     (tx, rx)
 }

@@ -371,7 +371,7 @@ impl ChannelHeader {
                 Ordering::Relaxed,
             )
             .map(|_| ())
-            .map_err(|v| RingError::AlreadyAttached(v))
+            .map_err(RingError::AlreadyAttached)
     }
 
     /// The pid `side` published (diagnostics only: never trust it for anything else).
@@ -447,7 +447,8 @@ mod tests {
             Err(RingError::Corrupt { .. })
         ));
 
-        let damage: [(&str, fn(&ChannelHeader)); 6] = [
+        type Damage = (&'static str, fn(&ChannelHeader));
+        let damage: [Damage; 6] = [
             ("version", |h| {
                 h.identity.0.version.store(2, Ordering::Relaxed)
             }),

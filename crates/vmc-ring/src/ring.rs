@@ -78,9 +78,14 @@ impl RingMem {
         }
     }
 
+    /// Both ends of one ring must get clones of the same `data`.
     #[cfg(loom)]
-    pub(crate) fn new_loom(ctl: NonNull<RingControl>, cap: usize, owner: Owner) -> RingMem {
-        let data = (0..cap).map(|_| loom::cell::UnsafeCell::new(0)).collect();
+    pub(crate) fn new_loom(
+        ctl: NonNull<RingControl>,
+        data: Arc<[loom::cell::UnsafeCell<u8>]>,
+        owner: Owner,
+    ) -> RingMem {
+        let cap = data.len();
         RingMem {
             ctl,
             data,

@@ -10,7 +10,7 @@
 //!   1. word = SLEEPING                   a. publish (tail or head), release
 //!   2. fence(SeqCst)                     b. fence(SeqCst)
 //!   3. re-check the condition            c. if word == SLEEPING and
-//!      if true: word = AWAKE, go on           swap(word, AWAKE) == SLEEPING: wake
+//!      if true: word = AWAKE, go on           cas(word, SLEEPING -> AWAKE): wake
 //!   4. sleep while word == SLEEPING
 //! ```
 //!
@@ -18,8 +18,9 @@
 //! sleeper's re-check (3) sees the waker's publication (a), or the waker's check (c)
 //! sees the sleeper's announcement (1) and wakes it. Step 4 is a futex wait that
 //! returns at once if the word is no longer SLEEPING, so a wake that lands between 3
-//! and 4 is not lost either; with an eventfd the token stays in the counter. The swap
-//! in (c) makes at most one wake system call per sleep. A sleeper always re-checks
+//! and 4 is not lost either; with an eventfd the token stays in the counter. The
+//! compare-and-swap in (c) makes at most one wake system call per sleep, and writes
+//! nothing when the sleeper already withdrew. A sleeper always re-checks
 //! after waking, so spurious wake-ups (timeouts, signals, a peer scribbling on the
 //! word) cost a loop, never correctness.
 //!
@@ -56,7 +57,10 @@ pub fn retract(word: &AtomicU32) {
 #[inline]
 pub fn should_wake(word: &AtomicU32) -> bool {
     fence(Ordering::SeqCst);
-    word.load(Ordering::Relaxed) == SLEEPING && word.swap(AWAKE, Ordering::Relaxed) == SLEEPING
+    word.load(Ordering::Relaxed) == SLEEPING
+        && word
+            .compare_exchange(SLEEPING, AWAKE, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 #[cfg(all(test, not(loom)))]

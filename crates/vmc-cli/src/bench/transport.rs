@@ -144,8 +144,6 @@ fn path_str(path: &Path) -> io::Result<String> {
     })
 }
 
-/// The error the shm arms return until `vmc_channel` is wired in.
-
 /// Start listening for one connection.
 ///
 /// `path` is the rendezvous socket path for `unix` and `shm` (its directory
