@@ -48,11 +48,12 @@ impl WakeMode {
 
 /// Ring bytes per direction unless configured otherwise.
 ///
-/// Chosen by measurement (`vmc bench stream --capacity`, README "Ring size"): 256 KiB
-/// rings stream 64 KiB writes within a few percent of the best size measured, while
-/// both rings and the writer's and reader's buffers still fit the 1 MiB L2 cache of
-/// this machine kind, and a channel costs 516 KiB.
-pub const DEFAULT_CAPACITY: usize = 256 * 1024;
+/// Chosen by measurement (`bench/ring-size`, README "Ring size"): the smallest ring
+/// that streams 64 KiB writes within 5% of the best capacity measured (up to 4 MiB),
+/// and as fast as any size up to 512 KiB for 1 MiB writes; small writes and round
+/// trips do not depend on it. A channel then costs 260 KiB of shared memory (two
+/// rings and one page of header), which matters once there are many connections.
+pub const DEFAULT_CAPACITY: usize = 128 * 1024;
 
 /// The longest a waiting end spins before it sleeps, unless configured otherwise.
 ///

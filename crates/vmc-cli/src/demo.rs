@@ -123,9 +123,11 @@ fn explain(rr: &Suite, stream: &Suite) -> String {
         &mut out,
         &format!(
             "stream is one-way bulk transfer in 64 KiB writes. A ring copies each byte \
-             twice (into the ring, then out of it), so half of what one core can memcpy \
-             is a ceiling for a single stream: the 2-copy bound{bound}. \
-             \"% of 2-copy bound\" shows how close each transport gets."
+             twice (into the ring, then out of it); half of what one core can memcpy is \
+             the 2-copy bound{bound}, the yardstick for how close a stream comes to the \
+             machine's limit. The two copies run on two cores at once, so a ring can \
+             reach it, and in a good run pass it slightly; the bytes must still cross \
+             between the cores' caches, which keeps it from going much beyond."
         ),
     );
     bullet(

@@ -1,6 +1,6 @@
 //! End-to-end tests of the `vmc` binary: `bench --json` output and errors.
 //!
-//! Only tcp and unix are exercised; shm needs `vmc_channel` wired in.
+//! All three transports run, shm (vmc's channel) included.
 
 use std::process::{Command, Output};
 
@@ -38,7 +38,7 @@ fn positive(v: &Value, field: &str) -> f64 {
 
 const COMMON: [&str; 6] = [
     "--transport",
-    "tcp,unix",
+    "shm,tcp,unix",
     "--duration",
     "0.3",
     "--warmup",
@@ -50,8 +50,8 @@ fn bench_rr_json() {
     let mut args = vec!["bench", "rr", "--json"];
     args.extend(COMMON);
     let lines = json_lines(&vmc(&args));
-    assert_eq!(lines.len(), 2, "{lines:?}");
-    for (line, transport) in lines.iter().zip(["tcp", "unix"]) {
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (line, transport) in lines.iter().zip(["shm", "tcp", "unix"]) {
         assert_eq!(line.as_object().unwrap().len(), 8, "{line}");
         assert_eq!(line["mode"], "rr");
         assert_eq!(line["transport"], transport);
@@ -70,8 +70,8 @@ fn bench_stream_json() {
     let mut args = vec!["bench", "stream", "--json", "--size", "32K"];
     args.extend(COMMON);
     let lines = json_lines(&vmc(&args));
-    assert_eq!(lines.len(), 2, "{lines:?}");
-    for (line, transport) in lines.iter().zip(["tcp", "unix"]) {
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (line, transport) in lines.iter().zip(["shm", "tcp", "unix"]) {
         assert_eq!(line.as_object().unwrap().len(), 9, "{line}");
         assert_eq!(line["mode"], "stream");
         assert_eq!(line["transport"], transport);
@@ -135,17 +135,12 @@ fn demo_quick_prints_tables_and_explanation() {
     let out = vmc(&["demo", "--quick"]);
     let stdout = String::from_utf8(out.stdout).unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
-    if !out.status.success() {
-        // Until shm is wired in, only its runs may fail.
-        assert!(
-            stderr.lines().all(|l| l.contains("shm")),
-            "{stderr}\n{stdout}"
-        );
-    }
+    assert!(out.status.success(), "{stderr}\n{stdout}");
     for needle in [
         "transport",
         "% of 2-copy bound",
         "What the numbers mean",
+        "\nshm ",
         "\ntcp ",
         "\nunix ",
     ] {

@@ -1,10 +1,16 @@
 //! Single-thread memcpy bandwidth: the yardstick for stream throughput.
 //!
 //! A shared-memory ring copies every byte twice (sender into the ring, ring
-//! into the receiver's buffer), so half of what one core can `memcpy` is a
-//! natural ceiling for one stream: the "2-copy bound". The measurement copies
+//! into the receiver's buffer), so half of what one core can `memcpy` is the
+//! yardstick for one stream: the "2-copy bound". (The two copies run on two
+//! cores at once, so a ring can reach it; the cross-core transfer of every
+//! cache line keeps it from going far beyond.) The measurement copies
 //! `size`-byte chunks from one source buffer into a 256 KiB destination,
 //! wrapping, which is the shape of a ring's copy-in.
+//!
+//! A bound must not be pulled down by a moment of interference (another process,
+//! a host that deschedules the vCPU), or a channel would appear to beat it: the
+//! time is split into ten trials and the best one counts.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -12,8 +18,19 @@ use std::time::{Duration, Instant};
 /// Destination buffer size (grown to `size` for larger chunks).
 const DEST_BYTES: usize = 256 * 1024;
 
-/// Measure memcpy bandwidth in GB/s (1e9 bytes/s) copying `size`-byte chunks for about `time`.
+/// Trials the measuring time is split into; the best counts.
+const TRIALS: u32 = 10;
+
+/// Measure memcpy bandwidth in GB/s (1e9 bytes/s) copying `size`-byte chunks for
+/// about `time`: the best of [`TRIALS`] trials.
 pub fn bandwidth_gbytes_per_s(size: usize, time: Duration) -> f64 {
+    (0..TRIALS)
+        .map(|_| trial(size, time / TRIALS))
+        .fold(0.0, f64::max)
+}
+
+/// One trial: bandwidth copying `size`-byte chunks for about `time`.
+fn trial(size: usize, time: Duration) -> f64 {
     let size = size.max(1);
     let src: Vec<u8> = (0..size).map(|i| (i as u8) ^ 0x5a).collect();
     let src = black_box(src);

@@ -116,7 +116,7 @@ pub struct Suite {
 /// are returned next to the suite so the caller can decide the exit status.
 pub fn run_suite(config: &BenchConfig) -> (Suite, Vec<Failure>) {
     let memcpy_gbytes_per_s = (config.mode == Mode::Stream)
-        .then(|| memcpy::bandwidth_gbytes_per_s(config.size, Duration::from_millis(200)));
+        .then(|| memcpy::bandwidth_gbytes_per_s(config.size, Duration::from_millis(300)));
     let mut suite = Suite {
         mode: config.mode,
         size: config.size,
