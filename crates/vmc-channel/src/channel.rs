@@ -327,6 +327,23 @@ impl WriteHalf {
         }
     }
 
+    /// Pauses this direction: like [`WriteHalf::shutdown`] to the reader (it sees end
+    /// of stream after the last byte), but [`WriteHalf::resume`] can take it back. The
+    /// connection layer uses it to move a direction to TCP at an exact byte boundary,
+    /// having told the peer first that this "end" is a move.
+    pub fn pause(&mut self) {
+        self.tx.close();
+        if self.tx.needs_wake() {
+            self.core.wake(Dir::Read, self.tx.peer_sleep_word());
+        }
+    }
+
+    /// Resumes a paused direction (see [`WriteHalf::pause`]); call it before telling
+    /// the peer that bytes flow on the ring again.
+    pub fn resume(&mut self) {
+        self.tx.reopen();
+    }
+
     /// Write timeout (`None`: block forever). A zero duration is refused, as by std.
     pub fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
         self.waiter.set_timeout(t)
@@ -448,6 +465,12 @@ impl Channel {
     /// Shared memory this channel maps (both rings and the header).
     pub fn segment_len(&self) -> usize {
         self.reader.core.segment.len()
+    }
+
+    /// The Unix socket the channel was set up over, if it has one: it stays open as
+    /// the liveness link and may carry the connection layer's control messages.
+    pub fn control_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.reader.core.control_fd()
     }
 
     /// How the ends sleep and wake each other.

@@ -113,6 +113,14 @@ impl Core {
         alive.unwrap_or(true)
     }
 
+    /// The handshake socket, for channels set up over one.
+    pub(crate) fn control_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match &self.link {
+            Link::Socket(s) => Some(s.as_fd()),
+            _ => None,
+        }
+    }
+
     /// True if the peer closed the whole channel in an orderly way.
     pub(crate) fn peer_closed(&self) -> bool {
         self.header.peer_state() == Some(SideState::Closed)

@@ -139,6 +139,31 @@ pub struct Offer {
 }
 
 impl Offer {
+    /// The handshake socket: readable once the attacher answered (or left).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// [`Offer::finish`] if the attacher has answered (or left), else the offer back.
+    pub fn try_finish(self) -> io::Result<Result<Channel, Offer>> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(&self.sock, PollFlags::IN)];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let n = loop {
+            match poll(&mut fds, Some(&zero)) {
+                Err(rustix::io::Errno::INTR) => continue,
+                r => break r?,
+            }
+        };
+        if n == 0 {
+            return Ok(Err(self));
+        }
+        self.finish().map(Ok)
+    }
+
     /// Waits for the attacher's `ACK` and returns the creator's end of the channel.
     pub fn finish(self) -> io::Result<Channel> {
         let mut msg = [0u8; 8];

@@ -369,6 +369,20 @@ impl Producer {
         self.unchecked_publish = true;
     }
 
+    /// Takes back a [`Producer::close`]: the ring carries bytes again after the ones
+    /// already published. Only for a connection layer that told the consumer out of
+    /// band, before this call, that the close was a pause (the stream moved to
+    /// another path and is now moving back); the consumer must not have taken the
+    /// close as end of stream.
+    pub fn reopen(&mut self) {
+        self.mem
+            .ctl()
+            .state
+            .0
+            .writer_closed
+            .store(0, Ordering::Release);
+    }
+
     /// True once the consumer has closed its end.
     pub fn is_reader_closed(&self) -> bool {
         self.check_reader().is_err()

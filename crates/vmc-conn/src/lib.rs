@@ -1,0 +1,27 @@
+//! Layer 3 of vmc: co-resident TCP connections.
+//!
+//! Every connection is a real TCP connection first, so `getpeername`, peers that do
+//! not run vmc and remote peers work exactly as before. When both ends run vmc on one
+//! machine, a shared-memory channel ([`vmc_channel`]) is attached beside it through an
+//! out-of-band handshake matched on the TCP 4-tuple, and each direction moves onto
+//! it at an exact byte boundary; either end can move a direction back to TCP and
+//! forth again at any time without losing, duplicating or reordering a byte.
+//!
+//! - [`registry`]: which vmc listeners exist on this host, in which network namespace.
+//! - [`TcpListener`] and [`TcpStream`]: the std-like API.
+//! - [`Fallback`]: why a connection stays on TCP.
+//! - `conn.rs`: the per-connection state machine (paths, boundaries, set-up).
+//! - [`wire`]: the messages on the Unix socket beside each connection.
+
+mod conn;
+mod fallback;
+mod listener;
+mod net;
+pub mod registry;
+pub mod wire;
+
+pub use conn::ATTACH_WINDOW;
+pub use fallback::Fallback;
+pub use listener::TcpListener;
+pub use net::{TcpStream, Traffic};
+pub use wire::Path;

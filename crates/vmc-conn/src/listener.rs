@@ -1,0 +1,226 @@
+//! The listening side: a real TCP listener, a registry entry saying where it is,
+//! and a rendezvous socket where co-resident vmc clients bring their channels.
+
+use std::io::{self, Read};
+use std::net::{Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmc_channel::Channel;
+
+use crate::conn::Conn;
+use crate::fallback::Fallback;
+use crate::net::{registry, vmc_disabled, TcpStream};
+use crate::registry::{ListenerEntry, NetNs, Registration};
+use crate::wire::{self, ATTACH_LEN};
+
+/// How long an ATTACH waits for its TCP connection to be accepted before the
+/// listener gives up on it (closing the socket tells the client: stay on TCP).
+const PENDING_TTL: Duration = Duration::from_secs(2);
+
+/// How long the listener waits for the ATTACH frame on a freshly accepted rendezvous
+/// connection (the client writes it right after connecting).
+const ATTACH_READ_TIMEOUT: Duration = Duration::from_millis(100);
+
+type Key = ((Ipv6Addr, u16), (Ipv6Addr, u16));
+
+struct Pending {
+    /// The TCP connection as the client sees it: (its local, its remote).
+    client: Key,
+    sock: UnixStream,
+    since: Instant,
+}
+
+/// A listener's rendezvous socket and the handshakes queued on it.
+pub(crate) struct Rendezvous {
+    unix: UnixListener,
+    path: PathBuf,
+    pending: Mutex<Vec<Pending>>,
+}
+
+static RENDEZVOUS_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Rendezvous {
+    fn bind(dir: &std::path::Path) -> io::Result<Arc<Rendezvous>> {
+        let name = format!(
+            "r-{}-{}.sock",
+            vmc_os::pid(),
+            RENDEZVOUS_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = dir.join(name);
+        let _ = std::fs::remove_file(&path); // a leftover of a dead process with our pid
+        let unix = UnixListener::bind(&path)?;
+        unix.set_nonblocking(true)?;
+        Ok(Arc::new(Rendezvous {
+            unix,
+            path,
+            pending: Mutex::new(Vec::new()),
+        }))
+    }
+
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.unix.as_fd()
+    }
+
+    /// Accepts the handshakes waiting on the socket without blocking.
+    fn drain(&self, pending: &mut Vec<Pending>) {
+        loop {
+            let sock = match self.unix.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!("rendezvous accept: {e}");
+                    break;
+                }
+            };
+            match read_attach(&sock) {
+                Ok(client) => pending.push(Pending {
+                    client,
+                    sock,
+                    since: Instant::now(),
+                }),
+                Err(e) => tracing::warn!("ignoring a malformed vmc handshake: {e}"),
+            }
+        }
+        pending.retain(|p| p.since.elapsed() < PENDING_TTL);
+    }
+
+    /// The handshake socket of the client whose TCP connection the listener sees as
+    /// `peer` -> `local`, if it has arrived.
+    pub(crate) fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<OwnedFd> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        self.drain(&mut pending);
+        let key = (wire::canonical(peer), wire::canonical(local));
+        let i = pending.iter().position(|p| p.client == key)?;
+        let p = pending.swap_remove(i);
+        p.sock.set_read_timeout(None).ok()?;
+        Some(p.sock.into())
+    }
+}
+
+fn read_attach(sock: &UnixStream) -> io::Result<Key> {
+    // Only our own user may hand us a channel (the directory is 0700 too).
+    let cred = rustix::net::sockopt::socket_peercred(sock)?;
+    if cred.uid.as_raw() != vmc_os::euid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "handshake from another user",
+        ));
+    }
+    sock.set_read_timeout(Some(ATTACH_READ_TIMEOUT))?;
+    let mut frame = [0u8; ATTACH_LEN];
+    (&*sock).read_exact(&mut frame)?;
+    wire::parse_attach(&frame)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an ATTACH"))
+}
+
+impl Drop for Rendezvous {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A TCP listener whose co-resident vmc clients get shared-memory channels; every
+/// other client gets plain TCP, as from `std::net::TcpListener`.
+pub struct TcpListener {
+    tcp: std::net::TcpListener,
+    rendezvous: Option<Arc<Rendezvous>>,
+    _registration: Option<Registration>,
+    /// Why clients of this listener cannot be accelerated, if they cannot.
+    fallback: Option<Fallback>,
+}
+
+impl TcpListener {
+    /// Binds like `std::net::TcpListener::bind` and registers the listener so that
+    /// co-resident vmc clients find it. If registering fails, the listener still
+    /// works, as plain TCP (see [`TcpListener::fallback_reason`]).
+    pub fn bind(addr: impl ToSocketAddrs) -> io::Result<TcpListener> {
+        TcpListener::from_std(std::net::TcpListener::bind(addr)?)
+    }
+
+    /// Takes over a bound std listener.
+    pub fn from_std(tcp: std::net::TcpListener) -> io::Result<TcpListener> {
+        let (rendezvous, registration, fallback) = match register(&tcp) {
+            Ok((r, reg)) => (Some(r), Some(reg), None),
+            Err(reason) => {
+                tracing::debug!("listener not registered: {reason}");
+                (None, None, Some(reason))
+            }
+        };
+        Ok(TcpListener {
+            tcp,
+            rendezvous,
+            _registration: registration,
+            fallback,
+        })
+    }
+
+    /// Accepts a connection; it is accelerated if its client is a co-resident vmc
+    /// client, plain TCP otherwise.
+    pub fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let (tcp, peer) = self.tcp.accept()?;
+        let conn = match &self.rendezvous {
+            None => Conn::plain(tcp, self.fallback.clone().unwrap_or(Fallback::Disabled)),
+            Some(r) => {
+                let local = tcp.local_addr()?;
+                match r.take(peer, local) {
+                    Some(sock) => {
+                        let spin = vmc_channel::ChannelConfig::from_env().spin;
+                        match Channel::attach_over(sock, spin) {
+                            Ok(ch) => Conn::attached(tcp, ch)?,
+                            Err(e) => Conn::plain(tcp, Fallback::Handshake(e.to_string())),
+                        }
+                    }
+                    None => Conn::awaiting(tcp, r.clone())?,
+                }
+            }
+        };
+        Ok((TcpStream::from_conn(conn), peer))
+    }
+
+    /// An iterator over accepted connections, as `std::net::TcpListener::incoming`.
+    pub fn incoming(&self) -> impl Iterator<Item = io::Result<TcpStream>> + '_ {
+        std::iter::from_fn(move || Some(self.accept().map(|(s, _)| s)))
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Non-blocking accepts.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        self.tcp.set_nonblocking(on)
+    }
+
+    /// Why this listener's clients cannot be accelerated (`None`: they can).
+    pub fn fallback_reason(&self) -> Option<&Fallback> {
+        self.fallback.as_ref()
+    }
+
+    /// The underlying std listener.
+    pub fn as_std(&self) -> &std::net::TcpListener {
+        &self.tcp
+    }
+}
+
+fn register(tcp: &std::net::TcpListener) -> Result<(Arc<Rendezvous>, Registration), Fallback> {
+    if vmc_disabled() {
+        return Err(Fallback::Disabled);
+    }
+    let reg = registry().map_err(|e| Fallback::Registry(e.to_string()))?;
+    let fail = |e: io::Error| Fallback::Registry(e.to_string());
+    let rendezvous = Rendezvous::bind(reg.path()).map_err(fail)?;
+    let entry = ListenerEntry::new(
+        NetNs::current().map_err(fail)?,
+        tcp.local_addr().map_err(fail)?,
+        rendezvous.path.clone(),
+    );
+    let registration = reg.register(&entry).map_err(fail)?;
+    Ok((rendezvous, registration))
+}

@@ -1,0 +1,271 @@
+//! `TcpStream`, shaped like `std::net::TcpStream`, accelerated when its peer is a
+//! co-resident vmc endpoint.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use vmc_channel::{Channel, ChannelConfig};
+
+use crate::conn::Conn;
+use crate::fallback::Fallback;
+use crate::registry::Registry;
+use crate::wire::{self, Path};
+
+/// True when `VMC_DISABLE` is set to anything but `0` or empty: vmc stays out of the
+/// way entirely.
+pub(crate) fn vmc_disabled() -> bool {
+    static DISABLED: OnceLock<bool> = OnceLock::new();
+    *DISABLED.get_or_init(|| std::env::var("VMC_DISABLE").is_ok_and(|v| !v.is_empty() && v != "0"))
+}
+
+/// The process's registry, opened once.
+pub(crate) fn registry() -> io::Result<&'static Registry> {
+    static REGISTRY: OnceLock<Result<Registry, String>> = OnceLock::new();
+    REGISTRY
+        .get_or_init(|| Registry::open_default().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| io::Error::other(e.clone()))
+}
+
+/// A TCP connection, accelerated through shared memory when the peer is a
+/// co-resident vmc endpoint; otherwise it behaves exactly like
+/// `std::net::TcpStream`.
+///
+/// Clones ([`TcpStream::try_clone`]) share one connection, as clones of a std stream
+/// share one socket.
+#[derive(Clone)]
+pub struct TcpStream {
+    conn: Arc<Conn>,
+}
+
+/// Bytes a connection moved, per path and direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Bytes received over TCP.
+    pub tcp_in: u64,
+    /// Bytes sent over TCP.
+    pub tcp_out: u64,
+    /// Bytes received over shared memory.
+    pub shm_in: u64,
+    /// Bytes sent over shared memory.
+    pub shm_out: u64,
+}
+
+impl TcpStream {
+    pub(crate) fn from_conn(conn: Conn) -> TcpStream {
+        TcpStream {
+            conn: Arc::new(conn),
+        }
+    }
+
+    /// Connects like `std::net::TcpStream::connect`, then offers a channel to the
+    /// peer if it is a co-resident vmc listener. Never waits for the peer's answer:
+    /// the first bytes go over TCP, later ones over shared memory once the peer has
+    /// attached.
+    pub fn connect(addr: impl ToSocketAddrs) -> io::Result<TcpStream> {
+        Ok(TcpStream::from_conn(client(std::net::TcpStream::connect(
+            addr,
+        )?)))
+    }
+
+    /// Connects with a timeout, like `std::net::TcpStream::connect_timeout`.
+    pub fn connect_timeout(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        let tcp = std::net::TcpStream::connect_timeout(addr, timeout)?;
+        Ok(TcpStream::from_conn(client(tcp)))
+    }
+
+    /// True once the connection has a shared-memory channel attached (each direction
+    /// moves onto it at its sender's next write).
+    pub fn is_accelerated(&self) -> bool {
+        self.conn.advance();
+        self.conn.is_accelerated()
+    }
+
+    /// Why the connection stays on TCP; `None` while accelerated or still deciding.
+    pub fn fallback_reason(&self) -> Option<Fallback> {
+        self.conn.advance();
+        self.conn.fallback().cloned()
+    }
+
+    /// True while the handshake with the peer is still in flight.
+    pub fn is_pending(&self) -> bool {
+        self.conn.advance();
+        self.conn.is_pending()
+    }
+
+    /// Moves our sending direction to `path` at the current byte boundary (now, if
+    /// the channel is attached; otherwise once it is). The peer follows on its own;
+    /// nothing written is lost, duplicated or reordered.
+    pub fn set_send_path(&self, path: Path) -> io::Result<()> {
+        self.conn.set_tx_path(path)
+    }
+
+    /// The path our sending direction uses now.
+    pub fn send_path(&self) -> Path {
+        self.conn.tx_path()
+    }
+
+    /// The path our receiving direction reads now.
+    pub fn recv_path(&self) -> Path {
+        self.conn.rx_path()
+    }
+
+    /// Bytes moved so far, per path and direction.
+    pub fn traffic(&self) -> Traffic {
+        let c = &self.conn.counters;
+        Traffic {
+            tcp_in: c.tcp_in.load(Ordering::Relaxed),
+            tcp_out: c.tcp_out.load(Ordering::Relaxed),
+            shm_in: c.shm_in.load(Ordering::Relaxed),
+            shm_out: c.shm_out.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The remote address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.conn.tcp.peer_addr()
+    }
+
+    /// The local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.conn.tcp.local_addr()
+    }
+
+    /// Shuts down one or both directions, like `std::net::TcpStream::shutdown`.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        self.conn.shutdown(how)
+    }
+
+    /// Sets `TCP_NODELAY` on the TCP connection (shared-memory writes are always
+    /// published at once).
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        self.conn.tcp.set_nodelay(on)
+    }
+
+    /// Whether `TCP_NODELAY` is set.
+    pub fn nodelay(&self) -> io::Result<bool> {
+        self.conn.tcp.nodelay()
+    }
+
+    /// Read timeout (`None`: block forever), as std.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.conn.set_read_timeout(t)
+    }
+
+    /// Write timeout (`None`: block forever), as std.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.conn.set_write_timeout(t)
+    }
+
+    /// The read timeout.
+    pub fn read_timeout(&self) -> io::Result<Option<Duration>> {
+        Ok(self.conn.read_timeout())
+    }
+
+    /// The write timeout.
+    pub fn write_timeout(&self) -> io::Result<Option<Duration>> {
+        Ok(self.conn.write_timeout())
+    }
+
+    /// Non-blocking mode: operations that would block fail with `WouldBlock`.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        self.conn.set_nonblocking(on)
+    }
+
+    /// Another handle on the same connection.
+    pub fn try_clone(&self) -> io::Result<TcpStream> {
+        Ok(self.clone())
+    }
+
+    /// The pending socket error of the TCP connection, as std.
+    pub fn take_error(&self) -> io::Result<Option<io::Error>> {
+        self.conn.tcp.take_error()
+    }
+}
+
+impl Read for TcpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.conn.read(buf)
+    }
+}
+
+impl Read for &TcpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.conn.read(buf)
+    }
+}
+
+impl Write for TcpStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.conn.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Write for &TcpStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.conn.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsRawFd for TcpStream {
+    /// The TCP socket's descriptor.
+    fn as_raw_fd(&self) -> RawFd {
+        self.conn.raw_fd()
+    }
+}
+
+impl std::fmt::Debug for TcpStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpStream")
+            .field("local", &self.local_addr().ok())
+            .field("peer", &self.peer_addr().ok())
+            .field("accelerated", &self.conn.is_accelerated())
+            .field("fallback", &self.conn.fallback())
+            .finish()
+    }
+}
+
+/// Client side of the set-up: offer a channel if the peer is a registered,
+/// co-resident vmc listener; otherwise the connection stays TCP with a reason.
+fn client(tcp: std::net::TcpStream) -> Conn {
+    match offer(&tcp) {
+        Ok(offer) => Conn::offered(tcp, offer),
+        Err(reason) => Conn::plain(tcp, reason),
+    }
+}
+
+fn offer(tcp: &std::net::TcpStream) -> Result<vmc_channel::Offer, Fallback> {
+    if vmc_disabled() {
+        return Err(Fallback::Disabled);
+    }
+    let peer = tcp
+        .peer_addr()
+        .map_err(|e| Fallback::Handshake(e.to_string()))?;
+    let local = tcp
+        .local_addr()
+        .map_err(|e| Fallback::Handshake(e.to_string()))?;
+    let reg = registry().map_err(|e| Fallback::Registry(e.to_string()))?;
+    let entry = reg
+        .lookup(peer)
+        .into_iter()
+        .next()
+        .ok_or(Fallback::NoListener)?;
+    let mut sock = UnixStream::connect(&entry.rendezvous).map_err(|_| Fallback::ListenerGone)?;
+    sock.write_all(&wire::attach(local, peer))
+        .map_err(|_| Fallback::ListenerGone)?;
+    Channel::offer_over(sock.into(), &ChannelConfig::from_env())
+        .map_err(|e| Fallback::Handshake(e.to_string()))
+}

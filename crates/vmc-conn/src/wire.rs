@@ -1,0 +1,147 @@
+//! The connection layer's messages on the Unix socket beside each TCP connection.
+//!
+//! ```text
+//!   ATTACH   client -> listener   "VMCT" ver:u8 0:u8 0:u16 local:ip16 port:u16 remote:ip16 port:u16 0:u32
+//!            (then the channel's own HELLO with the segment, see vmc-channel)
+//!   SWITCH   either way, after ACK "VMCS" kind:u8 0:u8 0:u16 offset:u64
+//! ```
+//!
+//! ATTACH names the TCP connection by its 4-tuple as the client sees it; the listener
+//! attaches the channel only to the accepted connection whose 4-tuple is the mirror
+//! image, so a NAT in between, or a registry entry pointing at the wrong process,
+//! leaves the connection on TCP. SWITCH announces that the sender moved its sending
+//! direction to the other path after exactly `offset` bytes on the old one.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+/// Length of an ATTACH frame.
+pub const ATTACH_LEN: usize = 48;
+/// Length of a SWITCH frame.
+pub const SWITCH_LEN: usize = 16;
+const ATTACH_MAGIC: &[u8; 4] = b"VMCT";
+const SWITCH_MAGIC: &[u8; 4] = b"VMCS";
+const VERSION: u8 = 1;
+
+/// Which path a direction of a connection uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// The real TCP connection.
+    Tcp,
+    /// vmc's shared-memory channel.
+    Shm,
+}
+
+/// "My sending direction now uses `to`, after exactly `offset` bytes on the other
+/// path" (bytes counted on that other path since the connection began).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Switch {
+    /// The path the sender moved to.
+    pub to: Path,
+    /// Bytes the sender had sent on the path it left.
+    pub offset: u64,
+}
+
+fn ip16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Compares socket addresses the way the kernel reports them to both ends: an IPv4
+/// address and its v4-mapped IPv6 form are the same.
+pub fn canonical(a: SocketAddr) -> (Ipv6Addr, u16) {
+    (Ipv6Addr::from(ip16(a.ip())), a.port())
+}
+
+/// Encodes an ATTACH for the connection `local` -> `remote` (the client's view).
+pub fn attach(local: SocketAddr, remote: SocketAddr) -> [u8; ATTACH_LEN] {
+    let mut f = [0u8; ATTACH_LEN];
+    f[..4].copy_from_slice(ATTACH_MAGIC);
+    f[4] = VERSION;
+    f[8..24].copy_from_slice(&ip16(local.ip()));
+    f[24..26].copy_from_slice(&local.port().to_be_bytes());
+    f[26..42].copy_from_slice(&ip16(remote.ip()));
+    f[42..44].copy_from_slice(&remote.port().to_be_bytes());
+    f
+}
+
+/// The connection an ATTACH names, as `(client local, client remote)` in canonical
+/// form; `None` for anything that is not a well-formed ATTACH of our version.
+pub fn parse_attach(f: &[u8]) -> Option<((Ipv6Addr, u16), (Ipv6Addr, u16))> {
+    if f.len() != ATTACH_LEN || &f[..4] != ATTACH_MAGIC || f[4] != VERSION {
+        return None;
+    }
+    let ip = |r: std::ops::Range<usize>| <[u8; 16]>::try_from(&f[r]).ok().map(Ipv6Addr::from);
+    let port = |i: usize| u16::from_be_bytes([f[i], f[i + 1]]);
+    Some(((ip(8..24)?, port(24)), (ip(26..42)?, port(42))))
+}
+
+/// Encodes a SWITCH.
+pub fn switch(s: Switch) -> [u8; SWITCH_LEN] {
+    let mut f = [0u8; SWITCH_LEN];
+    f[..4].copy_from_slice(SWITCH_MAGIC);
+    f[4] = match s.to {
+        Path::Tcp => 1,
+        Path::Shm => 2,
+    };
+    f[8..].copy_from_slice(&s.offset.to_le_bytes());
+    f
+}
+
+/// Decodes a SWITCH; `None` if malformed.
+pub fn parse_switch(f: &[u8; SWITCH_LEN]) -> Option<Switch> {
+    if &f[..4] != SWITCH_MAGIC {
+        return None;
+    }
+    let to = match f[4] {
+        1 => Path::Tcp,
+        2 => Path::Shm,
+        _ => return None,
+    };
+    Some(Switch {
+        to,
+        offset: u64::from_le_bytes(f[8..].try_into().ok()?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attach_roundtrips_and_v4_equals_v4_mapped() {
+        let l: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let r: SocketAddr = "[::ffff:127.0.0.1]:80".parse().unwrap();
+        let (pl, pr) = parse_attach(&attach(l, r)).unwrap();
+        assert_eq!(pl, canonical(l));
+        assert_eq!(pr, canonical("127.0.0.1:80".parse().unwrap()));
+        let mut bad = attach(l, r);
+        bad[4] = 9;
+        assert_eq!(parse_attach(&bad), None);
+        assert_eq!(parse_attach(&bad[..10]), None);
+    }
+
+    #[test]
+    fn switch_roundtrips_and_rejects_garbage() {
+        for s in [
+            Switch {
+                to: Path::Tcp,
+                offset: 0,
+            },
+            Switch {
+                to: Path::Shm,
+                offset: u64::MAX,
+            },
+        ] {
+            assert_eq!(parse_switch(&switch(s)), Some(s));
+        }
+        let mut f = switch(Switch {
+            to: Path::Shm,
+            offset: 1,
+        });
+        f[4] = 3;
+        assert_eq!(parse_switch(&f), None);
+        assert_eq!(parse_switch(&[0; SWITCH_LEN]), None);
+    }
+}

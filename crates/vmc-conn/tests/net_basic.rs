@@ -1,0 +1,111 @@
+//! The std-like API end to end in one process: accelerated connect/accept, data in
+//! both directions, and the fallback when the listener is not vmc.
+
+use std::io::{Read, Write};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vmc_conn::{Fallback, Path, TcpListener, TcpStream};
+
+fn private_registry() {
+    // Each test binary gets its own registry so parallel test runs do not meet.
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let dir = std::env::temp_dir()
+            .join(format!("vmc-test-{}", std::process::id()))
+            .join("listeners");
+        std::env::set_var("VMC_REGISTRY_DIR", dir);
+    });
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn accelerated_echo_moves_both_directions_onto_shm() {
+    private_registry();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    assert_eq!(listener.fallback_reason(), None);
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            s.write_all(&buf[..n]).unwrap();
+        }
+        (total, s.traffic(), s.is_accelerated())
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    let msg: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let mut back = vec![0u8; msg.len()];
+    let mut done = 0;
+    for chunk in msg.chunks(10_000) {
+        c.write_all(chunk).unwrap();
+        c.read_exact(&mut back[done..done + chunk.len()]).unwrap();
+        done += chunk.len();
+    }
+    assert_eq!(back, msg);
+    assert!(c.is_accelerated(), "fallback: {:?}", c.fallback_reason());
+    assert_eq!(c.send_path(), Path::Shm);
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let (total, server_traffic, server_accel) = server.join().unwrap();
+    assert_eq!(total, msg.len() as u64);
+    assert!(server_accel);
+    let t = c.traffic();
+    assert!(t.shm_out > 0 && t.shm_in > 0, "{t:?}");
+    assert!(server_traffic.shm_out > 0, "{server_traffic:?}");
+}
+
+#[test]
+fn a_plain_listener_means_a_plain_connection() {
+    private_registry();
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = plain.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = plain.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    assert_eq!(c.fallback_reason(), Some(Fallback::NoListener));
+    server.join().unwrap();
+}
+
+#[test]
+fn a_plain_client_gets_a_plain_connection_from_a_vmc_listener() {
+    private_registry();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        wait_until("the attach window to pass", || {
+            s.fallback_reason().is_some()
+        });
+        s.fallback_reason()
+    });
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    assert_eq!(server.join().unwrap(), Some(Fallback::PeerNotVmc));
+}
