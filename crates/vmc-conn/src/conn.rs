@@ -40,7 +40,7 @@ use vmc_channel::{Channel, Offer, ReadHalf, WriteHalf};
 
 use crate::fallback::Fallback;
 use crate::listener::Rendezvous;
-use crate::wire::{self, Path, Switch, SWITCH_LEN};
+use crate::wire::{self, Control, Path, Switch, SWITCH_LEN};
 
 /// How long after accepting a connection the listener side still attaches a channel
 /// to it. A vmc client sends its ATTACH right after `connect` returns, so it arrives
@@ -55,7 +55,7 @@ const PLAIN: u8 = 2;
 /// A handshake still in flight.
 enum Setup {
     /// Client: the segment is offered, the listener has not answered.
-    Offered(Offer),
+    Offered(Box<Offer>),
     /// Listener side: no ATTACH for this connection yet.
     Awaiting {
         rendezvous: Arc<Rendezvous>,
@@ -70,6 +70,10 @@ struct Parts {
     writer: Mutex<Option<WriteHalf>>,
     /// The control socket (a duplicate of the channel's handshake socket).
     ctl: OwnedFd,
+    /// Either half may read the control socket and find a frame meant for the
+    /// other; it rings the other's bell (`[rx, tx]`), which that half polls along
+    /// with the socket, so no frame is ever waited for in vain.
+    bells: [vmc_os::EventFd; 2],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,17 +90,25 @@ struct Rx {
     /// Bytes read from TCP so far.
     tcp_in: u64,
     ring: Option<ReadHalf>,
-    /// A partly received SWITCH frame, and complete ones not applied yet.
-    frame: [u8; SWITCH_LEN],
-    frame_len: usize,
-    switches: VecDeque<Switch>,
     /// Set by `set_nonblocking` / `set_read_timeout`.
     nonblocking: bool,
     timeout: Option<Duration>,
 }
 
+/// What arrived on the control socket and is not used up yet.
+#[derive(Default)]
+struct CtlIn {
+    /// A partly received frame.
+    frame: [u8; SWITCH_LEN],
+    frame_len: usize,
+    /// The peer's moves, in order, not applied by our receiving side yet.
+    switches: VecDeque<Switch>,
+}
+
 struct Tx {
     path: Path,
+    /// Times we moved our sending direction off each path: `[tcp, shm]`.
+    left: [u64; 2],
     /// The path this end wants its sending direction on.
     want: Path,
     tcp_out: u64,
@@ -126,6 +138,12 @@ pub(crate) struct Conn {
     fallback: OnceLock<Fallback>,
     rx: Mutex<Rx>,
     tx: Mutex<Tx>,
+    ctl_in: Mutex<CtlIn>,
+    /// Serialises control frames we send (both halves send).
+    ctl_out: Mutex<()>,
+    /// LEFT_TCP and LEFT_RING answers received (`[tcp, shm]`): how many times the
+    /// peer followed us off each path.
+    peer_left: [AtomicU64; 2],
     pub(crate) counters: Counters,
 }
 
@@ -136,7 +154,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    Ok(fd.try_clone_to_owned()?)
+    fd.try_clone_to_owned()
 }
 
 fn protocol(msg: &str) -> io::Error {
@@ -156,14 +174,12 @@ impl Conn {
                 path: RxPath::Tcp { until: None },
                 tcp_in: 0,
                 ring: None,
-                frame: [0; SWITCH_LEN],
-                frame_len: 0,
-                switches: VecDeque::new(),
                 nonblocking: false,
                 timeout: None,
             }),
             tx: Mutex::new(Tx {
                 path: Path::Tcp,
+                left: [0, 0],
                 want: Path::Shm,
                 tcp_out: 0,
                 ring: None,
@@ -171,6 +187,9 @@ impl Conn {
                 nonblocking: false,
                 timeout: None,
             }),
+            ctl_in: Mutex::new(CtlIn::default()),
+            ctl_out: Mutex::new(()),
+            peer_left: [AtomicU64::new(0), AtomicU64::new(0)],
             counters: Counters::default(),
         }
     }
@@ -185,7 +204,7 @@ impl Conn {
     /// Client side: the segment was offered to the listener's process.
     pub(crate) fn offered(tcp: std::net::TcpStream, offer: Offer) -> Conn {
         match dup(offer.fd()) {
-            Ok(watch) => Conn::new(tcp, PENDING, Setup::Offered(offer), Some(watch)),
+            Ok(watch) => Conn::new(tcp, PENDING, Setup::Offered(Box::new(offer)), Some(watch)),
             Err(e) => Conn::plain(tcp, Fallback::Handshake(e.to_string())),
         }
     }
@@ -233,10 +252,12 @@ impl Conn {
             .control_fd()
             .ok_or_else(|| protocol("channel without a control socket"))?)?;
         let (r, w) = channel.split();
+        let bells = [vmc_os::EventFd::new()?, vmc_os::EventFd::new()?];
         let parts = Parts {
             reader: Mutex::new(Some(r)),
             writer: Mutex::new(Some(w)),
             ctl,
+            bells,
         };
         if self.parts.set(parts).is_err() {
             return Err(protocol("channel attached twice"));
@@ -255,13 +276,13 @@ impl Conn {
             return;
         };
         match std::mem::replace(&mut *setup, Setup::Done) {
-            Setup::Offered(offer) => match offer.try_finish() {
+            Setup::Offered(offer) => match (*offer).try_finish() {
                 Ok(Ok(channel)) => {
                     if let Err(e) = self.install(channel) {
                         self.give_up(Fallback::Handshake(e.to_string()));
                     }
                 }
-                Ok(Err(offer)) => *setup = Setup::Offered(offer),
+                Ok(Err(offer)) => *setup = Setup::Offered(Box::new(offer)),
                 Err(e) => self.give_up(Fallback::from_refusal(&e)),
             },
             Setup::Awaiting {
@@ -333,8 +354,7 @@ impl Conn {
                     }
                     // The ring ended: the peer moved to TCP (a SWITCH is queued), or
                     // this is the end of the stream.
-                    self.receive_switches(&mut rx)?;
-                    match rx.switches.front() {
+                    match self.next_switch()? {
                         Some(s) if s.to == Path::Tcp => {
                             let pos = rx.ring.as_ref().map_or(0, |r| r.position());
                             if s.offset != pos {
@@ -342,8 +362,9 @@ impl Conn {
                                     "peer switched to TCP at an offset the ring did not reach",
                                 ));
                             }
-                            rx.switches.pop_front();
+                            self.pop_switch();
                             rx.path = RxPath::Tcp { until: None };
+                            self.answer(wire::left(Path::Shm, pos));
                         }
                         Some(_) => return Err(protocol("SWITCH to shm while already on shm")),
                         None => return Ok(0),
@@ -360,6 +381,7 @@ impl Conn {
                         rx.ring = Some(ring);
                     }
                     rx.path = RxPath::Shm;
+                    self.answer(wire::left(Path::Tcp, end));
                 }
                 RxPath::Tcp { until } => {
                     let room = until.map_or(buf.len() as u64, |end| end - rx.tcp_in);
@@ -376,6 +398,9 @@ impl Conn {
                     // A SWITCH may come at any moment: take what TCP has, else wait
                     // for TCP or the control socket.
                     match recv(&self.tcp, &mut *want, RecvFlags::DONTWAIT) {
+                        // TCP ended. If the peer moved to the ring first, the end of
+                        // the stream is there (its SWITCH is queued): follow it.
+                        Ok((0, _)) if self.is_accelerated() && self.next_switch()?.is_some() => {}
                         Ok((n, _)) => {
                             rx.tcp_in += n as u64;
                             self.counters.tcp_in.fetch_add(n as u64, Ordering::Relaxed);
@@ -386,12 +411,11 @@ impl Conn {
                         Err(e) => return Err(e.into()),
                     }
                     if self.is_accelerated() {
-                        self.receive_switches(&mut rx)?;
-                        if let Some(s) = rx.switches.front().copied() {
+                        if let Some(s) = self.next_switch()? {
                             if s.to != Path::Shm || s.offset < rx.tcp_in {
                                 return Err(protocol("unexpected SWITCH while reading TCP"));
                             }
-                            rx.switches.pop_front();
+                            self.pop_switch();
                             rx.path = RxPath::Tcp {
                                 until: Some(s.offset),
                             };
@@ -404,22 +428,37 @@ impl Conn {
         }
     }
 
-    /// Reads whatever SWITCH frames the control socket has, without waiting.
-    fn receive_switches(&self, rx: &mut Rx) -> io::Result<()> {
+    /// Reads whatever control frames the socket has, without waiting.
+    fn pump_control(&self) -> io::Result<()> {
         let Some(parts) = self.parts() else {
             return Ok(());
         };
+        let mut ctl = lock(&self.ctl_in);
         loop {
-            let at = rx.frame_len;
-            match recv(&parts.ctl, &mut rx.frame[at..], RecvFlags::DONTWAIT) {
-                Ok((0, _)) => return Ok(()), // peer gone; the data paths report it
+            let at = ctl.frame_len;
+            match recv(&parts.ctl, &mut ctl.frame[at..], RecvFlags::DONTWAIT) {
+                // The peer is gone: the data paths report it (as EOF after its last
+                // byte, or as a reset), the control socket has nothing more to say.
+                Ok((0, _)) | Err(rustix::io::Errno::CONNRESET) => return Ok(()),
                 Ok((n, _)) => {
-                    rx.frame_len += n;
-                    if rx.frame_len == SWITCH_LEN {
-                        rx.frame_len = 0;
-                        let s = wire::parse_switch(&rx.frame)
-                            .ok_or_else(|| protocol("malformed SWITCH"))?;
-                        rx.switches.push_back(s);
+                    ctl.frame_len += n;
+                    if ctl.frame_len == SWITCH_LEN {
+                        ctl.frame_len = 0;
+                        match wire::parse_control(&ctl.frame) {
+                            Some(Control::Switch(s)) => {
+                                ctl.switches.push_back(s);
+                                parts.bells[0].notify()?;
+                            }
+                            Some(Control::LeftTcp(_)) => {
+                                self.peer_left[0].fetch_add(1, Ordering::AcqRel);
+                                parts.bells[1].notify()?;
+                            }
+                            Some(Control::LeftRing(_)) => {
+                                self.peer_left[1].fetch_add(1, Ordering::AcqRel);
+                                parts.bells[1].notify()?;
+                            }
+                            None => return Err(protocol("malformed control frame")),
+                        }
                     }
                 }
                 Err(rustix::io::Errno::AGAIN) => return Ok(()),
@@ -427,6 +466,16 @@ impl Conn {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// The peer's oldest move not applied yet (reading the socket first).
+    fn next_switch(&self) -> io::Result<Option<Switch>> {
+        self.pump_control()?;
+        Ok(lock(&self.ctl_in).switches.front().copied())
+    }
+
+    fn pop_switch(&self) {
+        lock(&self.ctl_in).switches.pop_front();
     }
 
     /// Waits until TCP, the control socket or the handshake may have news.
@@ -447,6 +496,9 @@ impl Conn {
         if let Some(o) = other {
             fds.push(PollFd::from_borrowed_fd(o, PollFlags::IN));
         }
+        if let Some(p) = self.parts() {
+            fds.push(PollFd::from_borrowed_fd(p.bells[0].fd(), PollFlags::IN));
+        }
         let timeout = deadline.map(|d| {
             let left = d.saturating_duration_since(Instant::now());
             Timespec {
@@ -457,6 +509,9 @@ impl Conn {
         match poll(&mut fds, timeout.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
+        }
+        if let Some(p) = self.parts() {
+            p.bells[0].drain()?;
         }
         if let Some(t) = rx.timeout {
             if started.elapsed() >= t {
@@ -499,9 +554,17 @@ impl Conn {
         }
     }
 
-    fn send_switch(&self, s: Switch) -> io::Result<()> {
+    /// Sends a LEFT answer. A peer that is gone needs none, and its absence shows on
+    /// the data paths, so a failure here is not an error of this read.
+    fn answer(&self, frame: [u8; SWITCH_LEN]) {
+        if let Err(e) = self.send_control(frame) {
+            tracing::debug!("vmc connection: could not answer a switch: {e}");
+        }
+    }
+
+    fn send_control(&self, frame: [u8; SWITCH_LEN]) -> io::Result<()> {
         let parts = self.parts().ok_or_else(|| protocol("no control socket"))?;
-        let frame = wire::switch(s);
+        let _serial = lock(&self.ctl_out);
         let mut sent = 0;
         while sent < frame.len() {
             match send(&parts.ctl, &frame[sent..], SendFlags::NOSIGNAL) {
@@ -520,6 +583,9 @@ impl Conn {
         }
         match to {
             Path::Shm => {
+                // The peer must have left the ring where we last paused it, or it
+                // could read what we write now before the TCP stretch in between.
+                self.wait_peer_left(tx, Path::Shm)?;
                 if tx.ring.is_none() {
                     tx.ring = self.parts().and_then(|p| lock(&p.writer).take());
                 }
@@ -531,22 +597,75 @@ impl Conn {
                 ring.set_nonblocking(tx.nonblocking);
                 ring.set_timeout(tx.timeout)?;
                 ring.resume();
-                self.send_switch(Switch {
+                self.send_control(wire::switch(Switch {
                     to: Path::Shm,
                     offset: tcp_out,
-                })?;
+                }))?;
+                tx.left[0] += 1;
             }
             Path::Tcp => {
+                // Likewise the peer must have left TCP where we last moved off it.
+                self.wait_peer_left(tx, Path::Tcp)?;
                 let ring = tx.ring.as_mut().expect("shm path has a ring");
-                self.send_switch(Switch {
+                self.send_control(wire::switch(Switch {
                     to: Path::Tcp,
                     offset: ring.position(),
-                })?;
+                }))?;
                 ring.pause();
+                tx.left[1] += 1;
             }
         }
         tx.path = to;
         Ok(())
+    }
+
+    /// Waits until the peer followed every move of ours away from `path`, so that
+    /// going back to it cannot put bytes on it before the receiver knows where the
+    /// previous stretch there ended.
+    fn wait_peer_left(&self, tx: &Tx, path: Path) -> io::Result<()> {
+        let i = path as usize;
+        let started = Instant::now();
+        loop {
+            self.pump_control()?;
+            if self.peer_left[i].load(Ordering::Acquire) >= tx.left[i] {
+                return Ok(());
+            }
+            if tx.nonblocking {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            if tx.timeout.is_some_and(|t| started.elapsed() >= t) {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "vmc connection: write timed out",
+                ));
+            }
+            let parts = self.parts().ok_or_else(|| protocol("no control socket"))?;
+            let mut fds = [
+                PollFd::new(&parts.ctl, PollFlags::IN | PollFlags::RDHUP),
+                PollFd::from_borrowed_fd(parts.bells[1].fd(), PollFlags::IN),
+            ];
+            let slice = Timespec {
+                tv_sec: 0,
+                tv_nsec: 100_000_000,
+            };
+            match poll(&mut fds, Some(&slice)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            parts.bells[1].drain()?;
+            if fds[0]
+                .revents()
+                .intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR)
+            {
+                self.pump_control()?;
+                if self.peer_left[i].load(Ordering::Acquire) < tx.left[i] {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "vmc connection: the peer is gone",
+                    ));
+                }
+            }
+        }
     }
 
     /// Chooses the path of our sending direction; the move happens now if the

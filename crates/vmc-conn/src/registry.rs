@@ -996,3 +996,781 @@ fn unique() -> (u32, u64) {
     }
     (vmc_os::pid(), h.finish())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixListener;
+
+    use proptest::prelude::*;
+
+    fn test_registry() -> (tempfile::TempDir, Registry) {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::open(tmp.path().join("vmc").join("listeners")).unwrap();
+        (tmp, reg)
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn own_ns() -> NetNs {
+        NetNs::current().unwrap()
+    }
+
+    /// A namespace that is not ours.
+    fn other_ns(n: u64) -> NetNs {
+        let own = own_ns();
+        NetNs {
+            dev: own.dev,
+            ino: own.ino.wrapping_add(1000 + n),
+        }
+    }
+
+    fn entry(ns: NetNs, addr: &str) -> ListenerEntry {
+        ListenerEntry::new(ns, sa(addr), format!("/nonexistent/{addr}.sock"))
+    }
+
+    fn names(reg: &Registry) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(reg.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Writes a file directly into the registry, bypassing `register`.
+    fn plant(reg: &Registry, name: &str, content: &[u8], mode: u32) -> PathBuf {
+        let p = reg.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    /// Holds byte 0 of `path` locked, as a live registrant would.
+    fn hold_lock(path: &Path) -> File {
+        let f = File::options().read(true).write(true).open(path).unwrap();
+        assert!(ofd_try_lock(f.as_fd(), LIVENESS_BYTE).unwrap());
+        f
+    }
+
+    #[test]
+    fn entry_names() {
+        assert_eq!(parse_entry_name("l-80-123-00ff.json"), Some(80));
+        assert_eq!(parse_entry_name("l-65535-1-a.json"), Some(65535));
+        for bad in [
+            "l-0-1-a.json",
+            "l-080-1-a.json",
+            "l-+80-1-a.json",
+            "l-65536-1-a.json",
+            "l-80-.json",
+            "l-80.json",
+            "l-80-1-a.json.tmp",
+            "l-80-1/a.json",
+            "l-80-1.a.json",
+            ".tmp-l-80-1-a",
+            "x-80-1-a.json",
+            "l--1-a.json",
+        ] {
+            assert_eq!(parse_entry_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn register_lookup_drop_roundtrip() {
+        let (_tmp, reg) = test_registry();
+        let e = entry(own_ns(), "127.0.0.1:4000");
+        let r = reg.register(&e).unwrap();
+        assert_eq!(r.entry(), &e);
+        let name = r.file_name().to_owned();
+        assert!(name.starts_with("l-4000-"), "{name}");
+        assert!(name.ends_with(".json"), "{name}");
+        assert_eq!(names(&reg), vec![name.clone()]);
+        assert_eq!(r.path(), reg.path().join(&name));
+        assert!(r.is_listed());
+
+        // Private, and the content is the entry.
+        let meta = std::fs::symlink_metadata(r.path()).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(meta.uid(), vmc_os::euid());
+        let on_disk: ListenerEntry =
+            serde_json::from_slice(&std::fs::read(r.path()).unwrap()).unwrap();
+        assert_eq!(on_disk, e);
+
+        // Locked: nobody else can take byte 0.
+        let other = File::options()
+            .read(true)
+            .write(true)
+            .open(r.path())
+            .unwrap();
+        assert!(!ofd_try_lock(other.as_fd(), LIVENESS_BYTE).unwrap());
+        drop(other);
+
+        assert_eq!(reg.lookup(sa("127.0.0.1:4000")), vec![e.clone()]);
+        assert_eq!(reg.listeners().unwrap(), vec![e.clone()]);
+        // Still there: a live entry is never reaped.
+        assert_eq!(reg.reap(), 0);
+        assert_eq!(names(&reg), vec![name]);
+
+        drop(r);
+        assert!(names(&reg).is_empty());
+        assert!(reg.lookup(sa("127.0.0.1:4000")).is_empty());
+        assert!(reg.listeners().unwrap().is_empty());
+    }
+
+    #[test]
+    fn is_listed_follows_the_name() {
+        let (_tmp, reg) = test_registry();
+        let r = reg.register(&entry(own_ns(), "0.0.0.0:81")).unwrap();
+        assert!(r.is_listed());
+        std::fs::remove_file(r.path()).unwrap();
+        assert!(!r.is_listed());
+        // Dropping it after that is fine (ENOENT ignored).
+        drop(r);
+    }
+
+    #[test]
+    fn port_filtering_skips_other_files_unopened() {
+        let (_tmp, reg) = test_registry();
+        let ns = own_ns();
+        let mut keep = Vec::new();
+        // A few hundred unrelated entries, live and dead and garbage.
+        for i in 0..300u16 {
+            let port = 5000 + i;
+            if i % 3 == 0 {
+                keep.push(
+                    reg.register(&entry(ns, &format!("0.0.0.0:{port}")))
+                        .unwrap(),
+                );
+            } else {
+                plant(&reg, &format!("l-{port}-1-x{i}.json"), b"{garbage", 0o600);
+            }
+        }
+        // Prefixes of the wanted port that are other ports.
+        plant(&reg, "l-80000-1-a.json", b"{", 0o600);
+        plant(&reg, "l-8000-1-a.json", b"{", 0o600);
+        plant(&reg, "notes.txt", b"hello", 0o644);
+        let want = reg.register(&entry(ns, "0.0.0.0:800")).unwrap();
+
+        let before = reg.files_opened();
+        let t = std::time::Instant::now();
+        let found = reg.lookup(sa("127.0.0.1:800"));
+        let elapsed = t.elapsed();
+        assert_eq!(found, vec![want.entry().clone()]);
+        assert_eq!(reg.files_opened() - before, 1, "only l-800-* was opened");
+        assert!(elapsed < Duration::from_millis(500), "{elapsed:?}");
+
+        // Nothing at all for a port without entries.
+        let before = reg.files_opened();
+        assert!(reg.lookup(sa("127.0.0.1:801")).is_empty());
+        assert!(reg.lookup(sa("127.0.0.1:0")).is_empty());
+        assert_eq!(reg.files_opened(), before);
+
+        // The wanted port of one of the live ones.
+        assert_eq!(
+            reg.lookup(sa("10.0.0.1:5003")),
+            vec![keep[1].entry().clone()]
+        );
+    }
+
+    #[test]
+    fn ordering_loopback_unspecified_exact() {
+        let (_tmp, reg) = test_registry();
+        let own = own_ns();
+        let other = other_ns(1);
+        let p = 7070;
+        let specs = [
+            ("own-lo", own, format!("127.0.0.1:{p}")),
+            ("own-any", own, format!("0.0.0.0:{p}")),
+            ("own-any6", own, format!("[::]:{p}")),
+            ("own-lo6", own, format!("[::1]:{p}")),
+            ("own-ip", own, format!("10.1.2.3:{p}")),
+            ("own-lo2", own, format!("127.0.0.2:{p}")),
+            ("other-lo", other, format!("127.0.0.1:{p}")),
+            ("other-any", other, format!("0.0.0.0:{p}")),
+            ("other-any6", other, format!("[::]:{p}")),
+            ("other-ip", other, format!("10.1.2.3:{p}")),
+            ("own-otherport", own, format!("127.0.0.1:{}", p + 1)),
+        ];
+        let mut regs = Vec::new();
+        for (tag, ns, addr) in &specs {
+            let mut e = ListenerEntry::new(*ns, sa(addr), format!("/rv/{tag}"));
+            e.created_unix_ms = 1000;
+            regs.push(reg.register(&e).unwrap());
+        }
+        let tags = |dst: &str| -> Vec<String> {
+            reg.lookup(sa(dst))
+                .iter()
+                .map(|e| {
+                    e.rendezvous
+                        .file_name()
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect()
+        };
+        // Loopback: own namespace only; exact, then 0.0.0.0, then ::.
+        assert_eq!(
+            tags(&format!("127.0.0.1:{p}")),
+            ["own-lo", "own-any", "own-any6"]
+        );
+        assert_eq!(
+            tags(&format!("127.0.0.2:{p}")),
+            ["own-lo2", "own-any", "own-any6"]
+        );
+        assert_eq!(
+            tags(&format!("[::ffff:127.0.0.1]:{p}")),
+            ["own-lo", "own-any", "own-any6"]
+        );
+        assert_eq!(tags(&format!("[::1]:{p}")), ["own-lo6", "own-any6"]);
+        // Connecting to 0.0.0.0 goes to loopback.
+        assert_eq!(
+            tags(&format!("0.0.0.0:{p}")),
+            ["own-lo", "own-any", "own-any6"]
+        );
+        // A non-loopback address: exact (own namespace first), then wildcard
+        // in our namespace, then wildcard elsewhere.
+        assert_eq!(
+            tags(&format!("10.1.2.3:{p}")),
+            [
+                "own-ip",
+                "other-ip",
+                "own-any",
+                "own-any6",
+                "other-any",
+                "other-any6"
+            ]
+        );
+        assert_eq!(
+            tags(&format!("10.9.9.9:{p}")),
+            ["own-any", "own-any6", "other-any", "other-any6"]
+        );
+        assert_eq!(
+            tags(&format!("[2001:db8::1]:{p}")),
+            ["own-any6", "other-any6"]
+        );
+        assert!(tags(&format!("10.1.2.3:{}", p + 2)).is_empty());
+    }
+
+    #[test]
+    fn newer_first_within_a_group() {
+        let (_tmp, reg) = test_registry();
+        let mut old = entry(own_ns(), "0.0.0.0:90");
+        old.created_unix_ms = 1000;
+        let mut new = entry(own_ns(), "0.0.0.0:90");
+        new.created_unix_ms = 2000;
+        let _a = reg.register(&old).unwrap();
+        let _b = reg.register(&new).unwrap();
+        assert_eq!(reg.lookup(sa("127.0.0.1:90")), vec![new, old]);
+    }
+
+    #[test]
+    fn bad_entries_ignored() {
+        let (_tmp, reg) = test_registry();
+        let good = reg.register(&entry(own_ns(), "0.0.0.0:6000")).unwrap();
+        let valid = serde_json::to_vec(good.entry()).unwrap();
+
+        // Corrupt JSON, held locked as if a live process wrote it.
+        let corrupt = plant(&reg, "l-6000-1-corrupt.json", b"{\"version\": 1,", 0o600);
+        let _l1 = hold_lock(&corrupt);
+        // Another version.
+        let mut v = serde_json::to_value(good.entry()).unwrap();
+        v["version"] = 99.into();
+        let wrong_version = plant(
+            &reg,
+            "l-6000-1-version.json",
+            &serde_json::to_vec(&v).unwrap(),
+            0o600,
+        );
+        let _l2 = hold_lock(&wrong_version);
+        // Another uid in the content.
+        let mut e = good.entry().clone();
+        e.uid = e.uid.wrapping_add(1);
+        let wrong_uid = plant(
+            &reg,
+            "l-6000-1-uid.json",
+            &serde_json::to_vec(&e).unwrap(),
+            0o600,
+        );
+        let _l3 = hold_lock(&wrong_uid);
+        // A port that does not match the name.
+        let mut e = good.entry().clone();
+        e.addr = sa("0.0.0.0:6001");
+        let wrong_port = plant(
+            &reg,
+            "l-6000-1-port.json",
+            &serde_json::to_vec(&e).unwrap(),
+            0o600,
+        );
+        let _l4 = hold_lock(&wrong_port);
+        // Readable by others: unlocked, but not ours to judge or remove.
+        let loose = plant(&reg, "l-6000-1-loose.json", &valid, 0o644);
+        // Oversized.
+        let mut big = valid.clone();
+        big.resize(MAX_ENTRY_LEN as usize + 10, b' ');
+        let big = plant(&reg, "l-6000-1-big.json", &big, 0o600);
+        // A symlink to a valid live entry, a directory, a FIFO.
+        std::os::unix::fs::symlink(good.path(), reg.path().join("l-6000-1-link.json")).unwrap();
+        std::fs::create_dir(reg.path().join("l-6000-1-dir.json")).unwrap();
+        rustix::fs::mknodat(
+            reg.dir().unwrap().fd(),
+            "l-6000-1-fifo.json",
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        // Owned by somebody else (only root can do this).
+        let foreign = if vmc_os::euid() == 0 {
+            let p = plant(&reg, "l-6000-1-foreign.json", &valid, 0o600);
+            std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+            Some(p)
+        } else {
+            None
+        };
+        // Corrupt and unlocked: dead garbage, removed.
+        let dead_corrupt = plant(&reg, "l-6000-1-deadcorrupt.json", b"]]", 0o600);
+
+        for _ in 0..2 {
+            assert_eq!(reg.lookup(sa("127.0.0.1:6000")), vec![good.entry().clone()]);
+            assert_eq!(reg.listeners().unwrap(), vec![good.entry().clone()]);
+        }
+        for p in [
+            &corrupt,
+            &wrong_version,
+            &wrong_uid,
+            &wrong_port,
+            &loose,
+            &big,
+        ] {
+            assert!(p.exists(), "{} must be left alone", p.display());
+        }
+        if let Some(p) = &foreign {
+            assert!(p.exists());
+        }
+        assert!(!dead_corrupt.exists());
+        for n in [
+            "l-6000-1-link.json",
+            "l-6000-1-dir.json",
+            "l-6000-1-fifo.json",
+        ] {
+            assert!(std::fs::symlink_metadata(reg.path().join(n)).is_ok(), "{n}");
+        }
+    }
+
+    #[test]
+    fn dead_entry_reaped_with_its_rendezvous_socket() {
+        let (tmp, reg) = test_registry();
+        let root = tmp.path().join("vmc");
+        // The listener binds its rendezvous socket, then builds its entry.
+        let sock = root.join("rv-dead.sock");
+        drop(UnixListener::bind(&sock).unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+        let e = ListenerEntry::new(own_ns(), sa("0.0.0.0:7000"), &sock);
+        // A valid entry nobody holds: its process was killed.
+        let p = plant(
+            &reg,
+            "l-7000-42-dead.json",
+            &serde_json::to_vec(&e).unwrap(),
+            0o600,
+        );
+        let live = reg.register(&entry(own_ns(), "0.0.0.0:7000")).unwrap();
+        assert_eq!(reg.lookup(sa("127.0.0.1:7000")), vec![live.entry().clone()]);
+        assert!(!p.exists(), "dead entry removed");
+        assert!(!sock.exists(), "dead rendezvous socket removed");
+        assert!(live.path().exists());
+    }
+
+    #[test]
+    fn foreign_or_newer_rendezvous_paths_kept() {
+        let (tmp, reg) = test_registry();
+        let root = tmp.path().join("vmc");
+        let outside_dir = tempfile::tempdir().unwrap();
+        let outside = outside_dir.path().join("rv.sock");
+        drop(UnixListener::bind(&outside).unwrap());
+        let not_socket = root.join("rv-file");
+        std::fs::write(&not_socket, b"x").unwrap();
+        let sneaky = root.join("..").join("vmc").join("rv-sneaky.sock");
+        drop(UnixListener::bind(&sneaky).unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+
+        let mut dead = Vec::new();
+        for (i, path) in [&outside, &not_socket, &sneaky].into_iter().enumerate() {
+            let e = ListenerEntry::new(own_ns(), sa("0.0.0.0:7001"), path);
+            dead.push(plant(
+                &reg,
+                &format!("l-7001-42-{i}.json"),
+                &serde_json::to_vec(&e).unwrap(),
+                0o600,
+            ));
+        }
+        // An entry older than the socket now at its path: the socket belongs
+        // to a newer listener.
+        let mut e = ListenerEntry::new(own_ns(), sa("0.0.0.0:7001"), root.join("rv-new.sock"));
+        e.created_unix_ms -= 10_000;
+        drop(UnixListener::bind(&e.rendezvous).unwrap());
+        dead.push(plant(
+            &reg,
+            "l-7001-42-old.json",
+            &serde_json::to_vec(&e).unwrap(),
+            0o600,
+        ));
+
+        assert_eq!(reg.reap(), 4);
+        for p in &dead {
+            assert!(!p.exists());
+        }
+        assert!(outside.exists());
+        assert!(not_socket.exists());
+        assert!(sneaky.exists());
+        assert!(e.rendezvous.exists());
+    }
+
+    #[test]
+    fn reap_counts_dead_entries_and_stale_tmp_files() {
+        let (_tmp, reg) = test_registry();
+        let live = reg.register(&entry(own_ns(), "0.0.0.0:7100")).unwrap();
+        let e = serde_json::to_vec(live.entry()).unwrap();
+        plant(&reg, "l-7100-1-dead.json", &e, 0o600);
+        plant(&reg, "l-7200-1-dead.json", &e, 0o600);
+        let young = plant(&reg, ".tmp-l-7100-1-young", b"", 0o600);
+        let old = plant(&reg, ".tmp-l-7100-1-old", b"", 0o600);
+        let old_locked = plant(&reg, ".tmp-l-7100-1-oldlocked", b"", 0o600);
+        let past = SystemTime::now() - Duration::from_secs(3600);
+        for p in [&old, &old_locked] {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(past)
+                .unwrap();
+        }
+        let _held = hold_lock(&old_locked);
+        let other = plant(&reg, "README", b"keep", 0o600);
+
+        // A lookup only reaps dead entries of its own port.
+        assert_eq!(reg.lookup(sa("127.0.0.1:7200")), vec![]);
+        assert!(!reg.path().join("l-7200-1-dead.json").exists());
+        assert!(reg.path().join("l-7100-1-dead.json").exists());
+
+        assert_eq!(reg.reap(), 2);
+        assert_eq!(reg.reap(), 0);
+        let mut expected = vec![
+            ".tmp-l-7100-1-oldlocked".to_string(),
+            ".tmp-l-7100-1-young".to_string(),
+            "README".to_string(),
+            live.file_name().to_string(),
+        ];
+        expected.sort();
+        assert_eq!(names(&reg), expected);
+        assert!(young.exists() && other.exists());
+    }
+
+    #[test]
+    fn listeners_lists_every_live_entry() {
+        let (_tmp, reg) = test_registry();
+        let mut e1 = entry(own_ns(), "0.0.0.0:9001");
+        e1.created_unix_ms = 5;
+        let mut e2 = entry(other_ns(3), "10.0.0.1:80");
+        e2.created_unix_ms = 7;
+        let mut e3 = entry(own_ns(), "[::]:9001");
+        e3.created_unix_ms = 6;
+        let _r = [&e1, &e2, &e3].map(|e| reg.register(e).unwrap());
+        plant(
+            &reg,
+            "l-80-1-dead.json",
+            &serde_json::to_vec(&e2).unwrap(),
+            0o600,
+        );
+        assert_eq!(reg.listeners().unwrap(), vec![e2, e1, e3]);
+        assert_eq!(names(&reg).len(), 3, "dead entry reaped");
+    }
+
+    #[test]
+    fn registered_later_is_found_without_caching() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("vmc").join("listeners");
+        let reader = Registry::open(&path).unwrap();
+        assert!(reader.lookup(sa("127.0.0.1:5555")).is_empty());
+        let writer = Registry::open(&path).unwrap();
+        let r = writer.register(&entry(own_ns(), "127.0.0.1:5555")).unwrap();
+        assert_eq!(reader.lookup(sa("127.0.0.1:5555")), vec![r.entry().clone()]);
+        drop(r);
+        assert!(reader.lookup(sa("127.0.0.1:5555")).is_empty());
+    }
+
+    #[test]
+    fn directory_permissions_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Created exactly 0700, both levels.
+        let path = tmp.path().join("vmc").join("listeners");
+        let reg = Registry::open(&path).unwrap();
+        assert_eq!(reg.path(), path);
+        for p in [&path, &tmp.path().join("vmc")] {
+            let m = std::fs::symlink_metadata(p).unwrap();
+            assert!(m.is_dir());
+            assert_eq!(m.permissions().mode() & 0o7777, 0o700, "{}", p.display());
+            assert_eq!(m.uid(), vmc_os::euid());
+        }
+
+        // A 0755 registry directory is refused.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = Registry::open(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        let msg = err.to_string();
+        assert!(msg.contains("mode 0755, expected 0700"), "{msg}");
+        assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+        // A 0755 parent is refused.
+        let parent = tmp.path().join("loose");
+        std::fs::create_dir(&parent).unwrap();
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = Registry::open(parent.join("listeners")).unwrap_err();
+        assert!(
+            err.to_string().contains("mode 0755, expected 0700"),
+            "{err}"
+        );
+        assert!(!parent.join("listeners").exists());
+
+        // Symlinks are refused at both levels.
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(tmp.path().join("vmc"), &link).unwrap();
+        let err = Registry::open(link.join("listeners")).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        let link2 = tmp.path().join("vmc").join("link2");
+        std::os::unix::fs::symlink(&path, &link2).unwrap();
+        let err = Registry::open(&link2).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+
+        // A file is refused.
+        let file = tmp.path().join("vmc").join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(Registry::open(&file).is_err());
+        // The root has no parent.
+        assert!(Registry::open("/").is_err());
+    }
+
+    #[test]
+    fn foreign_directory_refused() {
+        if vmc_os::euid() != 0 {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("vmc").join("listeners");
+        drop(Registry::open(&path).unwrap());
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let err = Registry::open(&path).unwrap_err();
+        assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+    }
+
+    #[test]
+    fn recreated_after_removal() {
+        let (tmp, reg) = test_registry();
+        let r = reg.register(&entry(own_ns(), "0.0.0.0:8100")).unwrap();
+        std::fs::remove_dir_all(tmp.path().join("vmc")).unwrap();
+        assert!(!r.is_listed());
+        assert!(reg.lookup(sa("127.0.0.1:8100")).is_empty());
+        assert!(reg.path().is_dir(), "recreated by the lookup");
+        let r2 = reg.register(&entry(own_ns(), "0.0.0.0:8100")).unwrap();
+        let fresh = Registry::open(reg.path()).unwrap();
+        assert_eq!(fresh.lookup(sa("127.0.0.1:8100")), vec![r2.entry().clone()]);
+        drop(r);
+        drop(r2);
+        assert!(names(&reg).is_empty());
+    }
+
+    #[test]
+    fn register_rejects_entries_nobody_would_accept() {
+        let (_tmp, reg) = test_registry();
+        let mut e = entry(own_ns(), "0.0.0.0:80");
+        e.version = 2;
+        assert_eq!(
+            reg.register(&e).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        let mut e = entry(own_ns(), "0.0.0.0:80");
+        e.uid = e.uid.wrapping_add(1);
+        assert!(reg.register(&e).unwrap_err().to_string().contains("uid"));
+        let e = entry(own_ns(), "0.0.0.0:0");
+        assert!(reg.register(&e).unwrap_err().to_string().contains("port 0"));
+        assert!(names(&reg).is_empty(), "no temporary files left");
+    }
+
+    #[test]
+    fn concurrent_register_lookup_reap() {
+        let (_tmp, reg) = test_registry();
+        let reg = &reg;
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            // A reaper racing with everybody: must never remove a live entry.
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    reg.reap();
+                    let _ = reg.listeners().unwrap();
+                }
+            });
+            let workers: Vec<_> = (0..6u16)
+                .map(|t| {
+                    s.spawn(move || {
+                        let ns = own_ns();
+                        for i in 0..40u16 {
+                            let port = 3000 + (t * 40 + i) % 5;
+                            let r = reg
+                                .register(&entry(ns, &format!("0.0.0.0:{port}")))
+                                .unwrap();
+                            let found = reg.lookup(sa(&format!("127.0.0.1:{port}")));
+                            assert!(found.contains(r.entry()), "own entry not found");
+                            assert!(r.is_listed(), "live entry reaped");
+                        }
+                    })
+                })
+                .collect();
+            // Join everybody before judging, so that a failure cannot leave
+            // the reaper spinning.
+            let results: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
+            stop.store(true, Ordering::Relaxed);
+            for r in results {
+                if let Err(panic) = r {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        });
+        assert!(names(reg).is_empty());
+    }
+
+    #[test]
+    fn netns_current() {
+        let ns = NetNs::current().unwrap();
+        let m = std::fs::metadata("/proc/self/ns/net").unwrap();
+        assert_eq!(
+            ns,
+            NetNs {
+                dev: m.dev(),
+                ino: m.ino()
+            }
+        );
+        let link = std::fs::read_link("/proc/self/ns/net").unwrap();
+        assert_eq!(link.to_str().unwrap(), ns.to_string());
+    }
+
+    #[test]
+    fn default_dir_shape() {
+        match std::env::var_os(REGISTRY_DIR_ENV).filter(|v| !v.is_empty()) {
+            Some(v) => assert_eq!(Registry::default_dir(), PathBuf::from(v)),
+            None => assert_eq!(
+                Registry::default_dir(),
+                SegmentDir::default_path().join("listeners")
+            ),
+        }
+    }
+
+    #[test]
+    fn entry_json_is_stable() {
+        let e = ListenerEntry {
+            version: 1,
+            netns: NetNs {
+                dev: 4,
+                ino: 4026531833,
+            },
+            addr: sa("[::]:443"),
+            pid: 7,
+            uid: 1000,
+            rendezvous: PathBuf::from("/dev/shm/vmc-1000/rv-7.sock"),
+            created_unix_ms: 1_700_000_000_000,
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "version": 1,
+                "netns": {"dev": 4, "ino": 4026531833u64},
+                "addr": "[::]:443",
+                "pid": 7,
+                "uid": 1000,
+                "rendezvous": "/dev/shm/vmc-1000/rv-7.sock",
+                "created_unix_ms": 1_700_000_000_000u64,
+            })
+        );
+        // Unknown fields (from a compatible newer writer) are accepted.
+        let mut v2 = v.clone();
+        v2["extra"] = "x".into();
+        let bytes = serde_json::to_vec(&v2).unwrap();
+        assert_eq!(parse_entry(&bytes, 443, 1000).unwrap(), e);
+        assert!(parse_entry(&bytes, 443, 1001).is_err());
+        assert!(parse_entry(&bytes, 444, 1000).is_err());
+    }
+
+    fn arb_ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            Just(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            Just(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            Just(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))),
+            Just(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
+            Just(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))),
+            Just(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+            Just(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            Just(IpAddr::V6("::ffff:10.0.0.1".parse().unwrap())),
+            Just(IpAddr::V6("::ffff:127.0.0.1".parse().unwrap())),
+            Just(IpAddr::V6("2001:db8::1".parse().unwrap())),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn ranking_rules_hold(
+            dst_ip in arb_ip(),
+            specs in proptest::collection::vec((arb_ip(), 0u64..3, 80u16..82, 0u64..4), 0..12),
+        ) {
+            let own = NetNs { dev: 1, ino: 0 };
+            let dst = SocketAddr::new(dst_ip, 80);
+            let entries: Vec<ListenerEntry> = specs
+                .iter()
+                .map(|(ip, ns, port, t)| {
+                    let mut e = ListenerEntry::new(
+                        NetNs { dev: 1, ino: *ns },
+                        SocketAddr::new(*ip, *port),
+                        "/x",
+                    );
+                    e.created_unix_ms = *t;
+                    e
+                })
+                .collect();
+            let out = rank_candidates(dst, Some(own), entries.clone());
+            let eff = effective_dst_ip(dst_ip);
+            for e in &out {
+                prop_assert_eq!(e.addr.port(), 80);
+                let b = e.addr.ip().to_canonical();
+                prop_assert!(b == eff || b.is_unspecified());
+                if eff.is_loopback() {
+                    prop_assert_eq!(e.netns, own, "loopback never leaves our namespace");
+                }
+            }
+            // Every matching entry is returned, each once.
+            let expected = entries.iter().filter(|e| rank(dst, Some(own), e).is_some()).count();
+            prop_assert_eq!(out.len(), expected);
+            // Best first.
+            let ranks: Vec<_> = out.iter().map(|e| rank(dst, Some(own), e).unwrap()).collect();
+            prop_assert!(ranks.windows(2).all(|w| w[0] <= w[1]));
+            // Unknown own namespace: loopback finds nothing.
+            if eff.is_loopback() {
+                prop_assert!(rank_candidates(dst, None, entries).is_empty());
+            }
+        }
+
+        #[test]
+        fn entry_name_roundtrip(port in 1u16.., pid in any::<u32>(), r in any::<u64>()) {
+            let name = format!("{ENTRY_PREFIX}{port}-{pid}-{r:016x}{ENTRY_SUFFIX}");
+            prop_assert_eq!(parse_entry_name(&name), Some(port));
+        }
+
+        #[test]
+        fn entry_name_parser_total(name in "\\PC{0,40}") {
+            let _ = parse_entry_name(&name);
+        }
+    }
+}

@@ -4,7 +4,14 @@
 //!   ATTACH   client -> listener   "VMCT" ver:u8 0:u8 0:u16 local:ip16 port:u16 remote:ip16 port:u16 0:u32
 //!            (then the channel's own HELLO with the segment, see vmc-channel)
 //!   SWITCH   either way, after ACK "VMCS" kind:u8 0:u8 0:u16 offset:u64
+//!            kind 1: moved to TCP, 2: moved to shm, 3: LEFT_RING, 4: LEFT_TCP
 //! ```
+//!
+//! LEFT_RING and LEFT_TCP are the receiver's answers to a move: "I read your ring (or
+//! TCP) up to `offset` and left it". A sender goes back to a path only after the
+//! answer to its last move away from it, so a receiver can never read bytes of a
+//! later stretch on one path before an earlier stretch on the other: a byte stream
+//! has no marks, so the boundary must be known before the next stretch begins.
 //!
 //! ATTACH names the TCP connection by its 4-tuple as the client sees it; the listener
 //! attaches the channel only to the accepted connection whose 4-tuple is the mirror
@@ -77,6 +84,43 @@ pub fn parse_attach(f: &[u8]) -> Option<((Ipv6Addr, u16), (Ipv6Addr, u16))> {
     Some(((ip(8..24)?, port(24)), (ip(26..42)?, port(42))))
 }
 
+/// A control message on the socket beside a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// The sender moved its sending direction.
+    Switch(Switch),
+    /// The receiver read the ring up to this offset and moved to TCP.
+    LeftRing(u64),
+    /// The receiver read TCP up to this offset and moved to the ring.
+    LeftTcp(u64),
+}
+
+/// Encodes a LEFT_RING (`from` = shm) or LEFT_TCP (`from` = TCP) answer.
+pub fn left(from: Path, offset: u64) -> [u8; SWITCH_LEN] {
+    let mut f = switch(Switch {
+        to: Path::Tcp,
+        offset,
+    });
+    f[4] = match from {
+        Path::Shm => 3,
+        Path::Tcp => 4,
+    };
+    f
+}
+
+/// Decodes any control frame; `None` if malformed.
+pub fn parse_control(f: &[u8; SWITCH_LEN]) -> Option<Control> {
+    if &f[..4] == SWITCH_MAGIC && matches!(f[4], 3 | 4) {
+        let offset = u64::from_le_bytes(f[8..].try_into().ok()?);
+        return Some(if f[4] == 3 {
+            Control::LeftRing(offset)
+        } else {
+            Control::LeftTcp(offset)
+        });
+    }
+    parse_switch(f).map(Control::Switch)
+}
+
 /// Encodes a SWITCH.
 pub fn switch(s: Switch) -> [u8; SWITCH_LEN] {
     let mut f = [0u8; SWITCH_LEN];
@@ -143,5 +187,14 @@ mod tests {
         f[4] = 3;
         assert_eq!(parse_switch(&f), None);
         assert_eq!(parse_switch(&[0; SWITCH_LEN]), None);
+        assert_eq!(
+            parse_control(&left(Path::Shm, 77)),
+            Some(Control::LeftRing(77))
+        );
+        assert_eq!(
+            parse_control(&left(Path::Tcp, 78)),
+            Some(Control::LeftTcp(78))
+        );
+        assert_eq!(parse_switch(&left(Path::Shm, 77)), None);
     }
 }

@@ -735,14 +735,24 @@ fn ofd_lock_range(fd: BorrowedFd<'_>, cmd: libc::c_int, start: i64, len: i64) ->
     }
 }
 
-/// Tries to take an OFD write lock on one byte; `Ok(false)` if it is held by
-/// another open file description.
-fn ofd_try_lock(fd: BorrowedFd<'_>, byte: i64) -> io::Result<bool> {
+/// Tries to take an OFD (open-file-description) write lock on one byte of
+/// the file behind `fd`, without blocking; `Ok(false)` if another open file
+/// description holds a conflicting lock.
+///
+/// `fd` must be open for writing. The lock belongs to the open file
+/// description, not to the process: it is released when the last descriptor
+/// sharing that description is closed, in particular when the holder dies
+/// (even by `SIGKILL`). Other modules (e.g. the listener registry of
+/// `vmc-conn`) use it as a liveness marker.
+pub fn ofd_try_lock(fd: BorrowedFd<'_>, byte: i64) -> io::Result<bool> {
     ofd_lock_range(fd, libc::F_OFD_SETLK, byte, 1)
 }
 
-/// Whether another open file description holds a lock on `byte`.
-fn ofd_locked_by_other(fd: BorrowedFd<'_>, byte: i64) -> io::Result<bool> {
+/// Whether another open file description holds a lock on `byte` of the file
+/// behind `fd` (`F_OFD_GETLK`; works on a read-only descriptor and never
+/// takes a lock itself). Locks held through `fd`'s own open file description
+/// are not reported.
+pub fn ofd_locked_by_other(fd: BorrowedFd<'_>, byte: i64) -> io::Result<bool> {
     ofd_lock_range(fd, libc::F_OFD_GETLK, byte, 1).map(|free| !free)
 }
 
