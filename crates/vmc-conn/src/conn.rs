@@ -30,7 +30,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,7 @@ use vmc_channel::{Channel, Offer, ReadHalf, WriteHalf};
 
 use crate::fallback::Fallback;
 use crate::listener::Rendezvous;
+use crate::stats::{flag, Counters, Home};
 use crate::wire::{self, Control, Path, Switch, SWITCH_LEN};
 
 /// How long after accepting a connection the listener side still attaches a channel
@@ -118,15 +119,6 @@ struct Tx {
     timeout: Option<Duration>,
 }
 
-/// Bytes moved, per path and direction.
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub(crate) tcp_in: AtomicU64,
-    pub(crate) tcp_out: AtomicU64,
-    pub(crate) shm_in: AtomicU64,
-    pub(crate) shm_out: AtomicU64,
-}
-
 /// A connection's shared state (a `TcpStream` and its clones point at one).
 pub(crate) struct Conn {
     pub(crate) tcp: std::net::TcpStream,
@@ -144,7 +136,10 @@ pub(crate) struct Conn {
     /// LEFT_TCP and LEFT_RING answers received (`[tcp, shm]`): how many times the
     /// peer followed us off each path.
     peer_left: [AtomicU64; 2],
-    pub(crate) counters: Counters,
+    /// Byte counters and published state, visible to `vmc stat`.
+    home: Home,
+    /// The state bits last published (see `stats::flag`).
+    flags: AtomicU32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -163,7 +158,8 @@ fn protocol(msg: &str) -> io::Error {
 
 impl Conn {
     fn new(tcp: std::net::TcpStream, state: u8, setup: Setup, setup_fd: Option<OwnedFd>) -> Conn {
-        Conn {
+        let home = Home::new(tcp.local_addr().ok(), tcp.peer_addr().ok());
+        let c = Conn {
             tcp,
             state: AtomicU8::new(state),
             setup: Mutex::new(setup),
@@ -190,8 +186,26 @@ impl Conn {
             ctl_in: Mutex::new(CtlIn::default()),
             ctl_out: Mutex::new(()),
             peer_left: [AtomicU64::new(0), AtomicU64::new(0)],
-            counters: Counters::default(),
-        }
+            home,
+            flags: AtomicU32::new(0),
+        };
+        c.publish(flag::PENDING, state == PENDING);
+        c
+    }
+
+    /// Sets or clears a state bit, and the copy `vmc stat` reads.
+    fn publish(&self, bit: u32, on: bool) {
+        let old = if on {
+            self.flags.fetch_or(bit, Ordering::AcqRel)
+        } else {
+            self.flags.fetch_and(!bit, Ordering::AcqRel)
+        };
+        let new = if on { old | bit } else { old & !bit };
+        self.home.set_flags(new);
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        self.home.counters()
     }
 
     /// A connection that stays plain TCP, for `reason`.
@@ -243,8 +257,14 @@ impl Conn {
 
     fn give_up(&self, reason: Fallback) {
         tracing::debug!("vmc connection stays on TCP: {reason}");
+        let code = crate::stats::FALLBACK_CODES
+            .iter()
+            .position(|c| *c == reason.code())
+            .map_or(0, |i| i + 1);
         let _ = self.fallback.set(reason);
         self.state.store(PLAIN, Ordering::Release);
+        self.publish((code as u32) << flag::FALLBACK_SHIFT, true);
+        self.publish(flag::PENDING, false);
     }
 
     fn install(&self, channel: Channel) -> io::Result<()> {
@@ -263,6 +283,8 @@ impl Conn {
             return Err(protocol("channel attached twice"));
         }
         self.state.store(ACCELERATED, Ordering::Release);
+        self.publish(flag::ACCELERATED, true);
+        self.publish(flag::PENDING, false);
         Ok(())
     }
 
@@ -349,7 +371,9 @@ impl Conn {
                         _ => e,
                     })?;
                     if n > 0 {
-                        self.counters.shm_in.fetch_add(n as u64, Ordering::Relaxed);
+                        self.counters()
+                            .shm_in
+                            .fetch_add(n as u64, Ordering::Relaxed);
                         return Ok(n);
                     }
                     // The ring ended: the peer moved to TCP (a SWITCH is queued), or
@@ -364,6 +388,7 @@ impl Conn {
                             }
                             self.pop_switch();
                             rx.path = RxPath::Tcp { until: None };
+                            self.publish(flag::RX_SHM, false);
                             self.answer(wire::left(Path::Shm, pos));
                         }
                         Some(_) => return Err(protocol("SWITCH to shm while already on shm")),
@@ -381,6 +406,7 @@ impl Conn {
                         rx.ring = Some(ring);
                     }
                     rx.path = RxPath::Shm;
+                    self.publish(flag::RX_SHM, true);
                     self.answer(wire::left(Path::Tcp, end));
                 }
                 RxPath::Tcp { until } => {
@@ -392,7 +418,9 @@ impl Conn {
                         // the socket's own blocking rules apply.
                         let n = (&self.tcp).read(want)?;
                         rx.tcp_in += n as u64;
-                        self.counters.tcp_in.fetch_add(n as u64, Ordering::Relaxed);
+                        self.counters()
+                            .tcp_in
+                            .fetch_add(n as u64, Ordering::Relaxed);
                         return Ok(n);
                     }
                     // A SWITCH may come at any moment: take what TCP has, else wait
@@ -403,7 +431,9 @@ impl Conn {
                         Ok((0, _)) if self.is_accelerated() && self.next_switch()?.is_some() => {}
                         Ok((n, _)) => {
                             rx.tcp_in += n as u64;
-                            self.counters.tcp_in.fetch_add(n as u64, Ordering::Relaxed);
+                            self.counters()
+                                .tcp_in
+                                .fetch_add(n as u64, Ordering::Relaxed);
                             return Ok(n);
                         }
                         Err(rustix::io::Errno::AGAIN) => {}
@@ -543,12 +573,16 @@ impl Conn {
             Path::Tcp => {
                 let n = (&self.tcp).write(buf)?;
                 tx.tcp_out += n as u64;
-                self.counters.tcp_out.fetch_add(n as u64, Ordering::Relaxed);
+                self.counters()
+                    .tcp_out
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 Ok(n)
             }
             Path::Shm => {
                 let n = tx.ring.as_mut().expect("shm path has a ring").write(buf)?;
-                self.counters.shm_out.fetch_add(n as u64, Ordering::Relaxed);
+                self.counters()
+                    .shm_out
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 Ok(n)
             }
         }
@@ -616,6 +650,7 @@ impl Conn {
             }
         }
         tx.path = to;
+        self.publish(flag::TX_SHM, to == Path::Shm);
         Ok(())
     }
 

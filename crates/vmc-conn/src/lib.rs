@@ -12,12 +12,14 @@
 //! - [`Fallback`]: why a connection stays on TCP.
 //! - `conn.rs`: the per-connection state machine (paths, boundaries, set-up).
 //! - [`wire`]: the messages on the Unix socket beside each connection.
+//! - [`stats`]: live connections of this user, for `vmc stat`.
 
 mod conn;
 mod fallback;
 mod listener;
 mod net;
 pub mod registry;
+pub mod stats;
 pub mod wire;
 
 pub use conn::ATTACH_WINDOW;

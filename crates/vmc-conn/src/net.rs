@@ -117,7 +117,7 @@ impl TcpStream {
 
     /// Bytes moved so far, per path and direction.
     pub fn traffic(&self) -> Traffic {
-        let c = &self.conn.counters;
+        let c = self.conn.counters();
         Traffic {
             tcp_in: c.tcp_in.load(Ordering::Relaxed),
             tcp_out: c.tcp_out.load(Ordering::Relaxed),

@@ -109,3 +109,40 @@ fn a_plain_client_gets_a_plain_connection_from_a_vmc_listener() {
     assert_eq!(&buf, b"hello");
     assert_eq!(server.join().unwrap(), Some(Fallback::PeerNotVmc));
 }
+
+#[test]
+fn live_connections_are_listed_for_vmc_stat() {
+    private_registry();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        s.read_exact(&mut buf).unwrap(); // wait until the client has looked
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    c.read_exact(&mut buf).unwrap();
+    wait_until("the channel", || c.is_accelerated());
+    c.write_all(b"more").unwrap(); // moves our sending direction onto shm
+    let local = c.local_addr().unwrap();
+    let me = vmc_conn::stats::connections()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.local == local)
+        .expect("our connection is listed");
+    assert_eq!(me.pid, std::process::id());
+    assert_eq!(me.peer, addr);
+    assert_eq!(me.path, "shm");
+    assert_eq!(me.send_path, "shm");
+    assert_eq!(me.tcp_out + me.shm_out, 8);
+    server.join().unwrap();
+    drop(c);
+    assert!(!vmc_conn::stats::connections()
+        .unwrap()
+        .iter()
+        .any(|s| s.local == local));
+}
