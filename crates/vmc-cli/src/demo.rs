@@ -23,6 +23,7 @@ pub fn run(quick: bool) -> Result<()> {
     let config = |mode: Mode| BenchConfig {
         mode,
         size: mode.default_size(),
+        conns: 1,
         duration,
         warmup,
         transports: Transport::ALL.to_vec(),
@@ -150,15 +151,20 @@ mod tests {
             mode: Mode::Rr,
             transport,
             size: 64,
+            conns: 1,
             seconds: 1.0,
             rtt_p50_us: Some(p50),
             rtt_p99_us: Some(p50),
             trans_per_s: Some(1.0),
             gbytes_per_s: None,
+            conns_per_s: None,
+            accepted_conns: 1,
+            accelerated_conns: None,
         };
         let rr = Suite {
             mode: Mode::Rr,
             size: 64,
+            conns: 1,
             duration: Duration::from_secs(1),
             memcpy_gbytes_per_s: None,
             results: vec![
@@ -169,6 +175,7 @@ mod tests {
         let stream = Suite {
             mode: Mode::Stream,
             size: 65536,
+            conns: 1,
             duration: Duration::from_secs(1),
             memcpy_gbytes_per_s: Some(30.0),
             results: vec![],

@@ -1,20 +1,21 @@
 //! `vmc`: the command-line front end of vmc, the co-resident communication
 //! accelerator that moves TCP connections' bytes onto shared-memory rings.
 //!
-//! Subcommands: `bench` (latency and throughput of shm vs TCP vs Unix
-//! sockets), `demo` (a short guided comparison) and the hidden
+//! Subcommands: `bench` (latency, throughput and connection rate of shm, vmc's
+//! accelerated TCP, TCP and Unix sockets), `demo` (a short guided comparison) and the hidden
 //! `__bench-server` that `bench` spawns for the other end of each run.
 //! Logging goes to stderr, filtered by `VMC_LOG` (e.g. `VMC_LOG=debug`).
 
 mod bench;
 mod demo;
+mod stat;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use bench::transport::{ShmTuning, Transport};
 use bench::{BenchConfig, Mode, ServerArgs};
@@ -32,54 +33,85 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Measure round-trip latency (rr) or throughput (stream) over shm, TCP and Unix sockets.
+    /// Measure round-trip latency (rr), throughput (stream) or connection rate (crr).
     #[command(after_help = "\
-Examples:
-  vmc bench rr                              64-byte round trips over shm, tcp and unix
-  vmc bench stream --size 1M --duration 5   1 MiB writes for 5 s per transport
-  vmc bench rr --transport tcp,unix --json  one JSON object per transport on stdout
+Modes:
+  rr      request/response round trips, one at a time per connection (latency)
+  stream  one-way bulk writes (throughput)
+  crr     connect, one request/response, close, over and over (connection rate)
 
-Each run starts a fresh server process (this binary, re-executed) for one connection.")]
+Transports:
+  shm     vmc's shared-memory channel alone
+  vmc     vmc's TCP connection (vmc_conn): starts on loopback TCP, moves onto shared memory
+  tcp     TCP over loopback (std), TCP_NODELAY
+  unix    a Unix-domain stream socket
+  rr and stream run shm,tcp,unix unless told; crr runs over vmc and tcp only (default vmc,tcp).
+
+Examples:
+  vmc bench rr                                  64-byte round trips over shm, tcp and unix
+  vmc bench rr --transport vmc,tcp --conns 4    4 connections at once, aggregate and per connection
+  vmc bench stream --size 1M --duration 5       1 MiB writes for 5 s per transport
+  vmc bench crr                                 connections per second, vmc vs tcp
+  vmc bench crr --conns 2 --json                2 connecting threads, one JSON object per transport
+
+Each run starts a fresh server process (this binary, re-executed). For vmc runs the
+`accel` column shows how many of the connections the server accepted carried bytes
+over shared memory (accelerated/accepted; JSON: accelerated_conns, accepted_conns);
+connections that stayed on TCP are also listed, with the reason, on stderr.")]
     Bench(BenchArgs),
     /// Run a short shm vs TCP vs Unix comparison (about 10 s) and explain the numbers.
     Demo(DemoArgs),
+    /// List this user's vmc listeners and live connections (path, bytes, fallback reason).
+    Stat(StatArgs),
     /// Serve one bench connection (spawned by `vmc bench`; not for direct use).
     #[command(name = "__bench-server", hide = true)]
     BenchServer(ServerArgs),
 }
 
 #[derive(Debug, clap::Args)]
+struct StatArgs {
+    /// One JSON object per listener and connection, on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
 struct BenchArgs {
-    /// rr: request/response round trips (latency); stream: one-way bulk writes (throughput)
+    /// rr: round trips (latency); stream: bulk writes (throughput); crr: connect/request/close (rate)
     #[arg(value_enum, hide_possible_values = true)]
     mode: Mode,
-    /// Bytes per message (rr) or per write (stream), K/M/G suffixes allowed
-    /// [default: 64 for rr, 64K for stream]
+    /// Bytes per message (rr, crr) or per write (stream), K/M/G suffixes allowed
+    /// [default: 64 for rr and crr, 64K for stream]
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     size: Option<usize>,
+    /// Connections in parallel, each on its own client and server thread (crr:
+    /// client threads connecting in parallel). Figures are aggregates, plus per connection.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=128))]
+    conns: u16,
     /// Measured seconds per transport.
     #[arg(long, value_name = "SECS", default_value_t = 3.0, value_parser = parse_positive_secs)]
     duration: f64,
     /// Unmeasured seconds per transport before measuring.
     #[arg(long, value_name = "SECS", default_value_t = 0.3, value_parser = parse_secs)]
     warmup: f64,
-    /// Transports to run, comma separated, in this order (shm, tcp, unix)
+    /// Transports to run, comma separated, in this order (shm, vmc, tcp, unix)
+    /// [default: shm,tcp,unix; for crr: vmc,tcp]
     #[arg(
         long,
         value_name = "LIST",
         value_enum,
         value_delimiter = ',',
-        default_value = "shm,tcp,unix",
         hide_possible_values = true
     )]
-    transport: Vec<Transport>,
+    transport: Option<Vec<Transport>>,
     /// Print one JSON object per transport on stdout (and nothing else).
     #[arg(long)]
     json: bool,
-    /// shm only: ring bytes per direction [default: the library's].
+    /// shm only: ring bytes per direction [default: the library's; vmc: VMC_RING_BYTES].
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     capacity: Option<usize>,
-    /// shm only: microseconds a blocked side spins before sleeping [default: the library's].
+    /// shm only: microseconds a blocked side spins before sleeping [default: the library's;
+    /// vmc: VMC_SPIN_US].
     #[arg(long, value_name = "N")]
     spin_us: Option<u64>,
 }
@@ -139,19 +171,38 @@ fn parse_positive_secs(text: &str) -> Result<f64, String> {
 }
 
 impl BenchArgs {
-    fn config(&self) -> BenchConfig {
-        BenchConfig {
+    /// The suite to run, or why these arguments do not make one.
+    fn config(&self) -> Result<BenchConfig, String> {
+        let transports = match &self.transport {
+            Some(list) => list.clone(),
+            None => self.mode.default_transports().to_vec(),
+        };
+        let unsupported: Vec<&str> = transports
+            .iter()
+            .filter(|t| !self.mode.supports(**t))
+            .map(|t| t.name())
+            .collect();
+        if !unsupported.is_empty() {
+            return Err(format!(
+                "the {} mode measures TCP connection set-up: it runs over vmc and tcp only, \
+                 not {}",
+                self.mode.name(),
+                unsupported.join(", ")
+            ));
+        }
+        Ok(BenchConfig {
             mode: self.mode,
             size: self.size.unwrap_or(self.mode.default_size()),
+            conns: usize::from(self.conns),
             duration: Duration::from_secs_f64(self.duration),
             warmup: Duration::from_secs_f64(self.warmup),
-            transports: self.transport.clone(),
+            transports,
             tuning: ShmTuning {
                 capacity: self.capacity,
                 spin: self.spin_us.map(Duration::from_micros),
             },
             progress: !self.json,
-        }
+        })
     }
 }
 
@@ -167,8 +218,22 @@ fn init_tracing() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Bench(args) => bench::command(&args.config(), args.json),
+        Command::Bench(args) => {
+            let config = args.config().unwrap_or_else(|message| {
+                // A usage error, reported (and exiting with status 2) like clap's own.
+                let mut cli = Cli::command();
+                cli.build();
+                let bench = cli
+                    .find_subcommand_mut("bench")
+                    .expect("bench is a subcommand");
+                bench
+                    .error(clap::error::ErrorKind::ArgumentConflict, message)
+                    .exit()
+            });
+            bench::command(&config, args.json)
+        }
         Command::Demo(args) => demo::run(args.quick),
+        Command::Stat(args) => stat::run(args.json),
         Command::BenchServer(args) => bench::serve(&args),
     }
 }
@@ -194,7 +259,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_well_formed() {
@@ -229,8 +293,9 @@ mod tests {
         let Command::Bench(args) = cli.command else {
             panic!("not bench")
         };
-        let config = args.config();
+        let config = args.config().unwrap();
         assert_eq!(config.size, 65536);
+        assert_eq!(config.conns, 1);
         assert_eq!(config.transports, Transport::ALL);
         assert_eq!(config.duration, Duration::from_secs(3));
         assert_eq!(config.warmup, Duration::from_millis(300));
@@ -240,9 +305,40 @@ mod tests {
         let Command::Bench(args) = cli.command else {
             panic!("not bench")
         };
-        let config = args.config();
+        let config = args.config().unwrap();
         assert_eq!(config.size, 64);
         assert_eq!(config.transports, [Transport::Unix, Transport::Tcp]);
+    }
+
+    fn bench_config(args: &[&str]) -> Result<BenchConfig, String> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        let Command::Bench(args) = cli.command else {
+            panic!("not bench")
+        };
+        args.config()
+    }
+
+    #[test]
+    fn crr_defaults_to_vmc_and_tcp_and_refuses_the_others() {
+        let config = bench_config(&["vmc", "bench", "crr"]).unwrap();
+        assert_eq!(config.mode, Mode::Crr);
+        assert_eq!(config.size, 64);
+        assert_eq!(config.transports, [Transport::Vmc, Transport::Tcp]);
+        let err =
+            bench_config(&["vmc", "bench", "crr", "--transport", "tcp,unix,shm"]).unwrap_err();
+        assert!(err.contains("not unix, shm"), "{err}");
+        // rr and stream keep their default; vmc only when asked.
+        let config =
+            bench_config(&["vmc", "bench", "rr", "--transport", "vmc", "--conns", "8"]).unwrap();
+        assert_eq!(config.transports, [Transport::Vmc]);
+        assert_eq!(config.conns, 8);
+    }
+
+    #[test]
+    fn conns_must_be_sensible() {
+        assert!(bench_config(&["vmc", "bench", "rr", "--conns", "0"]).is_err());
+        assert!(bench_config(&["vmc", "bench", "rr", "--conns", "129"]).is_err());
+        assert!(bench_config(&["vmc", "bench", "rr", "--conns", "x"]).is_err());
     }
 
     #[test]
@@ -252,7 +348,10 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("udp"), "{text}");
         assert!(
-            text.contains("shm") && text.contains("tcp") && text.contains("unix"),
+            text.contains("shm")
+                && text.contains("tcp")
+                && text.contains("unix")
+                && text.contains("vmc"),
             "{text}"
         );
     }

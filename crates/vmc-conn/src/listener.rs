@@ -40,6 +40,10 @@ pub(crate) struct Rendezvous {
     unix: UnixListener,
     path: PathBuf,
     pending: Mutex<Vec<Pending>>,
+    /// The registry entry lives as long as the rendezvous: connections accepted just
+    /// before the listener was dropped still wait for their clients' handshakes,
+    /// which the clients send after finding the entry.
+    registration: std::sync::OnceLock<Registration>,
 }
 
 static RENDEZVOUS_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -59,6 +63,7 @@ impl Rendezvous {
             unix,
             path,
             pending: Mutex::new(Vec::new()),
+            registration: std::sync::OnceLock::new(),
         }))
     }
 
@@ -130,7 +135,6 @@ impl Drop for Rendezvous {
 pub struct TcpListener {
     tcp: std::net::TcpListener,
     rendezvous: Option<Arc<Rendezvous>>,
-    _registration: Option<Registration>,
     /// Why clients of this listener cannot be accelerated, if they cannot.
     fallback: Option<Fallback>,
 }
@@ -145,17 +149,16 @@ impl TcpListener {
 
     /// Takes over a bound std listener.
     pub fn from_std(tcp: std::net::TcpListener) -> io::Result<TcpListener> {
-        let (rendezvous, registration, fallback) = match register(&tcp) {
-            Ok((r, reg)) => (Some(r), Some(reg), None),
+        let (rendezvous, fallback) = match register(&tcp) {
+            Ok(r) => (Some(r), None),
             Err(reason) => {
                 tracing::debug!("listener not registered: {reason}");
-                (None, None, Some(reason))
+                (None, Some(reason))
             }
         };
         Ok(TcpListener {
             tcp,
             rendezvous,
-            _registration: registration,
             fallback,
         })
     }
@@ -209,7 +212,7 @@ impl TcpListener {
     }
 }
 
-fn register(tcp: &std::net::TcpListener) -> Result<(Arc<Rendezvous>, Registration), Fallback> {
+fn register(tcp: &std::net::TcpListener) -> Result<Arc<Rendezvous>, Fallback> {
     if vmc_disabled() {
         return Err(Fallback::Disabled);
     }
@@ -222,5 +225,6 @@ fn register(tcp: &std::net::TcpListener) -> Result<(Arc<Rendezvous>, Registratio
         rendezvous.path.clone(),
     );
     let registration = reg.register(&entry).map_err(fail)?;
-    Ok((rendezvous, registration))
+    let _ = rendezvous.registration.set(registration);
+    Ok(rendezvous)
 }

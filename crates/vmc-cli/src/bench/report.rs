@@ -3,8 +3,15 @@
 //! The ratio column compares each transport with TCP loopback: for rr it is
 //! TCP's median round trip divided by this transport's (how many times
 //! faster a round trip is), for stream this transport's throughput divided by
-//! TCP's. Both read "N.Nx faster" (or "slower"); the TCP row is the baseline,
-//! and "-" means TCP was not part of the run.
+//! TCP's, for crr this transport's connection rate divided by TCP's. All read
+//! "N.Nx faster" (or "slower"); the TCP row is the baseline, and "-" means TCP
+//! was not part of the run.
+//!
+//! With several connections (`--conns N`) the figures are aggregates: rates
+//! and throughputs summed over the connections, latency percentiles over all
+//! their transactions together; the per-connection columns divide by N. The
+//! `accel` column (vmc runs) is `accelerated/accepted`: of the connections the
+//! server accepted, how many carried bytes over shared memory.
 
 use std::fmt::Write as _;
 
@@ -14,16 +21,30 @@ use super::transport::Transport;
 use super::{Mode, RunResult, Suite};
 
 /// One `--json` output line; the field names are a stable interface.
+///
+/// Every mode has the fields up to `gbytes_per_s` (null where they do not
+/// apply) and `conns`, `accepted_conns`, `accelerated_conns` (null unless the
+/// transport is vmc); rr and crr add `per_conn_trans_per_s`, stream adds
+/// `per_conn_gbytes_per_s` and `memcpy_2copy_gbytes_per_s`, crr adds `conns_per_s`.
 #[derive(Serialize)]
 struct JsonLine {
     mode: Mode,
     transport: Transport,
     size: usize,
+    conns: usize,
     seconds: f64,
     rtt_p50_us: Option<f64>,
     rtt_p99_us: Option<f64>,
     trans_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    per_conn_trans_per_s: Option<f64>,
     gbytes_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    per_conn_gbytes_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conns_per_s: Option<f64>,
+    accepted_conns: u64,
+    accelerated_conns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     memcpy_2copy_gbytes_per_s: Option<f64>,
 }
@@ -36,14 +57,23 @@ pub fn json_line(result: &RunResult, memcpy_2copy: Option<f64>) -> String {
         mode: result.mode,
         transport: result.transport,
         size: result.size,
+        conns: result.conns,
         seconds: result.seconds,
         rtt_p50_us: result.rtt_p50_us,
         rtt_p99_us: result.rtt_p99_us,
         trans_per_s: result.trans_per_s,
+        per_conn_trans_per_s: result.per_conn_trans_per_s(),
         gbytes_per_s: result.gbytes_per_s,
+        per_conn_gbytes_per_s: result.per_conn_gbytes_per_s(),
+        conns_per_s: match result.mode {
+            Mode::Crr => result.conns_per_s,
+            Mode::Rr | Mode::Stream => None,
+        },
+        accepted_conns: result.accepted_conns,
+        accelerated_conns: result.accelerated_conns,
         memcpy_2copy_gbytes_per_s: match result.mode {
             Mode::Stream => memcpy_2copy,
-            Mode::Rr => None,
+            Mode::Rr | Mode::Crr => None,
         },
     };
     serde_json::to_string(&line).expect("a plain struct serializes")
@@ -55,6 +85,7 @@ pub fn ratio_vs_tcp(result: &RunResult, tcp: Option<&RunResult>) -> Option<f64> 
     let ratio = match result.mode {
         Mode::Rr => tcp.rtt_p50_us? / result.rtt_p50_us?,
         Mode::Stream => result.gbytes_per_s? / tcp.gbytes_per_s?,
+        Mode::Crr => result.conns_per_s? / tcp.conns_per_s?,
     };
     ratio.is_finite().then_some(ratio).filter(|r| *r > 0.0)
 }
@@ -111,6 +142,23 @@ pub fn fmt_count(x: f64) -> String {
     out
 }
 
+/// The `accel` cell: `accelerated/accepted` for vmc, `-` for the other transports.
+pub fn fmt_accel(result: &RunResult) -> String {
+    match result.accelerated_conns {
+        Some(accelerated) => format!("{accelerated}/{}", result.accepted_conns),
+        None => "-".to_owned(),
+    }
+}
+
+/// "4 connections in parallel, " (or nothing for one).
+fn fmt_parallel(conns: usize, what: &str) -> String {
+    if conns > 1 {
+        format!("{conns} {what} in parallel, ")
+    } else {
+        String::new()
+    }
+}
+
 /// A byte size in the largest binary unit that divides it: 65536 -> "64 KiB".
 pub fn fmt_size(bytes: usize) -> String {
     const UNITS: [(usize, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
@@ -156,43 +204,66 @@ pub fn two_copy_bound(suite: &Suite) -> Option<f64> {
 }
 
 /// The human report of one suite: a title line, for stream the memcpy bound, and the table.
+///
+/// Optional columns: `conns` and the per-connection figure when the suite ran
+/// more than one connection, `accel` when a vmc run is in it (always for crr).
 pub fn render(suite: &Suite) -> String {
     let tcp = suite.results.iter().find(|r| r.transport == Transport::Tcp);
+    let many = suite.conns > 1;
+    let accel =
+        suite.mode == Mode::Crr || suite.results.iter().any(|r| r.accelerated_conns.is_some());
     let mut out = String::new();
-    match suite.mode {
+    // (header, cell) pairs, filtered by whether the column is shown.
+    type Column<'a> = (&'a str, bool, Box<dyn Fn(&RunResult) -> String + 'a>);
+    let columns: Vec<Column> = match suite.mode {
         Mode::Rr => {
             let _ = writeln!(
                 out,
-                "rr: {} request + {} response per round trip, {:.1} s per transport",
+                "rr: {} request + {} response per round trip, {}{:.1} s per transport",
                 fmt_size(suite.size),
                 fmt_size(suite.size),
+                fmt_parallel(suite.conns, "connections"),
                 suite.duration.as_secs_f64()
             );
-            let rows: Vec<Vec<String>> = suite
-                .results
-                .iter()
-                .map(|r| {
-                    vec![
-                        r.transport.to_string(),
-                        fmt_size(r.size),
-                        r.rtt_p50_us.map_or("-".into(), fmt_us),
-                        r.rtt_p99_us.map_or("-".into(), fmt_us),
-                        r.trans_per_s.map_or("-".into(), fmt_count),
-                        fmt_ratio(r.transport, ratio_vs_tcp(r, tcp)),
-                    ]
-                })
-                .collect();
-            out.push_str(&table(
-                &["transport", "size", "p50 us", "p99 us", "trans/s", "vs tcp"],
-                &rows,
-            ));
+            vec![
+                ("conns", many, Box::new(|r: &RunResult| r.conns.to_string())),
+                ("accel", accel, Box::new(fmt_accel)),
+                (
+                    "p50 us",
+                    true,
+                    Box::new(|r: &RunResult| r.rtt_p50_us.map_or("-".into(), fmt_us)),
+                ),
+                (
+                    "p99 us",
+                    true,
+                    Box::new(|r: &RunResult| r.rtt_p99_us.map_or("-".into(), fmt_us)),
+                ),
+                (
+                    "trans/s",
+                    true,
+                    Box::new(|r: &RunResult| r.trans_per_s.map_or("-".into(), fmt_count)),
+                ),
+                (
+                    "per conn",
+                    many,
+                    Box::new(|r: &RunResult| {
+                        r.per_conn_trans_per_s().map_or("-".into(), fmt_count)
+                    }),
+                ),
+                (
+                    "vs tcp",
+                    true,
+                    Box::new(move |r: &RunResult| fmt_ratio(r.transport, ratio_vs_tcp(r, tcp))),
+                ),
+            ]
         }
         Mode::Stream => {
             let bound = two_copy_bound(suite);
             let _ = writeln!(
                 out,
-                "stream: {} writes, one direction, {:.1} s per transport",
+                "stream: {} writes, one direction, {}{:.1} s per transport",
                 fmt_size(suite.size),
+                fmt_parallel(suite.conns, "connections"),
                 suite.duration.as_secs_f64()
             );
             if let (Some(memcpy), Some(bound)) = (suite.memcpy_gbytes_per_s, bound) {
@@ -202,29 +273,84 @@ pub fn render(suite: &Suite) -> String {
                     fmt_size(suite.size)
                 );
             }
-            let rows: Vec<Vec<String>> = suite
-                .results
-                .iter()
-                .map(|r| {
-                    let of_bound = match (r.gbytes_per_s, bound) {
+            vec![
+                ("conns", many, Box::new(|r: &RunResult| r.conns.to_string())),
+                ("accel", accel, Box::new(fmt_accel)),
+                (
+                    "GB/s",
+                    true,
+                    Box::new(|r: &RunResult| r.gbytes_per_s.map_or("-".into(), fmt_gbps)),
+                ),
+                (
+                    "per conn",
+                    many,
+                    Box::new(|r: &RunResult| {
+                        r.per_conn_gbytes_per_s().map_or("-".into(), fmt_gbps)
+                    }),
+                ),
+                (
+                    "vs tcp",
+                    true,
+                    Box::new(move |r: &RunResult| fmt_ratio(r.transport, ratio_vs_tcp(r, tcp))),
+                ),
+                (
+                    "% of 2-copy bound",
+                    true,
+                    Box::new(move |r: &RunResult| match (r.gbytes_per_s, bound) {
                         (Some(g), Some(b)) if b > 0.0 => fmt_percent(100.0 * g / b),
                         _ => "-".into(),
-                    };
-                    vec![
-                        r.transport.to_string(),
-                        fmt_size(r.size),
-                        r.gbytes_per_s.map_or("-".into(), fmt_gbps),
-                        fmt_ratio(r.transport, ratio_vs_tcp(r, tcp)),
-                        of_bound,
-                    ]
-                })
-                .collect();
-            out.push_str(&table(
-                &["transport", "size", "GB/s", "vs tcp", "% of 2-copy bound"],
-                &rows,
-            ));
+                    }),
+                ),
+            ]
         }
-    }
+        Mode::Crr => {
+            let _ = writeln!(
+                out,
+                "crr: connect + {} request + {} response + close per transaction, {}{:.1} s per transport",
+                fmt_size(suite.size),
+                fmt_size(suite.size),
+                fmt_parallel(suite.conns, "client threads"),
+                suite.duration.as_secs_f64()
+            );
+            vec![
+                ("conns", true, Box::new(|r: &RunResult| r.conns.to_string())),
+                ("accel", true, Box::new(fmt_accel)),
+                (
+                    "p50 us",
+                    true,
+                    Box::new(|r: &RunResult| r.rtt_p50_us.map_or("-".into(), fmt_us)),
+                ),
+                (
+                    "p99 us",
+                    true,
+                    Box::new(|r: &RunResult| r.rtt_p99_us.map_or("-".into(), fmt_us)),
+                ),
+                (
+                    "conns/s",
+                    true,
+                    Box::new(|r: &RunResult| r.conns_per_s.map_or("-".into(), fmt_count)),
+                ),
+                (
+                    "vs tcp",
+                    true,
+                    Box::new(move |r: &RunResult| fmt_ratio(r.transport, ratio_vs_tcp(r, tcp))),
+                ),
+            ]
+        }
+    };
+    let shown: Vec<&Column> = columns.iter().filter(|(_, show, _)| *show).collect();
+    let mut headers = vec!["transport", "size"];
+    headers.extend(shown.iter().map(|(header, _, _)| *header));
+    let rows: Vec<Vec<String>> = suite
+        .results
+        .iter()
+        .map(|r| {
+            let mut row = vec![r.transport.to_string(), fmt_size(r.size)];
+            row.extend(shown.iter().map(|(_, _, cell)| cell(r)));
+            row
+        })
+        .collect();
+    out.push_str(&table(&headers, &rows));
     out
 }
 
@@ -234,16 +360,24 @@ mod tests {
 
     use super::*;
 
+    fn accelerated(transport: Transport, accepted: u64) -> Option<u64> {
+        (transport == Transport::Vmc).then_some(accepted)
+    }
+
     fn rr(transport: Transport, p50: f64) -> RunResult {
         RunResult {
             mode: Mode::Rr,
             transport,
             size: 64,
+            conns: 1,
             seconds: 1.0,
             rtt_p50_us: Some(p50),
             rtt_p99_us: Some(p50 * 2.0),
             trans_per_s: Some(1e6 / p50),
             gbytes_per_s: None,
+            conns_per_s: None,
+            accepted_conns: 1,
+            accelerated_conns: accelerated(transport, 1),
         }
     }
 
@@ -252,11 +386,32 @@ mod tests {
             mode: Mode::Stream,
             transport,
             size: 65536,
+            conns: 1,
             seconds: 1.0,
             rtt_p50_us: None,
             rtt_p99_us: None,
             trans_per_s: None,
             gbytes_per_s: Some(gbps),
+            conns_per_s: None,
+            accepted_conns: 1,
+            accelerated_conns: accelerated(transport, 1),
+        }
+    }
+
+    fn crr(transport: Transport, conns_per_s: f64, accepted: u64, accel: u64) -> RunResult {
+        RunResult {
+            mode: Mode::Crr,
+            transport,
+            size: 64,
+            conns: 2,
+            seconds: 1.0,
+            rtt_p50_us: Some(40.0),
+            rtt_p99_us: Some(90.0),
+            trans_per_s: Some(conns_per_s),
+            gbytes_per_s: None,
+            conns_per_s: Some(conns_per_s),
+            accepted_conns: accepted,
+            accelerated_conns: (transport == Transport::Vmc).then_some(accel),
         }
     }
 
@@ -274,8 +429,12 @@ mod tests {
         assert_eq!(
             keys(&line),
             [
+                "accelerated_conns",
+                "accepted_conns",
+                "conns",
                 "gbytes_per_s",
                 "mode",
+                "per_conn_trans_per_s",
                 "rtt_p50_us",
                 "rtt_p99_us",
                 "seconds",
@@ -289,15 +448,35 @@ mod tests {
         assert_eq!(v["transport"], "unix");
         assert_eq!(v["size"], 64);
         assert_eq!(v["rtt_p50_us"], 12.5);
+        assert_eq!(v["conns"], 1);
+        assert_eq!(v["per_conn_trans_per_s"], v["trans_per_s"]);
         assert!(v["gbytes_per_s"].is_null());
+        assert!(v["accelerated_conns"].is_null(), "not a vmc run");
+    }
+
+    #[test]
+    fn crr_json_adds_the_connection_rate() {
+        let line = json_line(&crr(Transport::Vmc, 5000.0, 9000, 8999), None);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(keys(&line).len(), 13, "{line}");
+        assert_eq!(v["mode"], "crr");
+        assert_eq!(v["conns"], 2);
+        assert_eq!(v["conns_per_s"], 5000.0);
+        assert_eq!(v["trans_per_s"], 5000.0);
+        assert_eq!(v["per_conn_trans_per_s"], 2500.0);
+        assert_eq!(v["accepted_conns"], 9000);
+        assert_eq!(v["accelerated_conns"], 8999);
+        assert!(v.get("memcpy_2copy_gbytes_per_s").is_none());
     }
 
     #[test]
     fn stream_json_adds_the_memcpy_bound() {
         let line = json_line(&stream(Transport::Shm, 4.0), Some(8.0));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(keys(&line).len(), 9);
+        assert_eq!(keys(&line).len(), 13, "{line}");
         assert_eq!(v["mode"], "stream");
+        assert_eq!(v["per_conn_gbytes_per_s"], 4.0);
+        assert!(v.get("per_conn_trans_per_s").is_none());
         assert_eq!(v["transport"], "shm");
         assert_eq!(v["gbytes_per_s"], 4.0);
         assert_eq!(v["memcpy_2copy_gbytes_per_s"], 8.0);
@@ -319,6 +498,10 @@ mod tests {
         let tcp = stream(Transport::Tcp, 2.0);
         let shm = stream(Transport::Shm, 5.0);
         assert_eq!(ratio_vs_tcp(&shm, Some(&tcp)), Some(2.5));
+
+        let tcp = crr(Transport::Tcp, 10000.0, 1, 0);
+        let vmc = crr(Transport::Vmc, 5000.0, 1, 1);
+        assert_eq!(ratio_vs_tcp(&vmc, Some(&tcp)), Some(0.5));
     }
 
     #[test]
@@ -344,6 +527,7 @@ mod tests {
         let suite = Suite {
             mode: Mode::Rr,
             size: 64,
+            conns: 1,
             duration: Duration::from_secs(3),
             memcpy_gbytes_per_s: None,
             results: vec![rr(Transport::Shm, 2.0), rr(Transport::Tcp, 30.0)],
@@ -372,6 +556,7 @@ mod tests {
         let suite = Suite {
             mode: Mode::Stream,
             size: 65536,
+            conns: 1,
             duration: Duration::from_secs(3),
             memcpy_gbytes_per_s: Some(20.0),
             results: vec![stream(Transport::Unix, 5.0)],
@@ -381,5 +566,103 @@ mod tests {
         let row = text.lines().last().unwrap();
         assert!(row.starts_with("unix") && row.ends_with("50%"), "{text}");
         assert!(row.contains(" - "), "no tcp => '-' ratio: {text}");
+        assert!(!text.contains("accel") && !text.contains("conns"), "{text}");
+    }
+
+    #[test]
+    fn several_connections_and_vmc_add_columns() {
+        let mut results = vec![rr(Transport::Vmc, 10.0), rr(Transport::Tcp, 30.0)];
+        for r in &mut results {
+            r.conns = 4;
+            r.accepted_conns = 4;
+        }
+        results[0].accelerated_conns = Some(3);
+        let suite = Suite {
+            mode: Mode::Rr,
+            size: 64,
+            conns: 4,
+            duration: Duration::from_secs(2),
+            memcpy_gbytes_per_s: None,
+            results,
+        };
+        let text = render(&suite);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains("4 connections in parallel"), "{text}");
+        let header: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            header,
+            [
+                "transport",
+                "size",
+                "conns",
+                "accel",
+                "p50",
+                "us",
+                "p99",
+                "us",
+                "trans/s",
+                "per",
+                "conn",
+                "vs",
+                "tcp"
+            ],
+            "{text}"
+        );
+        let row: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(row[4], "3/4", "{text}");
+        // 1e6 / 10 us = 100,000 trans/s in all, 25,000 per connection.
+        assert_eq!(row[7..9], ["100,000", "25,000"], "{text}");
+        assert!(lines[3].contains(" - "), "tcp has no accel figure: {text}");
+    }
+
+    #[test]
+    fn crr_table_has_the_documented_columns() {
+        let suite = Suite {
+            mode: Mode::Crr,
+            size: 64,
+            conns: 2,
+            duration: Duration::from_secs(2),
+            memcpy_gbytes_per_s: None,
+            results: vec![
+                crr(Transport::Vmc, 5000.0, 10_000, 10_000),
+                crr(Transport::Tcp, 20000.0, 40_000, 0),
+            ],
+        };
+        let text = render(&suite);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("crr: connect + 64 B request"),
+            "{text}"
+        );
+        let header: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            header,
+            [
+                "transport",
+                "size",
+                "conns",
+                "accel",
+                "p50",
+                "us",
+                "p99",
+                "us",
+                "conns/s",
+                "vs",
+                "tcp"
+            ],
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("vmc") && lines[2].ends_with("4.0x slower"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("10000/10000") && lines[2].contains("5,000"),
+            "{text}"
+        );
+        assert!(
+            lines[3].starts_with("tcp") && lines[3].ends_with("baseline"),
+            "{text}"
+        );
     }
 }

@@ -8,13 +8,14 @@
 //! lost, repeated, stale or torn message is an error, at the cost of two loads.
 
 use std::io;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 
 use super::progress::Ticker;
 use super::transport::Conn;
+use super::Schedule;
 
 const TAIL_MAGIC: u64 = 0x5a5a_c3c3_9696_0f0f;
 
@@ -28,7 +29,8 @@ pub struct RrOutcome {
     pub seconds: f64,
 }
 
-fn stamp(buf: &mut [u8], seq: u64) {
+/// Write transaction number `seq` into a request (head, and tail when `size >= 16`).
+pub(crate) fn stamp(buf: &mut [u8], seq: u64) {
     let head = buf.len().min(8);
     buf[..head].copy_from_slice(&seq.to_le_bytes()[..head]);
     if buf.len() >= 16 {
@@ -37,7 +39,8 @@ fn stamp(buf: &mut [u8], seq: u64) {
     }
 }
 
-fn check(buf: &[u8], seq: u64) -> Result<()> {
+/// Check that `buf` is the echo of request `seq`.
+pub(crate) fn check(buf: &[u8], seq: u64) -> Result<()> {
     let head = buf.len().min(8);
     let mut ok = buf[..head] == seq.to_le_bytes()[..head];
     if buf.len() >= 16 {
@@ -49,12 +52,12 @@ fn check(buf: &[u8], seq: u64) -> Result<()> {
     Ok(())
 }
 
-/// Run the client side: `warmup` unmeasured, then `duration` measured.
+/// Run the client side: unmeasured until `schedule.warm_end`, then measured
+/// until the first round trip that ends after `schedule.deadline`.
 pub fn client(
     conn: &mut dyn Conn,
     size: usize,
-    warmup: Duration,
-    duration: Duration,
+    schedule: Schedule,
     ticker: &mut Ticker,
 ) -> Result<RrOutcome> {
     let mut tx = vec![0xa5u8; size];
@@ -63,10 +66,9 @@ pub fn client(
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
         .context("creating the latency histogram")?;
 
-    let warm_end = Instant::now() + warmup;
     loop {
         let now = Instant::now();
-        if now >= warm_end {
+        if now >= schedule.warm_end {
             break;
         }
         ticker.tick(now);
@@ -78,7 +80,7 @@ pub fn client(
     }
 
     let t0 = Instant::now();
-    let deadline = t0 + duration;
+    let deadline = schedule.deadline;
     let mut transactions = 0u64;
     let end = loop {
         stamp(&mut tx, seq);
@@ -105,7 +107,7 @@ pub fn client(
 }
 
 /// Fill `buf` from `conn`; `Ok(false)` on a clean EOF before the first byte.
-fn read_message(conn: &mut dyn Conn, buf: &mut [u8]) -> io::Result<bool> {
+pub(crate) fn read_message(conn: &mut dyn Conn, buf: &mut [u8]) -> io::Result<bool> {
     let mut got = 0;
     while got < buf.len() {
         match conn.read(&mut buf[got..]) {

@@ -15,12 +15,13 @@
 //! changes the count or the hash.
 
 use std::io;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
 use super::progress::Ticker;
 use super::transport::Conn;
+use super::Schedule;
 
 const TAIL_MAGIC: u64 = 0x3c3c_a5a5_f0f0_9669;
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -157,12 +158,12 @@ pub struct StreamOutcome {
     pub seconds: f64,
 }
 
-/// Run the client side: `warmup` unmeasured, then `duration` measured, then verify.
+/// Run the client side: unmeasured until `schedule.warm_end`, measured until
+/// `schedule.deadline`, then verify.
 pub fn client(
     conn: &mut dyn Conn,
     size: usize,
-    warmup: Duration,
-    duration: Duration,
+    schedule: Schedule,
     ticker: &mut Ticker,
 ) -> Result<StreamOutcome> {
     let mut buf: Vec<u8> = (0..size).map(|i| (i as u8).wrapping_mul(31)).collect();
@@ -186,10 +187,10 @@ pub fn client(
         }
     };
 
-    write_until(Instant::now() + warmup, &mut seq, ticker)?;
+    write_until(schedule.warm_end, &mut seq, ticker)?;
     let warm_seq = seq;
     let t0 = Instant::now();
-    write_until(t0 + duration, &mut seq, ticker)?;
+    write_until(schedule.deadline, &mut seq, ticker)?;
 
     conn.finish()
         .context("stream: closing the write direction")?;

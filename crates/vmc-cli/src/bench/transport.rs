@@ -3,15 +3,20 @@
 //! Every transport is a blocking, reliable, ordered byte stream between two
 //! processes: [`Conn`] is `Read + Write` plus [`Conn::finish`], which closes
 //! the write direction so the peer reads EOF while the reply can still be read.
-//! The server side calls [`listen`] and then [`Listener::accept`] once; the
-//! client side calls [`connect`] with the address the server announced.
+//! The server side calls [`listen`] and then [`Listener::accept`] once per
+//! connection (from any number of threads); the client side calls [`connect`]
+//! with the address the server announced.
 //!
-//! `shm` is vmc's shared-memory channel (`vmc_channel`); it is not wired in
-//! yet, so its arms in [`listen`] and [`connect`] return an error.
-
+//! - `shm`: vmc's shared-memory channel alone (`vmc_channel`), set up over a Unix socket.
+//! - `tcp`: `std::net` TCP over loopback.
+//! - `unix`: a Unix-domain stream socket.
+//! - `vmc`: `vmc_conn`'s TCP connection, which starts on TCP over loopback and moves
+//!   onto a shared-memory channel once the listener's process has attached it;
+//!   [`Conn::vmc_state`] says whether it did.
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
@@ -26,6 +31,8 @@ pub enum Transport {
     Tcp,
     /// A Unix-domain stream socket.
     Unix,
+    /// vmc's accelerated TCP (`vmc_conn`): loopback TCP moved onto shared memory.
+    Vmc,
 }
 
 impl Transport {
@@ -38,7 +45,14 @@ impl Transport {
             Transport::Shm => "shm",
             Transport::Tcp => "tcp",
             Transport::Unix => "unix",
+            Transport::Vmc => "vmc",
         }
+    }
+
+    /// Whether the transport is a TCP connection (so crr, which measures
+    /// connection set-up, applies to it).
+    pub fn is_tcp(self) -> bool {
+        matches!(self, Transport::Tcp | Transport::Vmc)
     }
 
     /// Whether the server needs a filesystem path (a rendezvous socket) to listen on.
@@ -62,19 +76,45 @@ pub struct ShmTuning {
     pub spin: Option<Duration>,
 }
 
+/// Where a `vmc` connection's bytes went, as its end sees it when asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmcState {
+    /// A shared-memory channel is attached and carried some of the bytes.
+    Shm,
+    /// A channel is attached but not one byte of this end went through it (it came
+    /// too late for this connection's traffic).
+    AttachedUnused,
+    /// The handshake was still in flight.
+    Pending,
+    /// The connection stayed on TCP; why, in words.
+    Tcp(String),
+}
+
+impl VmcState {
+    /// Why a connection does not count as accelerated, in words (`None` if it does).
+    pub fn why_not(&self) -> Option<String> {
+        match self {
+            VmcState::Shm => None,
+            VmcState::AttachedUnused => {
+                Some("channel attached too late: no byte went through it".to_owned())
+            }
+            VmcState::Pending => Some("vmc handshake still in flight when it closed".to_owned()),
+            VmcState::Tcp(reason) => Some(format!("stayed on TCP: {reason}")),
+        }
+    }
+}
+
 /// One established, full-duplex, blocking byte stream.
 pub trait Conn: Read + Write + Send {
     /// Close the write direction: the peer's `read` returns 0 once it has
     /// drained everything written so far, while this side can still read.
     fn finish(&mut self) -> io::Result<()>;
-}
 
-/// The server side of a transport, before its single connection arrives.
-pub trait Listener {
-    /// The address a client passes to [`connect`].
-    fn local_addr(&self) -> &str;
-    /// Wait for one client.
-    fn accept(&mut self) -> io::Result<Box<dyn Conn>>;
+    /// For `vmc` connections, whether and how they were accelerated; `None` for
+    /// every other transport.
+    fn vmc_state(&self) -> Option<VmcState> {
+        None
+    }
 }
 
 impl Conn for TcpStream {
@@ -99,31 +139,74 @@ impl Conn for vmc_channel::Channel {
     }
 }
 
-/// A [`Listener`] made of an announced address and an accept closure.
-struct FnListener<F> {
-    addr: String,
-    accept: F,
+impl Conn for vmc_conn::TcpStream {
+    fn finish(&mut self) -> io::Result<()> {
+        self.flush()?;
+        self.shutdown(Shutdown::Write)
+    }
+
+    fn vmc_state(&self) -> Option<VmcState> {
+        Some(if self.is_accelerated() {
+            let traffic = self.traffic();
+            if traffic.shm_in + traffic.shm_out > 0 {
+                VmcState::Shm
+            } else {
+                VmcState::AttachedUnused
+            }
+        } else if let Some(reason) = self.fallback_reason() {
+            VmcState::Tcp(format!("{reason} ({})", reason.code()))
+        } else {
+            VmcState::Pending
+        })
+    }
 }
 
-impl<F> Listener for FnListener<F>
-where
-    F: FnMut() -> io::Result<Box<dyn Conn>>,
-{
-    fn local_addr(&self) -> &str {
+enum Inner {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+    Shm(vmc_channel::ChannelListener),
+    Vmc(vmc_conn::TcpListener),
+}
+
+/// The server side of a transport: accepts any number of connections, from any
+/// number of threads at once.
+pub struct Listener {
+    inner: Inner,
+    addr: String,
+}
+
+impl Listener {
+    /// The address a client passes to [`connect`].
+    pub fn local_addr(&self) -> &str {
         &self.addr
     }
 
-    fn accept(&mut self) -> io::Result<Box<dyn Conn>> {
-        (self.accept)()
+    /// Wait for the next client.
+    pub fn accept(&self) -> io::Result<Box<dyn Conn>> {
+        Ok(match &self.inner {
+            Inner::Tcp(listener) => {
+                let (stream, _) = listener.accept()?;
+                stream.set_nodelay(true)?;
+                Box::new(stream)
+            }
+            Inner::Unix(listener) => Box::new(listener.accept()?.0),
+            Inner::Shm(listener) => Box::new(listener.accept()?),
+            Inner::Vmc(listener) => {
+                let (stream, _) = listener.accept()?;
+                stream.set_nodelay(true)?;
+                Box::new(stream)
+            }
+        })
     }
-}
 
-/// Wrap an address and an accept closure into a boxed [`Listener`].
-fn listener_from_fn<F>(addr: String, accept: F) -> Box<dyn Listener>
-where
-    F: FnMut() -> io::Result<Box<dyn Conn>> + 'static,
-{
-    Box::new(FnListener { addr, accept })
+    /// The listening TCP socket (tcp and vmc), e.g. to shut it down.
+    pub fn tcp_socket(&self) -> Option<BorrowedFd<'_>> {
+        match &self.inner {
+            Inner::Tcp(listener) => Some(listener.as_fd()),
+            Inner::Vmc(listener) => Some(listener.as_std().as_fd()),
+            Inner::Unix(_) | Inner::Shm(_) => None,
+        }
+    }
 }
 
 fn need_path(transport: Transport, path: Option<&Path>) -> io::Result<&Path> {
@@ -144,32 +227,33 @@ fn path_str(path: &Path) -> io::Result<String> {
     })
 }
 
-/// Start listening for one connection.
+/// Start listening.
 ///
 /// `path` is the rendezvous socket path for `unix` and `shm` (its directory
-/// must exist); `tcp` ignores it and binds an ephemeral port on 127.0.0.1.
+/// must exist); `tcp` and `vmc` ignore it and bind an ephemeral port on 127.0.0.1.
 pub fn listen(
     transport: Transport,
     path: Option<&Path>,
     tuning: &ShmTuning,
-) -> io::Result<Box<dyn Listener>> {
-    match transport {
+) -> io::Result<Listener> {
+    let (inner, addr) = match transport {
         Transport::Tcp => {
             let listener = TcpListener::bind(("127.0.0.1", 0))?;
             let addr = listener.local_addr()?.to_string();
-            Ok(listener_from_fn(addr, move || {
-                let (stream, _) = listener.accept()?;
-                stream.set_nodelay(true)?;
-                Ok(Box::new(stream) as Box<dyn Conn>)
-            }))
+            (Inner::Tcp(listener), addr)
+        }
+        Transport::Vmc => {
+            let listener = vmc_conn::TcpListener::bind(("127.0.0.1", 0))?;
+            if let Some(reason) = listener.fallback_reason() {
+                // Its connections will stay on TCP; the run reports them as such.
+                tracing::debug!("the vmc listener cannot accelerate its connections: {reason}");
+            }
+            let addr = listener.local_addr()?.to_string();
+            (Inner::Vmc(listener), addr)
         }
         Transport::Unix => {
             let path = need_path(transport, path)?;
-            let listener = UnixListener::bind(path)?;
-            Ok(listener_from_fn(path_str(path)?, move || {
-                let (stream, _) = listener.accept()?;
-                Ok(Box::new(stream) as Box<dyn Conn>)
-            }))
+            (Inner::Unix(UnixListener::bind(path)?), path_str(path)?)
         }
         Transport::Shm => {
             let path = need_path(transport, path)?;
@@ -181,18 +265,23 @@ pub fn listen(
                 config.spin = spin;
             }
             let listener = vmc_channel::ChannelListener::bind(path, config)?;
-            Ok(listener_from_fn(path_str(path)?, move || {
-                Ok(Box::new(listener.accept()?) as Box<dyn Conn>)
-            }))
+            (Inner::Shm(listener), path_str(path)?)
         }
-    }
+    };
+    Ok(Listener { inner, addr })
 }
 
-/// Connect to a server that announced `addr` (a `host:port` for tcp, a socket path otherwise).
+/// Connect to a server that announced `addr` (a `host:port` for tcp and vmc, a
+/// socket path otherwise). TCP connections get `TCP_NODELAY`.
 pub fn connect(transport: Transport, addr: &str) -> io::Result<Box<dyn Conn>> {
     match transport {
         Transport::Tcp => {
             let stream = TcpStream::connect(addr)?;
+            stream.set_nodelay(true)?;
+            Ok(Box::new(stream))
+        }
+        Transport::Vmc => {
+            let stream = vmc_conn::TcpStream::connect(addr)?;
             stream.set_nodelay(true)?;
             Ok(Box::new(stream))
         }
@@ -206,7 +295,7 @@ mod tests {
     use super::*;
 
     fn roundtrip(transport: Transport, path: Option<&Path>) {
-        let mut listener = listen(transport, path, &ShmTuning::default()).unwrap();
+        let listener = listen(transport, path, &ShmTuning::default()).unwrap();
         let addr = listener.local_addr().to_owned();
         let client = std::thread::spawn(move || {
             let mut conn = connect(transport, &addr).unwrap();
@@ -228,6 +317,11 @@ mod tests {
     #[test]
     fn tcp_half_close_roundtrip() {
         roundtrip(Transport::Tcp, None);
+    }
+
+    #[test]
+    fn vmc_half_close_roundtrip() {
+        roundtrip(Transport::Vmc, None);
     }
 
     #[test]
