@@ -24,6 +24,7 @@ pub fn run(quick: bool) -> Result<()> {
         mode,
         size: mode.default_size(),
         conns: 1,
+        idle: 0,
         duration,
         warmup,
         transports: Transport::ALL.to_vec(),

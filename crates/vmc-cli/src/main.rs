@@ -88,6 +88,10 @@ struct BenchArgs {
     /// client threads connecting in parallel). Figures are aggregates, plus per connection.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=128))]
     conns: u16,
+    /// Idle vmc connections to hold open in this process during each run (shows
+    /// that an active connection's cost does not grow with the open ones).
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=20000))]
+    idle: u32,
     /// Measured seconds per transport.
     #[arg(long, value_name = "SECS", default_value_t = 3.0, value_parser = parse_positive_secs)]
     duration: f64,
@@ -194,6 +198,7 @@ impl BenchArgs {
             mode: self.mode,
             size: self.size.unwrap_or(self.mode.default_size()),
             conns: usize::from(self.conns),
+            idle: self.idle as usize,
             duration: Duration::from_secs_f64(self.duration),
             warmup: Duration::from_secs_f64(self.warmup),
             transports,

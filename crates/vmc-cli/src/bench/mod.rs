@@ -24,6 +24,7 @@
 //! (`PR_SET_PDEATHSIG`), so no run leaves a process behind.
 
 pub mod crr;
+pub mod idle;
 pub mod memcpy;
 pub mod progress;
 pub mod report;
@@ -99,6 +100,8 @@ pub struct BenchConfig {
     pub size: usize,
     /// Connections (rr, stream) or connecting client threads (crr) in parallel.
     pub conns: usize,
+    /// Idle vmc connections held open in the client process during each run.
+    pub idle: usize,
     /// Measured time per transport.
     pub duration: Duration,
     /// Unmeasured time per transport before measuring.
@@ -138,6 +141,8 @@ pub struct RunResult {
     pub accepted_conns: u64,
     /// vmc only: how many of those carried bytes over shared memory.
     pub accelerated_conns: Option<u64>,
+    /// Idle (accelerated) connections open in the client process during the run.
+    pub idle_conns: usize,
 }
 
 impl RunResult {
@@ -436,6 +441,11 @@ fn run_one(config: &BenchConfig, transport: Transport) -> Result<RunResult> {
     };
     let path = dir.as_ref().map(|d| d.path().join("bench.sock"));
 
+    let idle = match config.idle {
+        0 => None,
+        n => Some(idle::open(n).context("opening the idle connections")?),
+    };
+    let idle_conns = idle.as_ref().map_or(0, |s| s.accelerated);
     let mut server = ServerGuard::spawn(config, transport, path.as_deref(), &label)?;
     let addr = server.wait_ready(Duration::from_secs(10))?;
     tracing::debug!(%transport, %addr, conns = n, "server ready");
@@ -553,6 +563,7 @@ fn run_one(config: &BenchConfig, transport: Transport) -> Result<RunResult> {
         conns_per_s: per_s.filter(|_| mode == Mode::Crr),
         accepted_conns: served.total,
         accelerated_conns: (transport == Transport::Vmc).then_some(served.accelerated),
+        idle_conns,
     })
 }
 

@@ -47,6 +47,12 @@ struct JsonLine {
     accelerated_conns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     memcpy_2copy_gbytes_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "is_zero")]
+    idle_conns: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The JSON object (one line, no newline) for one result.
@@ -75,6 +81,7 @@ pub fn json_line(result: &RunResult, memcpy_2copy: Option<f64>) -> String {
             Mode::Stream => memcpy_2copy,
             Mode::Rr | Mode::Crr => None,
         },
+        idle_conns: result.idle_conns,
     };
     serde_json::to_string(&line).expect("a plain struct serializes")
 }
@@ -378,6 +385,7 @@ mod tests {
             conns_per_s: None,
             accepted_conns: 1,
             accelerated_conns: accelerated(transport, 1),
+            idle_conns: 0,
         }
     }
 
@@ -395,6 +403,7 @@ mod tests {
             conns_per_s: None,
             accepted_conns: 1,
             accelerated_conns: accelerated(transport, 1),
+            idle_conns: 0,
         }
     }
 
@@ -412,6 +421,7 @@ mod tests {
             conns_per_s: Some(conns_per_s),
             accepted_conns: accepted,
             accelerated_conns: (transport == Transport::Vmc).then_some(accel),
+            idle_conns: 0,
         }
     }
 
