@@ -161,6 +161,7 @@ mod tests {
             conns_per_s: None,
             accepted_conns: 1,
             accelerated_conns: None,
+            idle_conns: 0,
         };
         let rr = Suite {
             mode: Mode::Rr,
