@@ -148,6 +148,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Adds `n` to a counter that only one thread at a time writes (the receive counters
+/// under the rx lock, the send counters under the tx lock): a plain load and store,
+/// no locked instruction on the data path; readers in other processes see either
+/// value.
+#[inline]
+fn bump(counter: &AtomicU64, n: usize) {
+    counter.store(
+        counter.load(Ordering::Relaxed) + n as u64,
+        Ordering::Relaxed,
+    );
+}
+
 fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     fd.try_clone_to_owned()
 }
@@ -371,9 +383,7 @@ impl Conn {
                         _ => e,
                     })?;
                     if n > 0 {
-                        self.counters()
-                            .shm_in
-                            .fetch_add(n as u64, Ordering::Relaxed);
+                        bump(&self.counters().shm_in, n);
                         return Ok(n);
                     }
                     // The ring ended: the peer moved to TCP (a SWITCH is queued), or
@@ -418,9 +428,7 @@ impl Conn {
                         // the socket's own blocking rules apply.
                         let n = (&self.tcp).read(want)?;
                         rx.tcp_in += n as u64;
-                        self.counters()
-                            .tcp_in
-                            .fetch_add(n as u64, Ordering::Relaxed);
+                        bump(&self.counters().tcp_in, n);
                         return Ok(n);
                     }
                     // A SWITCH may come at any moment: take what TCP has, else wait
@@ -431,9 +439,7 @@ impl Conn {
                         Ok((0, _)) if self.is_accelerated() && self.next_switch()?.is_some() => {}
                         Ok((n, _)) => {
                             rx.tcp_in += n as u64;
-                            self.counters()
-                                .tcp_in
-                                .fetch_add(n as u64, Ordering::Relaxed);
+                            bump(&self.counters().tcp_in, n);
                             return Ok(n);
                         }
                         Err(rustix::io::Errno::AGAIN) => {}
@@ -573,16 +579,12 @@ impl Conn {
             Path::Tcp => {
                 let n = (&self.tcp).write(buf)?;
                 tx.tcp_out += n as u64;
-                self.counters()
-                    .tcp_out
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                bump(&self.counters().tcp_out, n);
                 Ok(n)
             }
             Path::Shm => {
                 let n = tx.ring.as_mut().expect("shm path has a ring").write(buf)?;
-                self.counters()
-                    .shm_out
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                bump(&self.counters().shm_out, n);
                 Ok(n)
             }
         }
