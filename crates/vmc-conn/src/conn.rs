@@ -28,7 +28,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -60,6 +60,9 @@ enum Setup {
     /// Listener side: no ATTACH for this connection yet.
     Awaiting {
         rendezvous: Arc<Rendezvous>,
+        /// The TCP connection as this side sees it: (peer, local).
+        peer: SocketAddr,
+        local: SocketAddr,
         deadline: Instant,
     },
     Done,
@@ -71,10 +74,6 @@ struct Parts {
     writer: Mutex<Option<WriteHalf>>,
     /// The control socket (a duplicate of the channel's handshake socket).
     ctl: OwnedFd,
-    /// Either half may read the control socket and find a frame meant for the
-    /// other; it rings the other's bell (`[rx, tx]`), which that half polls along
-    /// with the socket, so no frame is ever waited for in vain.
-    bells: [vmc_os::EventFd; 2],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +125,13 @@ pub(crate) struct Conn {
     setup: Mutex<Setup>,
     /// For waiting on the handshake while it is in flight.
     setup_fd: Option<OwnedFd>,
+    /// Listener side: when the wait for the client's ATTACH ends.
+    attach_deadline: Option<Instant>,
+    /// One half may do what the other is waiting for: finish the handshake, or
+    /// read a control frame meant for it from the shared socket. It then rings the
+    /// other's bell (`[rx, tx]`), which that half polls along with its sockets, so
+    /// nothing is ever waited for in vain. `None` for plain connections.
+    bells: Option<[vmc_os::EventFd; 2]>,
     parts: OnceLock<Parts>,
     fallback: OnceLock<Fallback>,
     rx: Mutex<Rx>,
@@ -176,6 +182,15 @@ impl Conn {
             state: AtomicU8::new(state),
             setup: Mutex::new(setup),
             setup_fd,
+            attach_deadline: None,
+            bells: if state == PLAIN {
+                None
+            } else {
+                // Without bells, waits fall back to short polling slices.
+                vmc_os::EventFd::new()
+                    .and_then(|a| Ok([a, vmc_os::EventFd::new()?]))
+                    .ok()
+            },
             parts: OnceLock::new(),
             fallback: OnceLock::new(),
             rx: Mutex::new(Rx {
@@ -239,13 +254,29 @@ impl Conn {
     pub(crate) fn awaiting(
         tcp: std::net::TcpStream,
         rendezvous: Arc<Rendezvous>,
+        peer: SocketAddr,
+        local: SocketAddr,
     ) -> io::Result<Conn> {
         let watch = dup(rendezvous.fd())?;
+        let deadline = Instant::now() + ATTACH_WINDOW;
         let setup = Setup::Awaiting {
             rendezvous,
-            deadline: Instant::now() + ATTACH_WINDOW,
+            peer,
+            local,
+            deadline,
         };
-        Ok(Conn::new(tcp, PENDING, setup, Some(watch)))
+        let mut c = Conn::new(tcp, PENDING, setup, Some(watch));
+        c.attach_deadline = Some(deadline);
+        Ok(c)
+    }
+
+    /// Rings half `i`'s bell (0: receiving, 1: sending).
+    fn ring_bell(&self, i: usize) {
+        if let Some(b) = &self.bells {
+            if let Err(e) = b[i].notify() {
+                tracing::debug!("vmc connection: bell: {e}");
+            }
+        }
     }
 
     /// Listener side: the channel is attached already.
@@ -257,6 +288,10 @@ impl Conn {
 
     pub(crate) fn is_accelerated(&self) -> bool {
         self.state.load(Ordering::Acquire) == ACCELERATED
+    }
+
+    fn is_plain(&self) -> bool {
+        self.state.load(Ordering::Acquire) == PLAIN
     }
 
     pub(crate) fn is_pending(&self) -> bool {
@@ -275,6 +310,7 @@ impl Conn {
             .map_or(0, |i| i + 1);
         let _ = self.fallback.set(reason);
         self.state.store(PLAIN, Ordering::Release);
+        self.ring_bell(0);
         self.publish((code as u32) << flag::FALLBACK_SHIFT, true);
         self.publish(flag::PENDING, false);
     }
@@ -284,17 +320,16 @@ impl Conn {
             .control_fd()
             .ok_or_else(|| protocol("channel without a control socket"))?)?;
         let (r, w) = channel.split();
-        let bells = [vmc_os::EventFd::new()?, vmc_os::EventFd::new()?];
         let parts = Parts {
             reader: Mutex::new(Some(r)),
             writer: Mutex::new(Some(w)),
             ctl,
-            bells,
         };
         if self.parts.set(parts).is_err() {
             return Err(protocol("channel attached twice"));
         }
         self.state.store(ACCELERATED, Ordering::Release);
+        self.ring_bell(0);
         self.publish(flag::ACCELERATED, true);
         self.publish(flag::PENDING, false);
         Ok(())
@@ -321,43 +356,35 @@ impl Conn {
             },
             Setup::Awaiting {
                 rendezvous,
+                peer,
+                local,
                 deadline,
-            } => {
-                let key = (self.tcp.peer_addr(), self.tcp.local_addr());
-                let (Ok(peer), Ok(local)) = key else {
-                    return self.give_up(Fallback::Handshake(
-                        "TCP connection has no addresses".into(),
-                    ));
-                };
-                match rendezvous.take(peer, local) {
-                    Some(sock) => match Channel::attach_over(
-                        sock,
-                        vmc_channel::ChannelConfig::from_env().spin,
-                    )
-                    .and_then(|ch| self.install(ch))
+            } => match rendezvous.take(peer, local) {
+                Some(sock) => {
+                    match Channel::attach_over(sock, vmc_channel::ChannelConfig::from_env().spin)
+                        .and_then(|ch| self.install(ch))
                     {
                         Ok(()) => {}
                         Err(e) => self.give_up(Fallback::Handshake(e.to_string())),
-                    },
-                    None if Instant::now() >= deadline => self.give_up(Fallback::PeerNotVmc),
-                    None => {
-                        *setup = Setup::Awaiting {
-                            rendezvous,
-                            deadline,
-                        }
                     }
                 }
-            }
+                None if Instant::now() >= deadline => self.give_up(Fallback::PeerNotVmc),
+                None => {
+                    *setup = Setup::Awaiting {
+                        rendezvous,
+                        peer,
+                        local,
+                        deadline,
+                    }
+                }
+            },
             Setup::Done => {}
         }
     }
 
-    /// The deadline of a listener-side wait for an ATTACH, if one is running.
+    /// The deadline of a listener-side wait for an ATTACH, while it runs.
     fn setup_deadline(&self) -> Option<Instant> {
-        match &*self.setup.try_lock().ok()? {
-            Setup::Awaiting { deadline, .. } => Some(*deadline),
-            _ => None,
-        }
+        self.attach_deadline.filter(|_| self.is_pending())
     }
 
     fn parts(&self) -> Option<&Parts> {
@@ -483,15 +510,15 @@ impl Conn {
                         match wire::parse_control(&ctl.frame) {
                             Some(Control::Switch(s)) => {
                                 ctl.switches.push_back(s);
-                                parts.bells[0].notify()?;
+                                self.ring_bell(0);
                             }
                             Some(Control::LeftTcp(_)) => {
                                 self.peer_left[0].fetch_add(1, Ordering::AcqRel);
-                                parts.bells[1].notify()?;
+                                self.ring_bell(1);
                             }
                             Some(Control::LeftRing(_)) => {
                                 self.peer_left[1].fetch_add(1, Ordering::AcqRel);
-                                parts.bells[1].notify()?;
+                                self.ring_bell(1);
                             }
                             None => return Err(protocol("malformed control frame")),
                         }
@@ -532,8 +559,14 @@ impl Conn {
         if let Some(o) = other {
             fds.push(PollFd::from_borrowed_fd(o, PollFlags::IN));
         }
-        if let Some(p) = self.parts() {
-            fds.push(PollFd::from_borrowed_fd(p.bells[0].fd(), PollFlags::IN));
+        match &self.bells {
+            Some(b) => fds.push(PollFd::from_borrowed_fd(b[0].fd(), PollFlags::IN)),
+            // No bell: look again soon.
+            None if !self.is_plain() => {
+                let slice = Instant::now() + Duration::from_millis(50);
+                deadline = Some(deadline.map_or(slice, |d| d.min(slice)));
+            }
+            None => {}
         }
         let timeout = deadline.map(|d| {
             let left = d.saturating_duration_since(Instant::now());
@@ -546,8 +579,8 @@ impl Conn {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
-        if let Some(p) = self.parts() {
-            p.bells[0].drain()?;
+        if let Some(b) = &self.bells {
+            b[0].drain()?;
         }
         if let Some(t) = rx.timeout {
             if started.elapsed() >= t {
@@ -677,10 +710,10 @@ impl Conn {
                 ));
             }
             let parts = self.parts().ok_or_else(|| protocol("no control socket"))?;
-            let mut fds = [
-                PollFd::new(&parts.ctl, PollFlags::IN | PollFlags::RDHUP),
-                PollFd::from_borrowed_fd(parts.bells[1].fd(), PollFlags::IN),
-            ];
+            let mut fds = vec![PollFd::new(&parts.ctl, PollFlags::IN | PollFlags::RDHUP)];
+            if let Some(b) = &self.bells {
+                fds.push(PollFd::from_borrowed_fd(b[1].fd(), PollFlags::IN));
+            }
             let slice = Timespec {
                 tv_sec: 0,
                 tv_nsec: 100_000_000,
@@ -689,7 +722,9 @@ impl Conn {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }
-            parts.bells[1].drain()?;
+            if let Some(b) = &self.bells {
+                b[1].drain()?;
+            }
             if fds[0]
                 .revents()
                 .intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR)

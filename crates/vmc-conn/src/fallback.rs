@@ -30,9 +30,11 @@ impl Fallback {
     /// Classifies an error that ended a client's handshake.
     pub(crate) fn from_refusal(e: &io::Error) -> Fallback {
         match e.kind() {
-            io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionRefused => {
-                Fallback::NotMatched
-            }
+            // The listener closed the handshake socket without attaching (it found no
+            // accepted connection with this 4-tuple); unread bytes make that a reset.
+            io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset => Fallback::NotMatched,
             _ => Fallback::Handshake(e.to_string()),
         }
     }

@@ -179,7 +179,7 @@ impl TcpListener {
                             Err(e) => Conn::plain(tcp, Fallback::Handshake(e.to_string())),
                         }
                     }
-                    None => Conn::awaiting(tcp, r.clone())?,
+                    None => Conn::awaiting(tcp, r.clone(), peer, local)?,
                 }
             }
         };
