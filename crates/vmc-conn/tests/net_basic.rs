@@ -1,6 +1,8 @@
 //! The std-like API end to end in one process: accelerated connect/accept, data in
 //! both directions, and the fallback when the listener is not vmc.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -8,14 +10,7 @@ use std::time::{Duration, Instant};
 use vmc_conn::{Fallback, Path, TcpListener, TcpStream};
 
 fn private_registry() {
-    // Each test binary gets its own registry so parallel test runs do not meet.
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let dir = std::env::temp_dir()
-            .join(format!("vmc-test-{}", std::process::id()))
-            .join("listeners");
-        std::env::set_var("VMC_REGISTRY_DIR", dir);
-    });
+    common::private_registry();
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {

@@ -2,19 +2,15 @@
 //! writers move their sending direction between TCP and shared memory thousands of
 //! times; every byte is checked against its offset.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::thread;
 
 use vmc_conn::{Path, TcpListener, TcpStream};
 
 fn private_registry() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let dir = std::env::temp_dir()
-            .join(format!("vmc-test-{}", std::process::id()))
-            .join("listeners");
-        std::env::set_var("VMC_REGISTRY_DIR", dir);
-    });
+    common::private_registry();
 }
 
 /// The byte at stream offset `i` of the stream tagged `tag`.

@@ -1,0 +1,584 @@
+//! Every reason a connection stays on TCP, each with data checked end to end and the
+//! reason reported: no vmc peer on either side, vmc disabled, another network
+//! namespace, another user, an unusable registry, a dead or silent listener, and a
+//! listener that does not recognise the connection.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use vmc_conn::registry::{ListenerEntry, NetNs, Registry};
+use vmc_conn::{Fallback, TcpListener, TcpStream, Traffic, ATTACH_WINDOW};
+
+const SPAWN: Duration = Duration::from_secs(20);
+/// Bytes each connection sends (and gets back) in these tests.
+const TOTAL: u64 = 4 << 20;
+
+/// Not a test by itself: the entry point of re-executed children. Does nothing
+/// unless `VMC_IT_ROLE` is set.
+#[test]
+fn child_role() {
+    let Some(role) = role() else {
+        return;
+    };
+    match role.as_str() {
+        // Tries to open each path of VMC_IT_PROBE ("dir:<path>" or "file:<path>",
+        // comma-separated), then sends TOTAL bytes through the echo server at
+        // VMC_IT_ADDR and reports the connection.
+        "client" => {
+            if let Ok(probes) = std::env::var("VMC_IT_PROBE") {
+                for probe in probes.split(',').filter(|p| !p.is_empty()) {
+                    let res = match probe.split_once(':') {
+                        Some(("dir", p)) => std::fs::read_dir(p).map(|_| ()),
+                        Some(("file", p)) => std::fs::File::open(p).map(|_| ()),
+                        _ => panic!("bad probe {probe}"),
+                    };
+                    let res = match res {
+                        Ok(()) => "Ok".to_string(),
+                        Err(e) => format!("{:?}", e.kind()),
+                    };
+                    say("PROBE", format!("{probe} {res}"));
+                }
+            }
+            let s = TcpStream::connect(env("VMC_IT_ADDR")).unwrap();
+            let got = vmc_through_echo(&s, env_u64("VMC_IT_TOTAL", TOTAL));
+            if let Some(f) = s.fallback_reason() {
+                say("REASON_TEXT", f);
+            }
+            say("RESULT", client_summary(&s, got));
+        }
+        // Binds a vmc listener (VMC_IT_BIND, else 127.0.0.1:0) and reports why it
+        // is not registered, if it is not; then echoes one connection
+        // (VMC_IT_ACCEPT=1) or waits for its stdin to close.
+        "server" => {
+            let bind = std::env::var("VMC_IT_BIND").unwrap_or("127.0.0.1:0".into());
+            let l = TcpListener::bind(bind).unwrap();
+            say("LREASON", l.fallback_reason().map_or("none", |f| f.code()));
+            say("PORT", l.local_addr().unwrap().port());
+            if env_u64("VMC_IT_ACCEPT", 0) == 1 {
+                let (s, _) = l.accept().unwrap();
+                settle(&s);
+                let echoed = vmc_echo(&s);
+                say("RESULT", client_summary(&s, echoed));
+            } else {
+                wait_for_stdin_eof();
+            }
+        }
+        // Binds vmc listeners on 127.0.0.1 at each port of VMC_IT_PORTS (run in
+        // another network namespace) and holds them until its stdin closes.
+        "netns-server" => {
+            let ls: Vec<TcpListener> = env("VMC_IT_PORTS")
+                .split(',')
+                .map(|p| TcpListener::bind(format!("127.0.0.1:{p}")).unwrap())
+                .collect();
+            for l in &ls {
+                assert_eq!(l.fallback_reason(), None);
+            }
+            say("NETNS", NetNs::current().unwrap().ino);
+            wait_for_stdin_eof();
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn client_summary(s: &TcpStream, got: u64) -> String {
+    let t = s.traffic();
+    format!(
+        "got={got} accel={} reason={} shm_out={} shm_in={} tcp_out={} tcp_in={}",
+        s.is_accelerated() as u8,
+        s.fallback_reason().map_or("none", |f| f.code()),
+        t.shm_out,
+        t.shm_in,
+        t.tcp_out,
+        t.tcp_in
+    )
+}
+
+/// Everything went over TCP.
+fn assert_all_tcp(t: Traffic, total: u64) {
+    assert_eq!((t.shm_in, t.shm_out), (0, 0), "{t:?}");
+    assert_eq!((t.tcp_in, t.tcp_out), (total, total), "{t:?}");
+}
+
+/// The reason of `s` once its handshake is over (at most 5 s).
+fn settled_reason(s: &TcpStream) -> Option<Fallback> {
+    settle(s);
+    s.fallback_reason()
+}
+
+/// A vmc listener on 127.0.0.1 that echoes the one connection it accepts, on a
+/// thread; returns its address and the thread (with the accepted connection).
+fn vmc_echo_server() -> (SocketAddr, thread::JoinHandle<(TcpStream, u64)>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    assert_eq!(l.fallback_reason(), None);
+    let addr = l.local_addr().unwrap();
+    let h = thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        // Decided before the echo starts, so its reason is final when it ends.
+        settle(&s);
+        drop(l);
+        let n = vmc_echo(&s);
+        (s, n)
+    });
+    (addr, h)
+}
+
+#[test]
+fn vmc_client_of_a_plain_listener_reports_no_listener() {
+    private_registry();
+    let plain = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = plain.local_addr().unwrap();
+    let echo = std_echo_one(plain);
+    let s = TcpStream::connect(addr).unwrap();
+    // Decided at connect time: nothing to wait for.
+    assert_eq!(s.fallback_reason(), Some(Fallback::NoListener));
+    assert!(!s.is_pending() && !s.is_accelerated());
+    assert_eq!(vmc_through_echo(&s, TOTAL), TOTAL);
+    assert_eq!(echo.join().unwrap(), TOTAL);
+    assert_all_tcp(s.traffic(), TOTAL);
+    assert_eq!(s.fallback_reason(), Some(Fallback::NoListener));
+}
+
+#[test]
+fn plain_client_of_a_vmc_listener_is_peer_not_vmc_after_the_window() {
+    private_registry();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let mut c = StdStream::connect(addr).unwrap();
+    let (s, _) = l.accept().unwrap();
+    let accepted = Instant::now();
+    assert!(s.is_pending(), "{:?}", s.fallback_reason());
+    assert_eq!(s.fallback_reason(), None);
+    let s2 = s.clone();
+    let server = thread::spawn(move || vmc_echo(&s2));
+    // Data flows while the listener side still watches for an ATTACH.
+    c.write_all(b"hello").unwrap();
+    let mut back = [0u8; 5];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"hello");
+    assert_eq!(settled_reason(&s), Some(Fallback::PeerNotVmc));
+    assert!(
+        accepted.elapsed() >= ATTACH_WINDOW,
+        "decided before the window ended"
+    );
+    assert_eq!(std_through_echo(c, TOTAL), TOTAL);
+    assert_eq!(server.join().unwrap(), TOTAL + 5);
+    assert_eq!(s.fallback_reason(), Some(Fallback::PeerNotVmc));
+    assert_all_tcp(s.traffic(), TOTAL + 5);
+}
+
+/// A plain client's connection that is over (both directions shut down) before
+/// the listener side looked at it again after its window. (Regression test: before
+/// 6a72894 `Conn::advance` asked the closed socket for its addresses again and
+/// reported `Handshake("TCP connection has no addresses")`.)
+#[test]
+fn a_short_plain_connection_is_peer_not_vmc_too() {
+    private_registry();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = StdStream::connect(l.local_addr().unwrap()).unwrap();
+    let (mut s, _) = l.accept().unwrap();
+    c.write_all(b"hi").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"hi");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(c.read(&mut [0u8; 1]).unwrap(), 0);
+    drop(c);
+    thread::sleep(ATTACH_WINDOW + Duration::from_millis(50));
+    assert_eq!(s.fallback_reason(), Some(Fallback::PeerNotVmc));
+}
+
+#[test]
+fn vmc_disable_keeps_either_end_out_of_the_way() {
+    private_registry();
+    // A disabled client of our listener.
+    let (addr, server) = vmc_echo_server();
+    let mut kid = Kid::spawn(
+        "client",
+        &[
+            ("VMC_IT_ADDR", addr.to_string()),
+            ("VMC_DISABLE", "1".into()),
+        ],
+    );
+    let res = Summary::parse(&kid.expect("RESULT", Duration::from_secs(30)));
+    kid.wait_success(Duration::from_secs(10));
+    assert_eq!(res.str("reason"), "disabled");
+    assert_eq!(res.u64("got"), TOTAL);
+    assert_eq!((res.u64("shm_out"), res.u64("shm_in")), (0, 0));
+    let (s, n) = server.join().unwrap();
+    assert_eq!(n, TOTAL);
+    assert_eq!(s.fallback_reason(), Some(Fallback::PeerNotVmc));
+    assert_all_tcp(s.traffic(), TOTAL);
+
+    // A disabled listener: not registered, so our client finds none.
+    let mut kid = Kid::spawn(
+        "server",
+        &[("VMC_IT_ACCEPT", "1".into()), ("VMC_DISABLE", "1".into())],
+    );
+    assert_eq!(kid.expect("LREASON", SPAWN), "disabled");
+    let port = kid.expect("PORT", SPAWN);
+    let s = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    assert_eq!(s.fallback_reason(), Some(Fallback::NoListener));
+    assert_eq!(vmc_through_echo(&s, TOTAL), TOTAL);
+    let res = Summary::parse(&kid.expect("RESULT", Duration::from_secs(30)));
+    kid.wait_success(Duration::from_secs(10));
+    assert_eq!(res.str("reason"), "disabled");
+    assert_all_tcp(s.traffic(), TOTAL);
+}
+
+#[test]
+fn a_listener_in_another_network_namespace_is_never_used() {
+    private_registry();
+    let ok = Command::new("unshare")
+        .args(["--net", "true"])
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("skipping: `unshare --net` is not available here");
+        return;
+    }
+    // Port P: a plain listener here; port Q: a vmc listener here. The child binds
+    // vmc listeners on both ports in its own namespace.
+    let plain = StdListener::bind("127.0.0.1:0").unwrap();
+    let p = plain.local_addr().unwrap();
+    let (q, ours) = vmc_echo_server();
+    let mut kid = KidSpec::new("netns-server")
+        .env("VMC_IT_PORTS", format!("{},{}", p.port(), q.port()))
+        .wrapper(["unshare", "--net", "--"])
+        .spawn()
+        .unwrap();
+    let Some(ino) = kid.try_expect("NETNS", SPAWN) else {
+        eprintln!("skipping: the child under `unshare --net` did not start");
+        return;
+    };
+    let own = NetNs::current().unwrap();
+    assert_ne!(
+        ino,
+        own.ino.to_string(),
+        "the child is in another namespace"
+    );
+    let reg = Registry::open(private_registry()).unwrap();
+    let theirs: Vec<ListenerEntry> = reg
+        .listeners()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.pid == kid.pid())
+        .collect();
+    assert_eq!(theirs.len(), 2, "{theirs:?}");
+    assert!(theirs.iter().all(|e| e.netns != own));
+
+    // P reaches our plain listener, whatever the registry says about the child's.
+    let echo = std_echo_one(plain);
+    let s = TcpStream::connect(p).unwrap();
+    assert_eq!(s.fallback_reason(), Some(Fallback::NoListener));
+    assert_eq!(vmc_through_echo(&s, TOTAL), TOTAL);
+    assert_eq!(echo.join().unwrap(), TOTAL);
+    assert_all_tcp(s.traffic(), TOTAL);
+
+    // Q reaches our vmc listener, and is accelerated by it.
+    let s = TcpStream::connect(q).unwrap();
+    assert_eq!(vmc_through_echo(&s, TOTAL), TOTAL);
+    assert!(s.is_accelerated(), "{:?}", s.fallback_reason());
+    let (accepted, n) = ours.join().unwrap();
+    assert_eq!(n, TOTAL);
+    assert!(accepted.is_accelerated());
+    assert!(s.traffic().shm_out > 0);
+
+    kid.close_stdin();
+    kid.wait_success(Duration::from_secs(10));
+}
+
+/// A wrapper that runs a program as uid/gid 65534 (nobody), if this machine has
+/// one that works.
+fn as_nobody() -> Option<Vec<&'static str>> {
+    let candidates: [&[&'static str]; 2] = [
+        &[
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ],
+        &["runuser", "-u", "nobody", "--"],
+    ];
+    for w in candidates {
+        let ok = Command::new(w[0])
+            .args(&w[1..])
+            .arg("true")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok && vmc_os::euid() != 65534 {
+            return Some(w.to_vec());
+        }
+    }
+    None
+}
+
+#[test]
+fn a_client_of_another_user_stays_on_tcp_and_cannot_read_our_registry() {
+    let reg_dir = private_registry();
+    let Some(wrapper) = as_nobody() else {
+        eprintln!("skipping: cannot run a process as another user (setpriv/runuser)");
+        return;
+    };
+    let (_bin_dir, exe) = public_copy_of_test_binary().unwrap();
+    // A registry of its own, which it creates (its parent must be its own, 0700).
+    let theirs_root = std::env::temp_dir().join(format!("vmc-other-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&theirs_root);
+    let theirs = theirs_root.join("listeners");
+
+    for (case, their_registry) in [("own registry", &theirs), ("our registry", &reg_dir)] {
+        let (addr, server) = vmc_echo_server();
+        let entry = Registry::open(&reg_dir)
+            .unwrap()
+            .lookup(addr)
+            .into_iter()
+            .next()
+            .expect("our listener is registered");
+        let entry_file = std::fs::read_dir(&reg_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                let n = p.file_name().unwrap().to_string_lossy().into_owned();
+                n.starts_with(&format!("l-{}-", addr.port()))
+            })
+            .unwrap();
+        let probes = [
+            format!("dir:{}", reg_dir.display()),
+            format!("dir:{}", reg_dir.parent().unwrap().display()),
+            format!("file:{}", entry_file.display()),
+            format!("file:{}", entry.rendezvous.display()),
+        ];
+        let mut kid = KidSpec::new("client")
+            .exe(&exe)
+            .wrapper(wrapper.iter().copied())
+            .env(
+                vmc_conn::registry::REGISTRY_DIR_ENV,
+                their_registry.display(),
+            )
+            .env("VMC_IT_ADDR", addr)
+            .env("VMC_IT_PROBE", probes.join(","))
+            .spawn()
+            .unwrap();
+        for probe in &probes {
+            let got = kid.expect("PROBE", SPAWN);
+            assert_eq!(
+                got,
+                format!("{probe} PermissionDenied"),
+                "{case}: the other user opens our files"
+            );
+        }
+        let res = Summary::parse(&kid.expect("RESULT", Duration::from_secs(30)));
+        let text = kid.try_expect("REASON_TEXT", Duration::from_secs(1));
+        kid.wait_success(Duration::from_secs(10));
+        eprintln!("another user's client ({case}): {:?}, {text:?}", res.0);
+        assert_eq!(res.u64("got"), TOTAL, "{case}");
+        assert_eq!(res.str("accel"), "0", "{case}");
+        assert_eq!((res.u64("shm_out"), res.u64("shm_in")), (0, 0), "{case}");
+        let want = if their_registry == &theirs {
+            "no-listener"
+        } else {
+            "registry"
+        };
+        assert_eq!(res.str("reason"), want, "{case}: {text:?}");
+        let (s, n) = server.join().unwrap();
+        assert_eq!(n, TOTAL);
+        assert_eq!(s.fallback_reason(), Some(Fallback::PeerNotVmc), "{case}");
+        assert_all_tcp(s.traffic(), TOTAL);
+    }
+    let _ = std::fs::remove_dir_all(&theirs_root);
+}
+
+#[test]
+fn an_unusable_registry_leaves_both_ends_on_tcp() {
+    private_registry();
+    // The registry's parent must be 0700: this one is 0755.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bad = tmp.path().join("listeners");
+
+    // A client with it, of our (registered, working) listener.
+    let (addr, server) = vmc_echo_server();
+    let mut kid = KidSpec::new("client")
+        .env(vmc_conn::registry::REGISTRY_DIR_ENV, bad.display())
+        .env("VMC_IT_ADDR", addr)
+        .spawn()
+        .unwrap();
+    let res = Summary::parse(&kid.expect("RESULT", Duration::from_secs(30)));
+    let text = kid.expect("REASON_TEXT", Duration::from_secs(1));
+    kid.wait_success(Duration::from_secs(10));
+    assert_eq!(res.str("reason"), "registry", "{text}");
+    assert!(
+        text.contains("0755"),
+        "the reason says what is wrong: {text}"
+    );
+    assert_eq!(res.u64("got"), TOTAL);
+    let (s, _) = server.join().unwrap();
+    assert_eq!(s.fallback_reason(), Some(Fallback::PeerNotVmc));
+    assert_all_tcp(s.traffic(), TOTAL);
+
+    // A listener with it: it works, unregistered, and says why.
+    let mut kid = KidSpec::new("server")
+        .env(vmc_conn::registry::REGISTRY_DIR_ENV, bad.display())
+        .env("VMC_IT_ACCEPT", 1)
+        .spawn()
+        .unwrap();
+    assert_eq!(kid.expect("LREASON", SPAWN), "registry");
+    let port = kid.expect("PORT", SPAWN);
+    let s = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    assert_eq!(s.fallback_reason(), Some(Fallback::NoListener));
+    assert_eq!(vmc_through_echo(&s, TOTAL), TOTAL);
+    let res = Summary::parse(&kid.expect("RESULT", Duration::from_secs(30)));
+    kid.wait_success(Duration::from_secs(10));
+    assert_eq!(res.str("reason"), "registry");
+    assert_all_tcp(s.traffic(), TOTAL);
+    assert!(!bad.exists(), "nothing was created under a bad parent");
+}
+
+#[test]
+fn a_sigkilled_listener_refuses_connections_and_its_entry_is_reaped() {
+    let dir = private_registry();
+    let mut kid = Kid::spawn("server", &[]);
+    assert_eq!(kid.expect("LREASON", SPAWN), "none");
+    let port: u16 = kid.expect("PORT", SPAWN).parse().unwrap();
+    let reg = Registry::open(&dir).unwrap();
+    let entry = reg
+        .listeners()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.pid == kid.pid())
+        .expect("the child's listener is registered");
+    assert_eq!(entry.addr.port(), port);
+    assert!(exists(&entry.rendezvous));
+
+    kid.kill9();
+    kid.wait(Duration::from_secs(5));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t = Instant::now();
+    let err = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+
+    // The port is free again: a plain listener here gets it. A vmc client then
+    // finds the dead entry, reaps it, and stays on TCP.
+    match StdListener::bind(addr) {
+        Ok(plain) => {
+            let echo = std_echo_one(plain);
+            let s = TcpStream::connect(addr).unwrap();
+            assert_eq!(s.fallback_reason(), Some(Fallback::NoListener));
+            assert_eq!(vmc_through_echo(&s, TOTAL), TOTAL);
+            assert_eq!(echo.join().unwrap(), TOTAL);
+            assert_all_tcp(s.traffic(), TOTAL);
+        }
+        Err(e) => eprintln!("not rebinding port {port}: {e}"),
+    }
+    assert!(
+        !reg.listeners().unwrap().iter().any(|e| e.pid == entry.pid),
+        "the dead entry is gone"
+    );
+    assert!(
+        !exists(&entry.rendezvous),
+        "its rendezvous socket is gone too"
+    );
+}
+
+/// Registers, by hand, an entry for `addr` whose rendezvous socket is `rendezvous`.
+fn fake_entry(addr: SocketAddr, rendezvous: PathBuf) -> vmc_conn::registry::Registration {
+    let reg = Registry::open(private_registry()).unwrap();
+    let e = ListenerEntry::for_current_netns(addr, rendezvous).unwrap();
+    reg.register(&e).unwrap()
+}
+
+#[test]
+fn a_registered_listener_that_does_not_answer_is_listener_gone() {
+    private_registry();
+    let tmp = tempfile::tempdir().unwrap();
+    // No socket at all at the rendezvous path; then a socket file nobody listens on.
+    let stale = tmp.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    for rendezvous in [tmp.path().join("missing.sock"), stale] {
+        let plain = StdListener::bind("127.0.0.1:0").unwrap();
+        let addr = plain.local_addr().unwrap();
+        let _reg = fake_entry(addr, rendezvous.clone());
+        let echo = std_echo_one(plain);
+        let s = TcpStream::connect(addr).unwrap();
+        assert_eq!(
+            s.fallback_reason(),
+            Some(Fallback::ListenerGone),
+            "{rendezvous:?}"
+        );
+        assert_eq!(vmc_through_echo(&s, TOTAL), TOTAL);
+        assert_eq!(echo.join().unwrap(), TOTAL);
+        assert_all_tcp(s.traffic(), TOTAL);
+    }
+}
+
+/// A client whose ATTACH went to a vmc listener that has no such connection (the
+/// fake entry for a plain listener's address names that listener's rendezvous
+/// socket); checks the data on the way and returns the client's final reason.
+fn unmatched_attach() -> Option<Fallback> {
+    private_registry();
+    // A real vmc listener elsewhere, whose rendezvous socket the fake entry names.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_addr = other.local_addr().unwrap();
+    let rendezvous = Registry::open(private_registry())
+        .unwrap()
+        .lookup(other_addr)
+        .into_iter()
+        .next()
+        .unwrap()
+        .rendezvous;
+    let plain = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = plain.local_addr().unwrap();
+    let _reg = fake_entry(addr, rendezvous);
+    let echo = std_echo_one(plain);
+
+    let s = TcpStream::connect(addr).unwrap();
+    // The ATTACH went to `other`'s process, which has no such connection.
+    assert!(s.is_pending(), "{:?}", s.fallback_reason());
+    let started = Instant::now();
+    // `other` looks at its rendezvous socket when it accepts: a first connection
+    // queues our ATTACH, one after its expiry (2 s) drops it, closing the socket.
+    let pokes = thread::spawn(move || {
+        for at in [Duration::ZERO, Duration::from_millis(2300)] {
+            thread::sleep(at.saturating_sub(started.elapsed()));
+            let _c = StdStream::connect(other_addr).unwrap();
+            let (_s, _) = other.accept().unwrap();
+        }
+    });
+    // Data flows meanwhile.
+    assert_eq!(vmc_through_echo(&s, TOTAL), TOTAL);
+    assert_eq!(echo.join().unwrap(), TOTAL);
+    pokes.join().unwrap();
+    wait_until("the client to give up", Duration::from_secs(3), || {
+        !s.is_pending()
+    });
+    assert!(!s.is_accelerated());
+    assert_all_tcp(s.traffic(), TOTAL);
+    s.fallback_reason()
+}
+
+/// The listener drops an unmatched ATTACH's socket with the client's HELLO (and
+/// its descriptors) still unread, so the client's `recvmsg` fails with
+/// `ECONNRESET`. (Regression test: before 6a72894 `Fallback::from_refusal` did not
+/// map that to `NotMatched`, and the client reported
+/// `Handshake("recvmsg: Connection reset by peer")`.)
+#[test]
+fn a_listener_that_does_not_recognise_the_connection_is_not_matched() {
+    assert_eq!(unmatched_attach(), Some(Fallback::NotMatched));
+}
