@@ -218,6 +218,9 @@ fn register(tcp: &std::net::TcpListener) -> Result<Arc<Rendezvous>, Fallback> {
     }
     let reg = registry().map_err(|e| Fallback::Registry(e.to_string()))?;
     let fail = |e: io::Error| Fallback::Registry(e.to_string());
+    // Entries of listeners killed with -9 on other ports are reaped here (lookups
+    // only look at their own port), so the directory does not collect them.
+    reg.reap();
     let rendezvous = Rendezvous::bind(reg.path()).map_err(fail)?;
     let entry = ListenerEntry::new(
         NetNs::current().map_err(fail)?,

@@ -102,10 +102,12 @@ struct Table {
 
 impl Table {
     fn slots(&self) -> &[Slot] {
-        // SAFETY: the mapping is page aligned and at least `8 + SLOTS * 128` bytes long
-        // (the file was sized so); slots start at offset 128 and are all atomics, for
-        // which any bit pattern is valid; the mapping lives as long as the table,
-        // which is leaked for the process's lifetime.
+        // SAFETY: the mapping is page aligned and `table_len()` = `128 + SLOTS * 128`
+        // bytes long (the file was sized so); the slots start at offset 128, so each
+        // is 128-byte aligned as `Slot` requires, and they are all atomics, for which
+        // any bit pattern is valid (another process may write them at any time). The
+        // table lives in a static that is never dropped, so the mapping outlives
+        // every `&'static Slot` handed out.
         unsafe {
             std::slice::from_raw_parts(self.map.as_ptr().as_ptr().add(128).cast::<Slot>(), SLOTS)
         }
@@ -134,6 +136,12 @@ fn open_table() -> io::Result<Table> {
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
     let _ = std::fs::remove_file(&path); // left by a dead process that had our pid
+                                         // Tables of processes killed before they could remove theirs go now, so the
+                                         // directory holds at most the live processes' tables plus those of processes
+                                         // killed since the last one started.
+    if let Err(e) = scan(None) {
+        tracing::debug!("reaping stats tables: {e}");
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -145,6 +153,10 @@ fn open_table() -> io::Result<Table> {
         return Err(io::Error::other("stats table locked by someone else"));
     }
     file.set_len(table_len() as u64)?;
+    let _ = OWN_TABLE.set((vmc_os::pid(), path.clone()));
+    // SAFETY: `remove_own_table` is a plain `extern "C" fn()` that catches any panic
+    // and only touches `OWN_TABLE`, a static that stays valid during exit.
+    unsafe { libc::atexit(remove_own_table) };
     let map = Mapping::new(file.as_fd(), table_len())?;
     let t = Table {
         _file: file,
@@ -155,6 +167,21 @@ fn open_table() -> io::Result<Table> {
     let magic = unsafe { &*t.map.as_ptr().as_ptr().cast::<AtomicU64>() };
     magic.store(MAGIC, Ordering::Release);
     Ok(t)
+}
+
+/// This process's table file, removed at a normal exit (a killed process's table is
+/// reaped by the next process that opens one, or by `vmc stat`).
+static OWN_TABLE: OnceLock<(u32, PathBuf)> = OnceLock::new();
+
+extern "C" fn remove_own_table() {
+    let _ = std::panic::catch_unwind(|| {
+        // A forked child that exits must not remove its parent's table.
+        if let Some((pid, path)) = OWN_TABLE.get() {
+            if *pid == vmc_os::pid() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    });
 }
 
 fn table() -> Option<&'static Table> {
@@ -275,13 +302,21 @@ pub struct ConnStat {
 /// Every live connection of this user, from every process's table; tables of dead
 /// processes are removed on the way.
 pub fn connections() -> io::Result<Vec<ConnStat>> {
+    let mut out = Vec::new();
+    scan(Some(&mut out))?;
+    out.sort_by_key(|c| (c.pid, c.local));
+    Ok(out)
+}
+
+/// Visits every table in the directory: removes those of dead processes, and with
+/// `out`, collects the live connections of the others.
+fn scan(mut out: Option<&mut Vec<ConnStat>>) -> io::Result<()> {
     let dir = stats_dir();
     let rd = match std::fs::read_dir(&dir) {
         Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    let mut out = Vec::new();
     for entry in rd.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
@@ -292,15 +327,16 @@ pub fn connections() -> io::Result<Vec<ConnStat>> {
         else {
             continue;
         };
-        if let Err(e) = read_table(&entry.path(), pid, &mut out) {
+        if let Err(e) = read_table(&entry.path(), pid, out.as_deref_mut()) {
             tracing::debug!("skipping stats table {name}: {e}");
         }
     }
-    out.sort_by_key(|c| (c.pid, c.local));
-    Ok(out)
+    Ok(())
 }
 
-fn read_table(path: &Path, pid: u32, out: &mut Vec<ConnStat>) -> io::Result<()> {
+/// Reads one table into `out`; removes it if its process is dead. With `out` `None`
+/// it only does the latter.
+fn read_table(path: &Path, pid: u32, out: Option<&mut Vec<ConnStat>>) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let file = OpenOptions::new()
         .read(true)
@@ -319,6 +355,7 @@ fn read_table(path: &Path, pid: u32, out: &mut Vec<ConnStat>) -> io::Result<()> 
         let _ = std::fs::remove_file(path);
         return Ok(());
     }
+    let Some(out) = out else { return Ok(()) };
     let map = Mapping::new(file.as_fd(), table_len())?;
     // SAFETY: as in `Table::slots`: the mapping is `table_len()` bytes, page aligned,
     // and slots are atomics; it lives until the end of this function.

@@ -141,3 +141,26 @@ fn live_connections_are_listed_for_vmc_stat() {
         .iter()
         .any(|s| s.local == local));
 }
+
+#[test]
+fn tables_of_dead_processes_are_removed() {
+    use std::os::unix::fs::OpenOptionsExt;
+    private_registry();
+    let dir = vmc_conn::stats::stats_dir();
+    // The directory exists once this process has a connection.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let _c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let dead = dir.join("p-999999-0.stats");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&dead)
+        .unwrap();
+    f.set_len((128 + vmc_conn::stats::SLOTS * 128) as u64)
+        .unwrap();
+    drop(f); // nobody holds its lock: its process is "dead"
+    vmc_conn::stats::connections().unwrap();
+    assert!(!dead.exists(), "a dead process's table stayed behind");
+}

@@ -213,6 +213,18 @@ pub fn two_copy_bound(suite: &Suite) -> Option<f64> {
 /// The human report of one suite: a title line, for stream the memcpy bound, and the table.
 ///
 /// Optional columns: `conns` and the per-connection figure when the suite ran
+/// A table column: header, whether it is shown, and how a result fills its cell.
+type Column<'a> = (&'a str, bool, Box<dyn Fn(&RunResult) -> String + 'a>);
+
+/// A latency column (microseconds; "-" where the mode has none).
+fn latency_column<'a>(header: &'a str, value: fn(&RunResult) -> Option<f64>) -> Column<'a> {
+    (
+        header,
+        true,
+        Box::new(move |r: &RunResult| value(r).map_or("-".into(), fmt_us)),
+    )
+}
+
 /// more than one connection, `accel` when a vmc run is in it (always for crr).
 pub fn render(suite: &Suite) -> String {
     let tcp = suite.results.iter().find(|r| r.transport == Transport::Tcp);
@@ -221,7 +233,6 @@ pub fn render(suite: &Suite) -> String {
         suite.mode == Mode::Crr || suite.results.iter().any(|r| r.accelerated_conns.is_some());
     let mut out = String::new();
     // (header, cell) pairs, filtered by whether the column is shown.
-    type Column<'a> = (&'a str, bool, Box<dyn Fn(&RunResult) -> String + 'a>);
     let columns: Vec<Column> = match suite.mode {
         Mode::Rr => {
             let _ = writeln!(
@@ -235,16 +246,8 @@ pub fn render(suite: &Suite) -> String {
             vec![
                 ("conns", many, Box::new(|r: &RunResult| r.conns.to_string())),
                 ("accel", accel, Box::new(fmt_accel)),
-                (
-                    "p50 us",
-                    true,
-                    Box::new(|r: &RunResult| r.rtt_p50_us.map_or("-".into(), fmt_us)),
-                ),
-                (
-                    "p99 us",
-                    true,
-                    Box::new(|r: &RunResult| r.rtt_p99_us.map_or("-".into(), fmt_us)),
-                ),
+                latency_column("p50 us", |r| r.rtt_p50_us),
+                latency_column("p99 us", |r| r.rtt_p99_us),
                 (
                     "trans/s",
                     true,
@@ -322,16 +325,8 @@ pub fn render(suite: &Suite) -> String {
             vec![
                 ("conns", true, Box::new(|r: &RunResult| r.conns.to_string())),
                 ("accel", true, Box::new(fmt_accel)),
-                (
-                    "p50 us",
-                    true,
-                    Box::new(|r: &RunResult| r.rtt_p50_us.map_or("-".into(), fmt_us)),
-                ),
-                (
-                    "p99 us",
-                    true,
-                    Box::new(|r: &RunResult| r.rtt_p99_us.map_or("-".into(), fmt_us)),
-                ),
+                latency_column("p50 us", |r| r.rtt_p50_us),
+                latency_column("p99 us", |r| r.rtt_p99_us),
                 (
                     "conns/s",
                     true,
