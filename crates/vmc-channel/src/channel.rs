@@ -172,6 +172,26 @@ fn wait_until<R: WaitRing>(
     Ok(())
 }
 
+/// The eventfds a channel's halves are woken through (eventfd channels only), for
+/// event loops that wait on many things at once (see [`ReadHalf::arm`]). Holding it
+/// keeps them open; it gives no access to the rings.
+#[derive(Clone)]
+pub struct WakeFds {
+    core: Arc<Core>,
+}
+
+impl WakeFds {
+    /// Readable after an armed reader is woken (the peer wrote).
+    pub fn read(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.core.wake_fd(Dir::Read)
+    }
+
+    /// Readable after an armed writer is woken (the peer freed space).
+    pub fn write(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.core.wake_fd(Dir::Write)
+    }
+}
+
 /// The reading half of a channel.
 pub struct ReadHalf {
     rx: Consumer,
@@ -213,6 +233,15 @@ impl ReadHalf {
         wait_until(&mut self.rx, &mut self.waiter, &self.core, Dir::Read)
     }
 
+    /// Waits, as a read would (spin, sleep, timeout, non-blocking mode), until a read
+    /// would not wait; reads nothing (for `MSG_PEEK`).
+    pub fn wait_ready(&mut self) -> io::Result<()> {
+        if self.is_ready() {
+            return Ok(());
+        }
+        self.wait_readable()
+    }
+
     /// Zero-copy read: calls `f` with the ready bytes (as two slices, before and
     /// after the ring's wrap) and consumes as many as `f` returns. Blocks like
     /// [`ReadHalf::read`] until at least one byte is ready; returns `Ok(0)` at end of
@@ -235,6 +264,17 @@ impl ReadHalf {
         }
     }
 
+    /// Copies up to `buf.len()` ready bytes without consuming them (`MSG_PEEK`).
+    /// Never waits: 0 means nothing is ready (see [`ReadHalf::is_ready`] for why).
+    pub fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let (a, b) = self.rx.read_slices().map_err(ring_error)?;
+        let n = buf.len().min(a.len() + b.len());
+        let from_a = n.min(a.len());
+        buf[..from_a].copy_from_slice(&a[..from_a]);
+        buf[from_a..n].copy_from_slice(&b[..n - from_a]);
+        Ok(n)
+    }
+
     /// Bytes that can be read right now without blocking.
     pub fn available(&mut self) -> io::Result<usize> {
         self.rx.available().map_err(ring_error)
@@ -248,6 +288,35 @@ impl ReadHalf {
     /// Non-blocking mode: reads that would wait fail with `WouldBlock` instead.
     pub fn set_nonblocking(&mut self, on: bool) {
         self.waiter.nonblocking = on
+    }
+
+    /// True if a read would not wait: bytes are ready, the writer ended, or the ring
+    /// is corrupt (the read reports it). No system call.
+    pub fn is_ready(&mut self) -> bool {
+        WaitRing::ready(&mut self.rx).unwrap_or(true)
+    }
+
+    /// Readiness for an event loop, step 1: asks the writer to ring
+    /// [`ReadHalf::wake_fd`] at its next write. Returns false (and arms nothing) if a
+    /// read would not wait already. Call [`ReadHalf::disarm`] after waking.
+    pub fn arm(&mut self) -> bool {
+        self.rx.prepare_sleep().unwrap_or(false)
+    }
+
+    /// Withdraws [`ReadHalf::arm`].
+    pub fn disarm(&mut self) {
+        self.rx.finish_sleep()
+    }
+
+    /// The descriptor an armed reader's wake-up makes readable (eventfd channels
+    /// only; others have none, and an event loop must look again on its own).
+    pub fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.core.wake_fd(Dir::Read)
+    }
+
+    /// False once the peer is known to have died without closing.
+    pub fn peer_alive(&self) -> bool {
+        self.core.peer_alive()
     }
 
     /// Bytes read so far.
@@ -354,6 +423,37 @@ impl WriteHalf {
         self.waiter.nonblocking = on
     }
 
+    /// True if a write would not wait: there is space, or the reader is gone (the
+    /// write reports it). No system call.
+    pub fn is_ready(&mut self) -> bool {
+        WaitRing::ready(&mut self.tx).unwrap_or(true)
+    }
+
+    /// Bytes the ring holds that the reader has not taken yet.
+    pub fn queued(&mut self) -> usize {
+        self.tx
+            .free()
+            .map_or(0, |free| self.tx.capacity().saturating_sub(free))
+    }
+
+    /// Readiness for an event loop, step 1: asks the reader to ring
+    /// [`WriteHalf::wake_fd`] when it frees space. Returns false (and arms nothing)
+    /// if a write would not wait already. Call [`WriteHalf::disarm`] after waking.
+    pub fn arm(&mut self) -> bool {
+        self.tx.prepare_sleep().unwrap_or(false)
+    }
+
+    /// Withdraws [`WriteHalf::arm`].
+    pub fn disarm(&mut self) {
+        self.tx.finish_sleep()
+    }
+
+    /// The descriptor an armed writer's wake-up makes readable (eventfd channels
+    /// only).
+    pub fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.core.wake_fd(Dir::Write)
+    }
+
     /// Bytes written so far.
     pub fn position(&self) -> u64 {
         self.tx.position()
@@ -403,6 +503,13 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// A handle on the wake-up descriptors, usable while the halves are busy.
+    pub fn wake_fds(&self) -> WakeFds {
+        WakeFds {
+            core: self.reader.core.clone(),
+        }
+    }
+
     pub(crate) fn from_parts(core: Core, tx: Producer, rx: Consumer) -> Channel {
         let core = Arc::new(core);
         Channel {

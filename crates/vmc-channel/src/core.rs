@@ -102,6 +102,14 @@ impl Core {
         }
     }
 
+    /// The eventfd our `dir` half sleeps on, in eventfd mode.
+    pub(crate) fn wake_fd(&self, dir: Dir) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match &self.signals {
+            Signals::EventFd { mine, .. } => Some(mine[dir as usize].fd()),
+            _ => None,
+        }
+    }
+
     /// False once the peer is known to have died (not merely closed).
     pub(crate) fn peer_alive(&self) -> bool {
         let alive = match &self.link {

@@ -42,6 +42,6 @@ mod core;
 mod setup;
 pub mod spin;
 
-pub use channel::{Channel, ReadHalf, WriteHalf};
+pub use channel::{Channel, ReadHalf, WakeFds, WriteHalf};
 pub use config::{ChannelConfig, WakeMode};
 pub use setup::{ChannelListener, Offer, PendingChannel, HANDSHAKE_TIMEOUT};

@@ -8,6 +8,7 @@
 
 mod bench;
 mod demo;
+mod run;
 mod stat;
 
 use std::io::IsTerminal;
@@ -61,11 +62,27 @@ connections that stayed on TCP are also listed, with the reason, on stderr.")]
     Bench(BenchArgs),
     /// Run a short shm vs TCP vs Unix comparison (about 10 s) and explain the numbers.
     Demo(DemoArgs),
+    /// Run an unmodified program with its TCP connections accelerated (LD_PRELOAD).
+    #[command(after_help = "\
+Both ends of a connection must run under vmc (or preload the library) and share the
+machine; every other connection stays plain TCP. Examples:
+  vmc run -- redis-server --port 7000
+  vmc run -- redis-benchmark -p 7000 -t get,set
+Environment: VMC_DISABLE=1 turns vmc off, VMC_LOG=debug logs to stderr (VMC_LOG_FILE
+to a file instead), VMC_REPORT=FILE appends a JSON summary per process at exit.")]
+    Run(RunArgs),
     /// List this user's vmc listeners and live connections (path, bytes, fallback reason).
     Stat(StatArgs),
     /// Serve one bench connection (spawned by `vmc bench`; not for direct use).
     #[command(name = "__bench-server", hide = true)]
     BenchServer(ServerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The program to run, and its arguments (after `--`)
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -239,6 +256,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(args) => demo::run(args.quick),
         Command::Stat(args) => stat::run(args.json),
+        Command::Run(mut args) => {
+            let program = args.command.remove(0);
+            run::run(program, args.command)
+        }
         Command::BenchServer(args) => bench::serve(&args),
     }
 }

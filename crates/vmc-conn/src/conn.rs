@@ -27,19 +27,21 @@
 //! then moves its own sending direction onto the ring at its next write.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use rustix::event::epoll::EventFlags;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::net::{recv, send, RecvFlags, SendFlags};
 use vmc_channel::{Channel, Offer, ReadHalf, WriteHalf};
 
 use crate::fallback::Fallback;
 use crate::listener::Rendezvous;
+use crate::ready::{Interest, Ready, WaitSet};
 use crate::stats::{flag, Counters, Home};
 use crate::wire::{self, Control, Path, Switch, SWITCH_LEN};
 
@@ -74,6 +76,8 @@ struct Parts {
     writer: Mutex<Option<WriteHalf>>,
     /// The control socket (a duplicate of the channel's handshake socket).
     ctl: OwnedFd,
+    /// The rings' wake-up eventfds, for event loops.
+    wake: vmc_channel::WakeFds,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +150,14 @@ pub(crate) struct Conn {
     home: Home,
     /// The state bits last published (see `stats::flag`).
     flags: AtomicU32,
+    /// Reads and writes that came back with `WouldBlock` (part of the readiness
+    /// marks: after one, an edge-triggered waiter is owed a fresh event).
+    rx_blocked: AtomicU64,
+    tx_blocked: AtomicU64,
+    /// For event loops: created when one first waits on this connection.
+    waitset: OnceLock<WaitSet>,
+    /// Event loops waiting on the wait set right now.
+    waiters: AtomicU32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -168,6 +180,23 @@ fn bump(counter: &AtomicU64, n: usize) {
 
 fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     fd.try_clone_to_owned()
+}
+
+/// As std reports a read timeout on Linux.
+fn read_timeout(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::TimedOut => io::Error::new(io::ErrorKind::WouldBlock, e),
+        _ => e,
+    }
+}
+
+/// Options of one read, as `recv(2)` flags.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ReadOpts {
+    /// `MSG_PEEK`: leave the bytes for the next read.
+    pub(crate) peek: bool,
+    /// `MSG_DONTWAIT`: this read does not wait, whatever the connection's mode.
+    pub(crate) dontwait: bool,
 }
 
 fn protocol(msg: &str) -> io::Error {
@@ -215,6 +244,10 @@ impl Conn {
             peer_left: [AtomicU64::new(0), AtomicU64::new(0)],
             home,
             flags: AtomicU32::new(0),
+            rx_blocked: AtomicU64::new(0),
+            tx_blocked: AtomicU64::new(0),
+            waitset: OnceLock::new(),
+            waiters: AtomicU32::new(0),
         };
         c.publish(flag::PENDING, state == PENDING);
         c
@@ -319,11 +352,13 @@ impl Conn {
         let ctl = dup(channel
             .control_fd()
             .ok_or_else(|| protocol("channel without a control socket"))?)?;
+        let wake = channel.wake_fds();
         let (r, w) = channel.split();
         let parts = Parts {
             reader: Mutex::new(Some(r)),
             writer: Mutex::new(Some(w)),
             ctl,
+            wake,
         };
         if self.parts.set(parts).is_err() {
             return Err(protocol("channel attached twice"));
@@ -394,10 +429,24 @@ impl Conn {
     // ---- receiving ------------------------------------------------------------
 
     pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_opts(buf, ReadOpts::default())
+    }
+
+    /// Reads like `recv(2)` with `opts` (`MSG_PEEK`, `MSG_DONTWAIT`).
+    pub(crate) fn read_opts(&self, buf: &mut [u8], opts: ReadOpts) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
         let mut rx = lock(&self.rx);
+        let r = self.read_locked(&mut rx, buf, opts);
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            self.rx_blocked.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn read_locked(&self, rx: &mut Rx, buf: &mut [u8], opts: ReadOpts) -> io::Result<usize> {
+        let nonblocking = rx.nonblocking || opts.dontwait;
         // Read the clock only if this read has to wait (it costs as much as the rest
         // of a ring read).
         let mut started = None;
@@ -406,91 +455,137 @@ impl Conn {
             match rx.path {
                 RxPath::Shm => {
                     let ring = rx.ring.as_mut().expect("shm path has a ring");
-                    let n = ring.read(buf).map_err(|e| match e.kind() {
-                        // As std reports a read timeout on Linux.
-                        io::ErrorKind::TimedOut => io::Error::new(io::ErrorKind::WouldBlock, e),
-                        _ => e,
-                    })?;
+                    let n = if opts.peek || opts.dontwait {
+                        if !ring.is_ready() {
+                            if nonblocking {
+                                return Err(io::ErrorKind::WouldBlock.into());
+                            }
+                            ring.wait_ready().map_err(read_timeout)?;
+                        }
+                        if opts.peek {
+                            ring.peek(buf)?
+                        } else {
+                            ring.read(buf)?
+                        }
+                    } else {
+                        ring.read(buf).map_err(read_timeout)?
+                    };
                     if n > 0 {
-                        bump(&self.counters().shm_in, n);
+                        if !opts.peek {
+                            bump(&self.counters().shm_in, n);
+                        }
                         return Ok(n);
                     }
                     // The ring ended: the peer moved to TCP (a SWITCH is queued), or
                     // this is the end of the stream.
-                    match self.next_switch()? {
-                        Some(s) if s.to == Path::Tcp => {
-                            let pos = rx.ring.as_ref().map_or(0, |r| r.position());
-                            if s.offset != pos {
-                                return Err(protocol(
-                                    "peer switched to TCP at an offset the ring did not reach",
-                                ));
-                            }
-                            self.pop_switch();
-                            rx.path = RxPath::Tcp { until: None };
-                            self.publish(flag::RX_SHM, false);
-                            self.answer(wire::left(Path::Shm, pos));
-                        }
-                        Some(_) => return Err(protocol("SWITCH to shm while already on shm")),
-                        None => return Ok(0),
+                    if !self.leave_ring(rx)? {
+                        return Ok(0);
                     }
                 }
-                RxPath::Tcp { until: Some(end) } if rx.tcp_in == end => {
-                    if rx.ring.is_none() {
-                        let mut ring = self
-                            .parts()
-                            .and_then(|p| lock(&p.reader).take())
-                            .ok_or_else(|| protocol("SWITCH to shm without a channel"))?;
-                        ring.set_nonblocking(rx.nonblocking);
-                        ring.set_timeout(rx.timeout)?;
-                        rx.ring = Some(ring);
-                    }
-                    rx.path = RxPath::Shm;
-                    self.publish(flag::RX_SHM, true);
-                    self.answer(wire::left(Path::Tcp, end));
-                }
+                RxPath::Tcp { until: Some(end) } if rx.tcp_in == end => self.enter_ring(rx, end)?,
                 RxPath::Tcp { until } => {
                     let room = until.map_or(buf.len() as u64, |end| end - rx.tcp_in);
                     let len = room.min(buf.len() as u64) as usize;
                     let want = &mut buf[..len];
+                    let mut flags = RecvFlags::empty();
+                    if opts.peek {
+                        flags |= RecvFlags::PEEK;
+                    }
+                    if opts.dontwait {
+                        flags |= RecvFlags::DONTWAIT;
+                    }
                     if until.is_some() || self.state.load(Ordering::Acquire) == PLAIN {
                         // Plain TCP, or bytes the peer already sent before moving:
                         // the socket's own blocking rules apply.
-                        let n = (&self.tcp).read(want)?;
-                        rx.tcp_in += n as u64;
-                        bump(&self.counters().tcp_in, n);
+                        let (n, _) = recv(&self.tcp, &mut *want, flags)?;
+                        if !opts.peek {
+                            rx.tcp_in += n as u64;
+                            bump(&self.counters().tcp_in, n);
+                        }
                         return Ok(n);
                     }
                     // A SWITCH may come at any moment: take what TCP has, else wait
                     // for TCP or the control socket.
-                    match recv(&self.tcp, &mut *want, RecvFlags::DONTWAIT) {
+                    match recv(&self.tcp, &mut *want, flags | RecvFlags::DONTWAIT) {
                         // TCP ended. If the peer moved to the ring first, the end of
                         // the stream is there (its SWITCH is queued): follow it.
                         Ok((0, _)) if self.is_accelerated() && self.next_switch()?.is_some() => {}
                         Ok((n, _)) => {
-                            rx.tcp_in += n as u64;
-                            bump(&self.counters().tcp_in, n);
+                            if !opts.peek {
+                                rx.tcp_in += n as u64;
+                                bump(&self.counters().tcp_in, n);
+                            }
                             return Ok(n);
                         }
                         Err(rustix::io::Errno::AGAIN) => {}
                         Err(rustix::io::Errno::INTR) => continue,
                         Err(e) => return Err(e.into()),
                     }
-                    if self.is_accelerated() {
-                        if let Some(s) = self.next_switch()? {
-                            if s.to != Path::Shm || s.offset < rx.tcp_in {
-                                return Err(protocol("unexpected SWITCH while reading TCP"));
-                            }
-                            self.pop_switch();
-                            rx.path = RxPath::Tcp {
-                                until: Some(s.offset),
-                            };
-                            continue;
-                        }
+                    if self.is_accelerated() && self.follow_to_ring(rx)? {
+                        continue;
                     }
                     let since = *started.get_or_insert_with(Instant::now);
-                    self.wait_rx(&rx, since)?;
+                    self.wait_rx(rx, nonblocking, since)?;
                 }
             }
+        }
+    }
+
+    /// The ring ended: if the peer moved this direction to TCP (its SWITCH is
+    /// queued), follow it and return true; false at the real end of the stream.
+    fn leave_ring(&self, rx: &mut Rx) -> io::Result<bool> {
+        match self.next_switch()? {
+            Some(s) if s.to == Path::Tcp => {
+                let pos = rx.ring.as_ref().map_or(0, |r| r.position());
+                if s.offset != pos {
+                    return Err(protocol(
+                        "peer switched to TCP at an offset the ring did not reach",
+                    ));
+                }
+                self.pop_switch();
+                rx.path = RxPath::Tcp { until: None };
+                self.publish(flag::RX_SHM, false);
+                self.answer(wire::left(Path::Shm, pos));
+                Ok(true)
+            }
+            Some(_) => Err(protocol("SWITCH to shm while already on shm")),
+            None => Ok(false),
+        }
+    }
+
+    /// TCP delivered every byte the peer sent before moving to the ring: read the
+    /// ring from now on.
+    fn enter_ring(&self, rx: &mut Rx, end: u64) -> io::Result<()> {
+        if rx.ring.is_none() {
+            let mut ring = self
+                .parts()
+                .and_then(|p| lock(&p.reader).take())
+                .ok_or_else(|| protocol("SWITCH to shm without a channel"))?;
+            ring.set_nonblocking(rx.nonblocking);
+            ring.set_timeout(rx.timeout)?;
+            rx.ring = Some(ring);
+        }
+        rx.path = RxPath::Shm;
+        self.publish(flag::RX_SHM, true);
+        self.answer(wire::left(Path::Tcp, end));
+        Ok(())
+    }
+
+    /// Reading TCP with no end known: if the peer announced a move to the ring,
+    /// learn where TCP ends (true).
+    fn follow_to_ring(&self, rx: &mut Rx) -> io::Result<bool> {
+        match self.next_switch()? {
+            Some(s) => {
+                if s.to != Path::Shm || s.offset < rx.tcp_in {
+                    return Err(protocol("unexpected SWITCH while reading TCP"));
+                }
+                self.pop_switch();
+                rx.path = RxPath::Tcp {
+                    until: Some(s.offset),
+                };
+                Ok(true)
+            }
+            None => Ok(false),
         }
     }
 
@@ -545,8 +640,8 @@ impl Conn {
     }
 
     /// Waits until TCP, the control socket or the handshake may have news.
-    fn wait_rx(&self, rx: &Rx, started: Instant) -> io::Result<()> {
-        if rx.nonblocking {
+    fn wait_rx(&self, rx: &Rx, nonblocking: bool, started: Instant) -> io::Result<()> {
+        if nonblocking {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let mut deadline = rx.timeout.map(|t| started + t);
@@ -599,8 +694,22 @@ impl Conn {
     // ---- sending --------------------------------------------------------------
 
     pub(crate) fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.write_opts(buf, false)
+    }
+
+    /// Writes like `send(2)`; `dontwait` is `MSG_DONTWAIT`. Never raises SIGPIPE: a
+    /// closed peer is a `BrokenPipe` error.
+    pub(crate) fn write_opts(&self, buf: &[u8], dontwait: bool) -> io::Result<usize> {
         self.advance();
         let mut tx = lock(&self.tx);
+        let r = self.write_locked(&mut tx, buf, dontwait);
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            self.tx_blocked.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn write_locked(&self, tx: &mut Tx, buf: &[u8], dontwait: bool) -> io::Result<usize> {
         if tx.shut {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -609,17 +718,25 @@ impl Conn {
         }
         if tx.path != tx.want && self.is_accelerated() {
             let to = tx.want;
-            self.move_tx(&mut tx, to)?;
+            self.move_tx(tx, to, dontwait)?;
         }
         match tx.path {
             Path::Tcp => {
-                let n = (&self.tcp).write(buf)?;
+                let mut flags = SendFlags::NOSIGNAL;
+                if dontwait {
+                    flags |= SendFlags::DONTWAIT;
+                }
+                let n = send(&self.tcp, buf, flags)?;
                 tx.tcp_out += n as u64;
                 bump(&self.counters().tcp_out, n);
                 Ok(n)
             }
             Path::Shm => {
-                let n = tx.ring.as_mut().expect("shm path has a ring").write(buf)?;
+                let ring = tx.ring.as_mut().expect("shm path has a ring");
+                if dontwait && !buf.is_empty() && !ring.is_ready() {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                let n = ring.write(buf)?;
                 bump(&self.counters().shm_out, n);
                 Ok(n)
             }
@@ -649,7 +766,7 @@ impl Conn {
     }
 
     /// Moves our sending direction to `to` at the current byte boundary.
-    fn move_tx(&self, tx: &mut Tx, to: Path) -> io::Result<()> {
+    fn move_tx(&self, tx: &mut Tx, to: Path, dontwait: bool) -> io::Result<()> {
         if tx.path == to {
             return Ok(());
         }
@@ -657,7 +774,7 @@ impl Conn {
             Path::Shm => {
                 // The peer must have left the ring where we last paused it, or it
                 // could read what we write now before the TCP stretch in between.
-                self.wait_peer_left(tx, Path::Shm)?;
+                self.wait_peer_left(tx, Path::Shm, dontwait)?;
                 if tx.ring.is_none() {
                     tx.ring = self.parts().and_then(|p| lock(&p.writer).take());
                 }
@@ -677,7 +794,7 @@ impl Conn {
             }
             Path::Tcp => {
                 // Likewise the peer must have left TCP where we last moved off it.
-                self.wait_peer_left(tx, Path::Tcp)?;
+                self.wait_peer_left(tx, Path::Tcp, dontwait)?;
                 let ring = tx.ring.as_mut().expect("shm path has a ring");
                 self.send_control(wire::switch(Switch {
                     to: Path::Tcp,
@@ -695,7 +812,7 @@ impl Conn {
     /// Waits until the peer followed every move of ours away from `path`, so that
     /// going back to it cannot put bytes on it before the receiver knows where the
     /// previous stretch there ended.
-    fn wait_peer_left(&self, tx: &Tx, path: Path) -> io::Result<()> {
+    fn wait_peer_left(&self, tx: &Tx, path: Path, dontwait: bool) -> io::Result<()> {
         let i = path as usize;
         let started = Instant::now();
         loop {
@@ -703,7 +820,7 @@ impl Conn {
             if self.peer_left[i].load(Ordering::Acquire) >= tx.left[i] {
                 return Ok(());
             }
-            if tx.nonblocking {
+            if tx.nonblocking || dontwait {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             if tx.timeout.is_some_and(|t| started.elapsed() >= t) {
@@ -750,7 +867,7 @@ impl Conn {
         let mut tx = lock(&self.tx);
         tx.want = to;
         if self.is_accelerated() && !tx.shut {
-            self.move_tx(&mut tx, to)?;
+            self.move_tx(&mut tx, to, false)?;
         }
         Ok(())
     }
@@ -823,8 +940,250 @@ impl Conn {
         lock(&self.tx).timeout
     }
 
+    // ---- readiness, for event loops (see `ready`) ------------------------------
+
+    /// The kernel's view of the TCP socket, without waiting.
+    fn tcp_events(&self) -> PollFlags {
+        let mut fds = [PollFd::new(
+            &self.tcp,
+            PollFlags::IN | PollFlags::OUT | PollFlags::RDHUP,
+        )];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match poll(&mut fds, Some(&zero)) {
+            Ok(_) => fds[0].revents(),
+            Err(_) => PollFlags::empty(),
+        }
+    }
+
+    /// What the connection is ready for now. Without `deep`, and while the wanted
+    /// directions are on shared memory, this makes no system call; `deep` also asks
+    /// the kernel about the TCP socket (hang-ups, errors) and the peer's liveness.
+    pub(crate) fn readiness(&self, want: Interest, deep: bool) -> Ready {
+        self.advance();
+        let mut r = Ready::default();
+        let mut tcp: Option<PollFlags> = None;
+        if want.read {
+            if let Ok(mut rx) = self.rx.try_lock() {
+                // A reader holding the lock takes whatever comes; otherwise look.
+                r.readable = self.rx_ready(&mut rx, deep, &mut tcp).unwrap_or(true);
+                let queued = match rx.path {
+                    RxPath::Shm => rx.ring.as_mut().map_or(0, |ring| ring.available().unwrap_or(0)),
+                    RxPath::Tcp { .. } => rustix::io::ioctl_fionread(&self.tcp).unwrap_or(0) as usize,
+                };
+                let c = self.counters();
+                r.rx_mark = c.tcp_in.load(Ordering::Relaxed)
+                    + c.shm_in.load(Ordering::Relaxed)
+                    + queued as u64
+                    + self.rx_blocked.load(Ordering::Relaxed);
+            }
+        }
+        if want.write {
+            if let Ok(mut tx) = self.tx.try_lock() {
+                r.writable = self.tx_ready(&mut tx, &mut tcp).unwrap_or(true);
+                let sent = match tx.path {
+                    Path::Shm => tx.ring.as_mut().map_or(0, |w| w.position() - w.queued() as u64),
+                    Path::Tcp => 0,
+                };
+                r.tx_mark = tx.tcp_out + sent + self.tx_blocked.load(Ordering::Relaxed);
+            }
+        }
+        if deep || tcp.is_some() {
+            let ev = *tcp.get_or_insert_with(|| self.tcp_events());
+            r.hup = ev.contains(PollFlags::HUP);
+            r.error = ev.contains(PollFlags::ERR);
+            // The kernel says "read returns 0 eventually" as soon as the FIN is in;
+            // the ring's end may lag it by a moment, so report it with readability.
+            r.read_closed = ev.contains(PollFlags::RDHUP) && r.readable;
+            if r.hup && want.read && !r.readable {
+                r.readable = true;
+            }
+        }
+        r
+    }
+
+    fn rx_ready(&self, rx: &mut Rx, deep: bool, tcp: &mut Option<PollFlags>) -> io::Result<bool> {
+        loop {
+            match rx.path {
+                RxPath::Shm => {
+                    let ring = rx.ring.as_mut().expect("shm path has a ring");
+                    if ring.is_ready() {
+                        if ring.available()? > 0 {
+                            return Ok(true);
+                        }
+                        if !self.leave_ring(rx)? {
+                            return Ok(true); // end of stream
+                        }
+                        continue;
+                    }
+                    return Ok(deep && !ring.peer_alive());
+                }
+                RxPath::Tcp { until: Some(end) } if rx.tcp_in == end => self.enter_ring(rx, end)?,
+                RxPath::Tcp { until } => {
+                    let ev = *tcp.get_or_insert_with(|| self.tcp_events());
+                    if ev.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
+                        return Ok(true);
+                    }
+                    if until.is_none() && self.is_accelerated() && self.follow_to_ring(rx)? {
+                        continue;
+                    }
+                    return Ok(false);
+                }
+            }
+        }
+    }
+
+    fn tx_ready(&self, tx: &mut Tx, tcp: &mut Option<PollFlags>) -> io::Result<bool> {
+        if tx.shut {
+            return Ok(true);
+        }
+        let mut path = tx.path;
+        if tx.path != tx.want && self.is_accelerated() {
+            // The next write moves first, which needs the peer's LEFT answer.
+            self.pump_control()?;
+            let i = tx.want as usize;
+            if self.peer_left[i].load(Ordering::Acquire) < tx.left[i] {
+                return Ok(false);
+            }
+            path = tx.want;
+        }
+        match path {
+            Path::Shm => Ok(match tx.ring.as_mut() {
+                Some(ring) => ring.is_ready(),
+                None => self
+                    .parts()
+                    .and_then(|p| lock(&p.writer).as_mut().map(|w| w.is_ready()))
+                    .unwrap_or(true),
+            }),
+            Path::Tcp => {
+                let ev = *tcp.get_or_insert_with(|| self.tcp_events());
+                Ok(ev.intersects(PollFlags::OUT | PollFlags::HUP | PollFlags::ERR))
+            }
+        }
+    }
+
+    fn waitset(&self) -> io::Result<&WaitSet> {
+        if let Some(w) = self.waitset.get() {
+            return Ok(w);
+        }
+        let w = WaitSet::new()?;
+        Ok(self.waitset.get_or_init(|| w))
+    }
+
+    /// Prepares to wait for `want`: watches everything that may change it and asks
+    /// the rings' peers for a wake-up. Returns what is ready if something already is
+    /// (nothing stays armed then); otherwise the caller waits for
+    /// [`Conn::wait_fd`] to turn readable, then calls [`Conn::disarm`] and looks
+    /// again.
+    pub(crate) fn arm(&self, want: Interest) -> io::Result<Option<Ready>> {
+        let ws = self.waitset()?;
+        ws.drain();
+        let mut tcp_ev = EventFlags::IN | EventFlags::RDHUP;
+        if want.write {
+            tcp_ev |= EventFlags::OUT;
+        }
+        ws.watch(self.tcp.as_fd(), tcp_ev)?;
+        if let Some(b) = &self.bells {
+            ws.watch(b[0].fd(), EventFlags::IN)?;
+            ws.watch(b[1].fd(), EventFlags::IN)?;
+        }
+        match (self.parts(), &self.setup_fd) {
+            (Some(p), setup) => {
+                ws.watch(p.ctl.as_fd(), EventFlags::IN | EventFlags::RDHUP)?;
+                if let Some(fd) = p.wake.read() {
+                    ws.watch(fd, EventFlags::IN)?;
+                }
+                if let Some(fd) = p.wake.write() {
+                    ws.watch(fd, EventFlags::IN)?;
+                }
+                if let Some(fd) = setup {
+                    ws.unwatch(fd.as_fd());
+                }
+            }
+            (None, Some(fd)) if self.is_pending() => ws.watch(fd.as_fd(), EventFlags::IN)?,
+            _ => {}
+        }
+        if want.read {
+            if let Ok(mut rx) = self.rx.try_lock() {
+                if rx.path == RxPath::Shm {
+                    if let Some(ring) = rx.ring.as_mut() {
+                        ring.arm();
+                    }
+                }
+            }
+        }
+        if want.write {
+            if let Ok(mut tx) = self.tx.try_lock() {
+                if tx.path == Path::Shm {
+                    if let Some(ring) = tx.ring.as_mut() {
+                        ring.arm();
+                    }
+                }
+            }
+        }
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        let r = self.readiness(want, true);
+        if r.meets(want) {
+            self.disarm();
+            return Ok(Some(r));
+        }
+        Ok(None)
+    }
+
+    /// Ends a wait begun by [`Conn::arm`].
+    pub(crate) fn disarm(&self) {
+        if let Ok(mut rx) = self.rx.try_lock() {
+            if let Some(ring) = rx.ring.as_mut() {
+                ring.disarm();
+            }
+        }
+        if let Ok(mut tx) = self.tx.try_lock() {
+            if let Some(ring) = tx.ring.as_mut() {
+                ring.disarm();
+            }
+        }
+        let _ = self
+            .waiters
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// True if more than one event loop waits on this connection at once: they share
+    /// one wait set, so each should wake now and then to look again.
+    pub(crate) fn shared_wait(&self) -> bool {
+        self.waiters.load(Ordering::Acquire) > 1
+    }
+
+    /// The descriptor to wait on (readable) after [`Conn::arm`].
+    pub(crate) fn wait_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.waitset.get().map(|w| w.fd())
+    }
+
+    /// Bytes a read could take now without waiting (`FIONREAD`).
+    pub(crate) fn available(&self) -> io::Result<usize> {
+        let mut rx = lock(&self.rx);
+        match rx.path {
+            RxPath::Shm => rx.ring.as_mut().map_or(Ok(0), |r| r.available()),
+            RxPath::Tcp { until } => {
+                let n = rustix::io::ioctl_fionread(&self.tcp)?;
+                Ok(until.map_or(n, |end| n.min(end - rx.tcp_in)) as usize)
+            }
+        }
+    }
+
     /// Raw descriptor of the TCP socket (what `AsRawFd` reports, as for std).
     pub(crate) fn raw_fd(&self) -> i32 {
         self.tcp.as_raw_fd()
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Close the rings before the TCP socket, so that the peer, woken by the FIN,
+        // finds the end of the stream on the ring too.
+        drop(lock(&self.tx).ring.take());
+        drop(lock(&self.rx).ring.take());
+        drop(self.parts.take());
     }
 }

@@ -167,6 +167,16 @@ impl TcpListener {
     /// client, plain TCP otherwise.
     pub fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let (tcp, peer) = self.tcp.accept()?;
+        Ok((self.adopt_accepted(tcp, peer)?, peer))
+    }
+
+    /// Takes over a connection accepted from this listener's socket by someone else
+    /// (the preload library intercepts `accept`); `peer` is its remote address.
+    pub fn adopt_accepted(
+        &self,
+        tcp: std::net::TcpStream,
+        peer: SocketAddr,
+    ) -> io::Result<TcpStream> {
         let conn = match &self.rendezvous {
             None => Conn::plain(tcp, self.fallback.clone().unwrap_or(Fallback::Disabled)),
             Some(r) => {
@@ -183,7 +193,7 @@ impl TcpListener {
                 }
             }
         };
-        Ok((TcpStream::from_conn(conn), peer))
+        Ok(TcpStream::from_conn(conn))
     }
 
     /// An iterator over accepted connections, as `std::net::TcpListener::incoming`.

@@ -3,15 +3,16 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use vmc_channel::{Channel, ChannelConfig};
+use vmc_channel::{Channel, ChannelConfig, WakeMode};
 
-use crate::conn::Conn;
+use crate::conn::{Conn, ReadOpts};
+use crate::ready::{Interest, Ready};
 use crate::fallback::Fallback;
 use crate::registry::Registry;
 use crate::wire::{self, Path};
@@ -41,6 +42,15 @@ pub(crate) fn registry() -> io::Result<&'static Registry> {
 #[derive(Clone)]
 pub struct TcpStream {
     conn: Arc<Conn>,
+}
+
+/// Options of [`TcpStream::recv`], as `recv(2)` flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecvOpts {
+    /// `MSG_PEEK`: leave the bytes for the next read.
+    pub peek: bool,
+    /// `MSG_DONTWAIT`: do not wait, whatever the stream's mode.
+    pub dontwait: bool,
 }
 
 /// Bytes a connection moved, per path and direction.
@@ -77,6 +87,76 @@ impl TcpStream {
     pub fn connect_timeout(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
         let tcp = std::net::TcpStream::connect_timeout(addr, timeout)?;
         Ok(TcpStream::from_conn(client(tcp)))
+    }
+
+    /// Takes over a TCP socket that connected (or is still connecting, without
+    /// blocking) to `peer`, offering a channel as [`TcpStream::connect`] does. For
+    /// front ends that intercept `connect` (the preload library).
+    pub fn adopt_client(tcp: std::net::TcpStream, peer: SocketAddr) -> TcpStream {
+        TcpStream::from_conn(client_to(tcp, peer))
+    }
+
+    /// Reads like `recv(2)` with `opts`.
+    pub fn recv(&self, buf: &mut [u8], opts: RecvOpts) -> io::Result<usize> {
+        self.conn.read_opts(
+            buf,
+            ReadOpts {
+                peek: opts.peek,
+                dontwait: opts.dontwait,
+            },
+        )
+    }
+
+    /// Reads without consuming, like `std::net::TcpStream::peek`.
+    pub fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(
+            buf,
+            RecvOpts {
+                peek: true,
+                dontwait: false,
+            },
+        )
+    }
+
+    /// Writes like `send(2)`; with `dontwait` (`MSG_DONTWAIT`) it never waits. A
+    /// closed peer is a `BrokenPipe` error, never a SIGPIPE.
+    pub fn send(&self, buf: &[u8], dontwait: bool) -> io::Result<usize> {
+        self.conn.write_opts(buf, dontwait)
+    }
+
+    /// Bytes a read could take now without waiting (`FIONREAD`).
+    pub fn available(&self) -> io::Result<usize> {
+        self.conn.available()
+    }
+
+    /// What the connection is ready for now (see [`crate::ready`]). Without `deep`
+    /// this makes no system call while the wanted directions are on shared memory;
+    /// with it, hang-ups and errors of the TCP socket and a dead peer show too.
+    pub fn poll_ready(&self, want: Interest, deep: bool) -> Ready {
+        self.conn.readiness(want, deep)
+    }
+
+    /// Prepares to wait for `want`. `Some(ready)` if something is ready already;
+    /// otherwise wait until [`TcpStream::wait_fd`] is readable, call
+    /// [`TcpStream::disarm`] and look again with [`TcpStream::poll_ready`].
+    pub fn arm(&self, want: Interest) -> io::Result<Option<Ready>> {
+        self.conn.arm(want)
+    }
+
+    /// Ends a wait begun with [`TcpStream::arm`].
+    pub fn disarm(&self) {
+        self.conn.disarm()
+    }
+
+    /// The descriptor that turns readable when an armed connection may be ready.
+    pub fn wait_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.conn.wait_fd()
+    }
+
+    /// True while several event loops wait on this connection at once; they should
+    /// then wake every few milliseconds to look again (they share one wait set).
+    pub fn shared_wait(&self) -> bool {
+        self.conn.shared_wait()
     }
 
     /// True once the connection has a shared-memory channel attached (each direction
@@ -241,19 +321,25 @@ impl std::fmt::Debug for TcpStream {
 /// Client side of the set-up: offer a channel if the peer is a registered,
 /// co-resident vmc listener; otherwise the connection stays TCP with a reason.
 fn client(tcp: std::net::TcpStream) -> Conn {
-    match offer(&tcp) {
+    match tcp.peer_addr() {
+        Ok(peer) => client_to(tcp, peer),
+        Err(e) => Conn::plain(tcp, Fallback::Handshake(e.to_string())),
+    }
+}
+
+/// [`client`] for a connection that may still be connecting (its peer address is
+/// not known to the kernel yet).
+fn client_to(tcp: std::net::TcpStream, peer: SocketAddr) -> Conn {
+    match offer(&tcp, peer) {
         Ok(offer) => Conn::offered(tcp, offer),
         Err(reason) => Conn::plain(tcp, reason),
     }
 }
 
-fn offer(tcp: &std::net::TcpStream) -> Result<vmc_channel::Offer, Fallback> {
+fn offer(tcp: &std::net::TcpStream, peer: SocketAddr) -> Result<vmc_channel::Offer, Fallback> {
     if vmc_disabled() {
         return Err(Fallback::Disabled);
     }
-    let peer = tcp
-        .peer_addr()
-        .map_err(|e| Fallback::Handshake(e.to_string()))?;
     let local = tcp
         .local_addr()
         .map_err(|e| Fallback::Handshake(e.to_string()))?;
@@ -266,6 +352,11 @@ fn offer(tcp: &std::net::TcpStream) -> Result<vmc_channel::Offer, Fallback> {
     let mut sock = UnixStream::connect(&entry.rendezvous).map_err(|_| Fallback::ListenerGone)?;
     sock.write_all(&wire::attach(local, peer))
         .map_err(|_| Fallback::ListenerGone)?;
-    Channel::offer_over(sock.into(), &ChannelConfig::from_env())
+    // Event loops need a descriptor to wait on for ring wake-ups.
+    let config = ChannelConfig {
+        wake: WakeMode::EventFd,
+        ..ChannelConfig::from_env()
+    };
+    Channel::offer_over(sock.into(), &config)
         .map_err(|e| Fallback::Handshake(e.to_string()))
 }
