@@ -190,6 +190,13 @@ fn read_timeout(e: io::Error) -> io::Error {
     }
 }
 
+/// What a read would find now.
+enum RxReady {
+    No,
+    Bytes,
+    End,
+}
+
 /// Options of one read, as `recv(2)` flags.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct ReadOpts {
@@ -968,10 +975,22 @@ impl Conn {
         if want.read {
             if let Ok(mut rx) = self.rx.try_lock() {
                 // A reader holding the lock takes whatever comes; otherwise look.
-                r.readable = self.rx_ready(&mut rx, deep, &mut tcp).unwrap_or(true);
+                let ended;
+                (r.readable, ended) = match self.rx_ready(&mut rx, deep, &mut tcp) {
+                    Ok(RxReady::Bytes) => (true, false),
+                    Ok(RxReady::End) => (true, true),
+                    Ok(RxReady::No) => (false, false),
+                    Err(_) => (true, false),
+                };
+                r.read_closed = ended;
                 let queued = match rx.path {
-                    RxPath::Shm => rx.ring.as_mut().map_or(0, |ring| ring.available().unwrap_or(0)),
-                    RxPath::Tcp { .. } => rustix::io::ioctl_fionread(&self.tcp).unwrap_or(0) as usize,
+                    RxPath::Shm => rx
+                        .ring
+                        .as_mut()
+                        .map_or(0, |ring| ring.available().unwrap_or(0)),
+                    RxPath::Tcp { .. } => {
+                        rustix::io::ioctl_fionread(&self.tcp).unwrap_or(0) as usize
+                    }
                 };
                 let c = self.counters();
                 r.rx_mark = c.tcp_in.load(Ordering::Relaxed)
@@ -984,7 +1003,10 @@ impl Conn {
             if let Ok(mut tx) = self.tx.try_lock() {
                 r.writable = self.tx_ready(&mut tx, &mut tcp).unwrap_or(true);
                 let sent = match tx.path {
-                    Path::Shm => tx.ring.as_mut().map_or(0, |w| w.position() - w.queued() as u64),
+                    Path::Shm => tx
+                        .ring
+                        .as_mut()
+                        .map_or(0, |w| w.position() - w.queued() as u64),
                     Path::Tcp => 0,
                 };
                 r.tx_mark = tx.tcp_out + sent + self.tx_blocked.load(Ordering::Relaxed);
@@ -996,7 +1018,7 @@ impl Conn {
             r.error = ev.contains(PollFlags::ERR);
             // The kernel says "read returns 0 eventually" as soon as the FIN is in;
             // the ring's end may lag it by a moment, so report it with readability.
-            r.read_closed = ev.contains(PollFlags::RDHUP) && r.readable;
+            r.read_closed |= ev.contains(PollFlags::RDHUP) && r.readable;
             if r.hup && want.read && !r.readable {
                 r.readable = true;
             }
@@ -1004,32 +1026,40 @@ impl Conn {
         r
     }
 
-    fn rx_ready(&self, rx: &mut Rx, deep: bool, tcp: &mut Option<PollFlags>) -> io::Result<bool> {
+    fn rx_ready(
+        &self,
+        rx: &mut Rx,
+        deep: bool,
+        tcp: &mut Option<PollFlags>,
+    ) -> io::Result<RxReady> {
         loop {
             match rx.path {
                 RxPath::Shm => {
                     let ring = rx.ring.as_mut().expect("shm path has a ring");
                     if ring.is_ready() {
                         if ring.available()? > 0 {
-                            return Ok(true);
+                            return Ok(RxReady::Bytes);
                         }
                         if !self.leave_ring(rx)? {
-                            return Ok(true); // end of stream
+                            return Ok(RxReady::End);
                         }
                         continue;
                     }
-                    return Ok(deep && !ring.peer_alive());
+                    if deep && !ring.peer_alive() {
+                        return Ok(RxReady::Bytes); // the read reports the reset
+                    }
+                    return Ok(RxReady::No);
                 }
                 RxPath::Tcp { until: Some(end) } if rx.tcp_in == end => self.enter_ring(rx, end)?,
                 RxPath::Tcp { until } => {
                     let ev = *tcp.get_or_insert_with(|| self.tcp_events());
                     if ev.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
-                        return Ok(true);
+                        return Ok(RxReady::Bytes);
                     }
                     if until.is_none() && self.is_accelerated() && self.follow_to_ring(rx)? {
                         continue;
                     }
-                    return Ok(false);
+                    return Ok(RxReady::No);
                 }
             }
         }
@@ -1124,7 +1154,7 @@ impl Conn {
             }
         }
         self.waiters.fetch_add(1, Ordering::AcqRel);
-        let r = self.readiness(want, true);
+        let r = self.readiness(want, false);
         if r.meets(want) {
             self.disarm();
             return Ok(Some(r));

@@ -13,6 +13,7 @@
 //! - `conn.rs`: the per-connection state machine (paths, boundaries, set-up).
 //! - [`wire`]: the messages on the Unix socket beside each connection.
 //! - [`stats`]: live connections of this user, for `vmc stat`.
+//! - `tokio` (feature `tokio`): async `TcpListener` and `TcpStream` for the tokio runtime.
 
 mod conn;
 mod fallback;
@@ -21,6 +22,8 @@ mod net;
 pub mod ready;
 pub mod registry;
 pub mod stats;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod wire;
 
 pub use conn::ATTACH_WINDOW;

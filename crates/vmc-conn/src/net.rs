@@ -12,8 +12,8 @@ use std::time::Duration;
 use vmc_channel::{Channel, ChannelConfig, WakeMode};
 
 use crate::conn::{Conn, ReadOpts};
-use crate::ready::{Interest, Ready};
 use crate::fallback::Fallback;
+use crate::ready::{Interest, Ready};
 use crate::registry::Registry;
 use crate::wire::{self, Path};
 
@@ -170,6 +170,13 @@ impl TcpStream {
     pub fn fallback_reason(&self) -> Option<Fallback> {
         self.conn.advance();
         self.conn.fallback().cloned()
+    }
+
+    /// True once the connection is known to stay plain TCP for good (cheaper than
+    /// [`TcpStream::fallback_reason`]: no allocation).
+    pub fn is_plain(&self) -> bool {
+        self.conn.advance();
+        !self.conn.is_accelerated() && !self.conn.is_pending()
     }
 
     /// True while the handshake with the peer is still in flight.
@@ -357,6 +364,5 @@ fn offer(tcp: &std::net::TcpStream, peer: SocketAddr) -> Result<vmc_channel::Off
         wake: WakeMode::EventFd,
         ..ChannelConfig::from_env()
     };
-    Channel::offer_over(sock.into(), &config)
-        .map_err(|e| Fallback::Handshake(e.to_string()))
+    Channel::offer_over(sock.into(), &config).map_err(|e| Fallback::Handshake(e.to_string()))
 }

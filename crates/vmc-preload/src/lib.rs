@@ -1,1 +1,146 @@
-//! The LD_PRELOAD library (work in progress).
+//! The LD_PRELOAD library behind `vmc run`: unmodified, dynamically linked programs
+//! get their co-resident TCP connections carried over shared memory.
+//!
+//! # How a program's socket becomes a vmc connection
+//! The program's descriptor always stays the real kernel socket. After a real
+//! `listen`, `connect` or `accept` succeeds, the library takes the socket over with
+//! `vmc_conn` (which registers the listener, or offers a channel to a co-resident vmc
+//! listener, or waits for a client's offer); a connection that stays plain TCP is
+//! left alone entirely. From then on the library answers reads, writes and readiness
+//! for the descriptors it carries ([`table`]), and hands everything else to the C
+//! library unchanged ([`real`]).
+//!
+//! # Rules every hook keeps
+//! - Nothing before the real function: setting up happens after the kernel said yes,
+//!   and errno is put back as the kernel left it.
+//! - No re-entry: vmc's own socket and file calls go through the C library and so
+//!   through these hooks; a per-thread flag ([`enter`]) sends them straight on.
+//! - No unwinding across the C boundary ([`shield`]): a bug becomes an error return.
+//! - Anything unsupported stays plain TCP.
+//! - `VMC_DISABLE=1` turns it all off; `VMC_LOG` sets the log level (to stderr, or
+//!   to the file `VMC_LOG_FILE`), never to the program's stdout; `VMC_REPORT=FILE`
+//!   appends one JSON summary line per process at exit ([`report`]).
+//!
+//! Readiness calls (`poll`, `select`, `epoll_*`) are in [`poll`] and [`epoll`].
+
+// Hooks are C functions called by C code: their safety contracts are C's.
+#![allow(clippy::missing_safety_doc)]
+
+pub mod epoll;
+pub mod hooks;
+pub mod poll;
+mod real;
+pub mod report;
+pub mod table;
+
+use std::cell::Cell;
+use std::io;
+use std::sync::OnceLock;
+
+thread_local! {
+    /// Set while this thread runs vmc code (const-initialised, no destructor: usable
+    /// at any point of a thread's life).
+    static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Proof that this thread is inside vmc; leaving clears the flag.
+pub(crate) struct Inside(());
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        INSIDE.with(|c| c.set(false));
+    }
+}
+
+/// Enters vmc, unless this thread is inside already (then the hook must call the
+/// real function: vmc itself is the caller).
+#[inline]
+pub(crate) fn enter() -> Option<Inside> {
+    INSIDE.with(|c| {
+        if c.get() {
+            None
+        } else {
+            c.set(true);
+            Some(Inside(()))
+        }
+    })
+}
+
+/// Runs `f`, turning a panic into an I/O error instead of unwinding into C.
+pub(crate) fn shield<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(io::Error::other(
+            "vmc: internal error (panic) in the preload library",
+        ))
+    })
+}
+
+/// This thread's errno.
+pub(crate) fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// Sets this thread's errno.
+pub(crate) fn set_errno(e: i32) {
+    // SAFETY: __errno_location returns this thread's errno slot, always valid.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// Sets errno for a failed call, as the kernel would have.
+pub(crate) fn fail(e: &io::Error) {
+    use io::ErrorKind as K;
+    let code = e.raw_os_error().unwrap_or(match e.kind() {
+        K::WouldBlock | K::TimedOut => libc::EAGAIN,
+        K::ConnectionReset | K::InvalidData => libc::ECONNRESET,
+        K::BrokenPipe => libc::EPIPE,
+        K::NotConnected => libc::ENOTCONN,
+        K::Interrupted => libc::EINTR,
+        K::InvalidInput => libc::EINVAL,
+        K::PermissionDenied => libc::EACCES,
+        _ => libc::EIO,
+    });
+    set_errno(code);
+}
+
+/// False when `VMC_DISABLE` is set (to anything but empty or 0).
+pub(crate) fn enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| !std::env::var("VMC_DISABLE").is_ok_and(|v| !v.is_empty() && v != "0"))
+}
+
+/// One-time set-up, at the first socket vmc takes over: logging, the fork handler,
+/// the exit report.
+pub(crate) fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        init_logging();
+        // SAFETY: registering plain extern "C" functions without arguments.
+        unsafe {
+            libc::pthread_atfork(None, None, Some(report::in_child));
+            libc::atexit(report::at_exit);
+        }
+    });
+}
+
+fn init_logging() {
+    let Ok(level) = std::env::var("VMC_LOG") else {
+        return;
+    };
+    let filter = tracing_subscriber::EnvFilter::new(level);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let _ = match std::env::var_os("VMC_LOG_FILE").and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    }) {
+        Some(file) => builder
+            .with_writer(std::sync::Mutex::new(file))
+            .with_ansi(false)
+            .try_init(),
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
+}

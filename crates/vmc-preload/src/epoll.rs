@@ -1,0 +1,437 @@
+//! epoll over vmc connections.
+//!
+//! The program's epoll descriptor stays a real epoll instance and keeps every
+//! ordinary descriptor. A vmc connection added to it is kept beside it instead, in
+//! an [`EpollSet`] (the table entry of the epoll descriptor), because the kernel
+//! cannot see its ring. `epoll_wait` reports the set's ready connections first, then
+//! asks the kernel for the rest; when nothing is ready it spins, then arms the
+//! connections and sleeps on the epoll descriptor plus their wait descriptors (see
+//! [`crate::poll::wait_loop`]).
+//!
+//! Semantics kept: level-triggered entries report while the condition holds;
+//! edge-triggered ones report when new bytes arrived or space freed since the last
+//! report (the connection's marks, which also move when an operation returned
+//! `EAGAIN`), and then with every flag that holds, as the kernel does; `EPOLLONESHOT`
+//! disables an entry after one report until `EPOLL_CTL_MOD`; `EPOLLHUP` and
+//! `EPOLLERR` are always reported. A connection that turns out plain TCP moves into
+//! the kernel's set with its events and data. Entries hold their connection weakly:
+//! closing the last descriptor of a connection removes it, as the kernel does.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use libc::{c_int, epoll_event, pollfd, sigset_t, timespec};
+use vmc_conn::{Interest, Ready};
+
+use crate::poll::{arm_all, stream_of, timespec_of, vmc_stream, wait_loop};
+use crate::table::{self, Sock};
+use crate::{enter, fail, real, shield};
+
+const IN: u32 = libc::EPOLLIN as u32;
+const OUT: u32 = libc::EPOLLOUT as u32;
+const RDHUP: u32 = libc::EPOLLRDHUP as u32;
+const HUP: u32 = libc::EPOLLHUP as u32;
+const ERR: u32 = libc::EPOLLERR as u32;
+const ET: u32 = libc::EPOLLET as u32;
+const ONESHOT: u32 = libc::EPOLLONESHOT as u32;
+const RDNORM: u32 = libc::EPOLLRDNORM as u32;
+const WRNORM: u32 = libc::EPOLLWRNORM as u32;
+
+/// One vmc connection registered in an epoll set.
+struct Entry {
+    fd: c_int,
+    sock: Weak<Sock>,
+    events: u32,
+    data: u64,
+    /// Marks at the last edge-triggered report (`u64::MAX`: never reported).
+    last_rx: u64,
+    last_tx: u64,
+    /// An `EPOLLONESHOT` entry that reported already.
+    disabled: bool,
+}
+
+/// The vmc connections of one epoll instance.
+#[derive(Default)]
+pub struct EpollSet {
+    entries: Mutex<Vec<Entry>>,
+    /// Where the next scan starts, so a small `maxevents` serves everyone in turn.
+    next: std::sync::atomic::AtomicUsize,
+}
+
+fn interest(events: u32) -> Interest {
+    Interest {
+        read: events & (IN | RDNORM | RDHUP) != 0,
+        write: events & (OUT | WRNORM) != 0,
+    }
+}
+
+/// The events of `r` the entry asked for (plus hang-ups and errors, always).
+fn mask(r: &Ready, events: u32) -> u32 {
+    let mut ev = 0;
+    if r.readable {
+        ev |= events & (IN | RDNORM);
+    }
+    if r.writable {
+        ev |= events & (OUT | WRNORM);
+    }
+    if r.read_closed {
+        ev |= events & RDHUP;
+    }
+    if r.hup {
+        ev |= HUP;
+    }
+    if r.error {
+        ev |= ERR;
+    }
+    ev
+}
+
+impl EpollSet {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fills `out` with ready entries; returns how many.
+    fn collect(&self, epfd: c_int, out: &mut [epoll_event], deep: bool) -> usize {
+        let mut entries = self.lock();
+        let len = entries.len();
+        if len == 0 || out.is_empty() {
+            return 0;
+        }
+        let start = self.next.load(std::sync::atomic::Ordering::Relaxed) % len;
+        let mut n = 0;
+        let mut gone = Vec::new();
+        for k in 0..len {
+            let i = (start + k) % len;
+            let e = &mut entries[i];
+            if e.disabled {
+                continue;
+            }
+            let Some(sock) = e.sock.upgrade() else {
+                gone.push(i);
+                continue;
+            };
+            let s = stream_of(&sock);
+            if s.is_plain() {
+                // Plain TCP from now on: the kernel's set can watch it itself.
+                let mut ev = epoll_event {
+                    events: e.events,
+                    u64: e.data,
+                };
+                // SAFETY: registering the program's descriptor in its own set.
+                unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, e.fd, &mut ev) };
+                gone.push(i);
+                continue;
+            }
+            let r = s.poll_ready(interest(e.events), deep);
+            let mut ev = mask(&r, e.events);
+            if ev != 0 && e.events & ET != 0 {
+                let rx = r
+                    .rx_mark
+                    .wrapping_add((r.read_closed as u64) << 40)
+                    .wrapping_add((r.hup as u64) << 41)
+                    .wrapping_add((r.error as u64) << 42);
+                let fire_in = ev & (IN | RDNORM | RDHUP | HUP | ERR) != 0 && rx != e.last_rx;
+                let fire_out = ev & (OUT | WRNORM) != 0 && r.tx_mark != e.last_tx;
+                if !fire_in && !fire_out {
+                    ev = 0;
+                } else {
+                    // An edge reports every flag that holds, as the kernel does.
+                    if ev & (IN | RDNORM | RDHUP | HUP | ERR) != 0 {
+                        e.last_rx = rx;
+                    }
+                    if ev & (OUT | WRNORM) != 0 {
+                        e.last_tx = r.tx_mark;
+                    }
+                }
+            }
+            if ev != 0 {
+                out[n] = epoll_event {
+                    events: ev,
+                    u64: e.data,
+                };
+                n += 1;
+                if e.events & ONESHOT != 0 {
+                    e.disabled = true;
+                }
+                if n == out.len() {
+                    self.next.store(i + 1, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        gone.sort_unstable();
+        for i in gone.into_iter().rev() {
+            entries.swap_remove(i);
+        }
+        n
+    }
+
+    /// The live connections and their interests (strong references, for one wait).
+    fn live(&self) -> Vec<(Arc<Sock>, Interest)> {
+        self.lock()
+            .iter()
+            .filter(|e| !e.disabled)
+            .filter_map(|e| Some((e.sock.upgrade()?, interest(e.events))))
+            .collect()
+    }
+}
+
+/// The set of epoll descriptor `epfd`, created on first use.
+fn set_of(epfd: c_int, create: bool) -> Option<Arc<Sock>> {
+    if let Some(s) = table::get(epfd) {
+        if matches!(&*s, Sock::Epoll(_)) {
+            return Some(s);
+        }
+        return None;
+    }
+    if !create {
+        return None;
+    }
+    let s = Arc::new(Sock::Epoll(EpollSet::default()));
+    table::set(epfd, s.clone()).then_some(s)
+}
+
+fn epoll_set(sock: &Sock) -> &EpollSet {
+    match sock {
+        Sock::Epoll(s) => s,
+        _ => unreachable!("set_of returns epoll sets only"),
+    }
+}
+
+/// `epoll_ctl(2)`: vmc connections go to the side set, everything else to the
+/// kernel.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    ev: *mut epoll_event,
+) -> c_int {
+    if table::any() {
+        if let Some(sock) = vmc_stream(fd) {
+            if let Some(_g) = enter() {
+                let r = shield(|| ctl(epfd, op, fd, &sock, ev));
+                return match r {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        fail(&e);
+                        -1
+                    }
+                };
+            }
+        }
+    }
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::epoll_ctl(epfd, op, fd, ev) }
+}
+
+fn ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    sock: &Arc<Sock>,
+    ev: *mut epoll_event,
+) -> io::Result<()> {
+    let errno = |e| Err(io::Error::from_raw_os_error(e));
+    // Let the kernel check `epfd` (EBADF, or EINVAL if not an epoll descriptor): the
+    // socket is never in its set (ENOENT), or leaves it now for ours.
+    let probe = {
+        // SAFETY: removing the program's descriptor from the program's set.
+        let r = unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+        (r < 0).then(crate::errno)
+    };
+    if let Some(e @ (libc::EINVAL | libc::EBADF)) = probe {
+        return errno(e);
+    }
+    let read_ev = || -> io::Result<(u32, u64)> {
+        if ev.is_null() {
+            return errno(libc::EFAULT).map(|()| (0, 0));
+        }
+        // SAFETY: the program's event, readable.
+        let e = unsafe { std::ptr::read_unaligned(ev) };
+        Ok((e.events, e.u64))
+    };
+    let set_sock = set_of(epfd, op == libc::EPOLL_CTL_ADD)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+    let set = epoll_set(&set_sock);
+    let mut entries = set.lock();
+    let pos = entries
+        .iter()
+        .position(|e| e.fd == fd && e.sock.upgrade().is_some_and(|s| Arc::ptr_eq(&s, sock)));
+    match op {
+        libc::EPOLL_CTL_ADD => {
+            if pos.is_some() {
+                return errno(libc::EEXIST);
+            }
+            let (events, data) = read_ev()?;
+            entries.push(Entry {
+                fd,
+                sock: Arc::downgrade(sock),
+                events,
+                data,
+                last_rx: u64::MAX,
+                last_tx: u64::MAX,
+                disabled: false,
+            });
+        }
+        libc::EPOLL_CTL_MOD => {
+            let Some(i) = pos else {
+                return errno(libc::ENOENT);
+            };
+            let (events, data) = read_ev()?;
+            let e = &mut entries[i];
+            e.events = events;
+            e.data = data;
+            e.last_rx = u64::MAX;
+            e.last_tx = u64::MAX;
+            e.disabled = false;
+        }
+        libc::EPOLL_CTL_DEL => {
+            let Some(i) = pos else {
+                return errno(libc::ENOENT);
+            };
+            entries.swap_remove(i);
+        }
+        _ => return errno(libc::EINVAL),
+    }
+    Ok(())
+}
+
+/// The emulated wait.
+fn wait(
+    epfd: c_int,
+    sock: &Sock,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: Option<Duration>,
+    sigmask: *const sigset_t,
+) -> io::Result<usize> {
+    if max <= 0 || events.is_null() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let set = epoll_set(sock);
+    let max = max as usize;
+    let pass = |kernel: bool, deep: bool| -> io::Result<usize> {
+        // SAFETY: the program's array of `max` events, ours until we return.
+        let out = unsafe { std::slice::from_raw_parts_mut(events, max) };
+        let mut n = set.collect(epfd, out, deep);
+        if kernel && n < max {
+            // SAFETY: the rest of the program's array.
+            let k = unsafe { real::epoll_wait(epfd, events.add(n), (max - n) as c_int, 0) };
+            if k < 0 {
+                let e = io::Error::last_os_error();
+                if n == 0 {
+                    return Err(e);
+                }
+            } else {
+                n += k as usize;
+            }
+        }
+        Ok(n)
+    };
+    let block = |remaining: Option<Duration>| -> io::Result<()> {
+        let live = set.live();
+        if arm_all(live.iter().map(|(s, i)| (stream_of(s), *i))) {
+            return Ok(());
+        }
+        let mut fds = vec![pollfd {
+            fd: epfd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let mut shared = false;
+        for (s, _) in &live {
+            let s = stream_of(s);
+            shared |= s.shared_wait();
+            if let Some(w) = s.wait_fd() {
+                fds.push(pollfd {
+                    fd: w.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+        }
+        let ts = timespec_of(remaining, shared);
+        // SAFETY: our own array; timespec and mask outlive the call.
+        let r = unsafe {
+            real::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                ts.as_ref()
+                    .map_or(std::ptr::null(), |t| t as *const timespec),
+                sigmask,
+            )
+        };
+        let err = io::Error::last_os_error();
+        for (s, _) in &live {
+            stream_of(s).disarm();
+        }
+        if r < 0 {
+            return Err(err);
+        }
+        Ok(())
+    };
+    wait_loop(pass, block, timeout)
+}
+
+fn emulated(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: Option<Duration>,
+    sigmask: *const sigset_t,
+) -> Option<c_int> {
+    let sock = set_of(epfd, false)?;
+    let _g = enter()?;
+    Some(
+        match shield(|| wait(epfd, &sock, events, max, timeout, sigmask)) {
+            Ok(n) => n as c_int,
+            Err(e) => {
+                fail(&e);
+                -1
+            }
+        },
+    )
+}
+
+fn ms(timeout: c_int) -> Option<Duration> {
+    (timeout >= 0).then(|| Duration::from_millis(timeout as u64))
+}
+
+/// `epoll_wait(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_wait(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: c_int,
+) -> c_int {
+    if table::any() {
+        if let Some(r) = emulated(epfd, events, max, ms(timeout), std::ptr::null()) {
+            return r;
+        }
+    }
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::epoll_wait(epfd, events, max, timeout) }
+}
+
+/// `epoll_pwait(2)`: the signal mask applies while it sleeps.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: c_int,
+    sigmask: *const sigset_t,
+) -> c_int {
+    if table::any() {
+        if let Some(r) = emulated(epfd, events, max, ms(timeout), sigmask) {
+            return r;
+        }
+    }
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::epoll_pwait(epfd, events, max, timeout, sigmask) }
+}

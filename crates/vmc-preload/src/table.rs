@@ -1,0 +1,106 @@
+//! What vmc knows about the program's descriptors: one slot per descriptor number.
+//!
+//! The program's descriptor stays the real kernel socket (getpeername, setsockopt,
+//! fstat and exec all keep working); a slot only says that vmc has taken it over:
+//! a listener whose clients may be accelerated, a connection with a channel beside
+//! it, or an epoll set holding such connections. Each slot has its own lock, held
+//! only to clone or swap the entry, so unrelated connections never contend; a
+//! process with no vmc descriptor at all pays one atomic load per hooked call.
+//!
+//! Descriptors at or above [`MAX_FDS`] are never taken over (they stay plain TCP).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::epoll::EpollSet;
+
+/// Descriptors vmc can take over: 0..MAX_FDS.
+pub(crate) const MAX_FDS: usize = 1 << 16;
+
+/// What a descriptor is to vmc.
+pub(crate) enum Sock {
+    /// A registered listener: connections accepted from it may be accelerated.
+    Listener(vmc_conn::TcpListener),
+    /// A connection (accelerated, or still deciding).
+    Stream(vmc_conn::TcpStream),
+    /// An epoll set that holds (or held) vmc connections.
+    Epoll(EpollSet),
+}
+
+impl Drop for Sock {
+    fn drop(&mut self) {
+        if let Sock::Stream(s) = self {
+            crate::report::account(s);
+        }
+    }
+}
+
+type Slot = Mutex<Option<Arc<Sock>>>;
+
+static TABLE: [Slot; MAX_FDS] = [const { Mutex::new(None) }; MAX_FDS];
+/// Occupied slots; zero means no lookup is needed at all.
+static USED: AtomicUsize = AtomicUsize::new(0);
+
+fn slot(fd: i32) -> Option<MutexGuard<'static, Option<Arc<Sock>>>> {
+    let i = usize::try_from(fd).ok().filter(|&i| i < MAX_FDS)?;
+    Some(TABLE[i].lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// True if vmc may have taken over any descriptor.
+#[inline]
+pub(crate) fn any() -> bool {
+    USED.load(Ordering::Relaxed) != 0
+}
+
+/// What `fd` is to vmc, if anything.
+#[inline]
+pub(crate) fn get(fd: i32) -> Option<Arc<Sock>> {
+    if !any() {
+        return None;
+    }
+    slot(fd)?.clone()
+}
+
+/// Records what `fd` is now; returns what it was. Descriptors out of range are
+/// refused (`false`), and stay plain.
+pub(crate) fn set(fd: i32, sock: Arc<Sock>) -> bool {
+    let Some(mut s) = slot(fd) else {
+        return false;
+    };
+    if s.replace(sock).is_none() {
+        USED.fetch_add(1, Ordering::Relaxed);
+    }
+    true
+}
+
+/// Forgets `fd` (it was closed or replaced); returns what it was.
+pub(crate) fn take(fd: i32) -> Option<Arc<Sock>> {
+    if !any() {
+        return None;
+    }
+    let old = slot(fd)?.take();
+    if old.is_some() {
+        USED.fetch_sub(1, Ordering::Relaxed);
+    }
+    old
+}
+
+/// Calls `f` for every occupied slot (at exit, in a forked child). Slots whose lock
+/// is held (only possible in a child forked while another thread held it) are
+/// skipped rather than waited for.
+pub(crate) fn for_each(mut f: impl FnMut(i32, &mut Option<Arc<Sock>>)) {
+    if !any() {
+        return;
+    }
+    for (i, s) in TABLE.iter().enumerate() {
+        if let Ok(mut g) = s.try_lock() {
+            if g.is_some() {
+                let before = g.is_some();
+                f(i as i32, &mut g);
+                if before && g.is_none() {
+                    USED.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
