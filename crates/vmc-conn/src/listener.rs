@@ -22,15 +22,15 @@ use crate::wire::{self, ATTACH_LEN};
 /// listener gives up on it (closing the socket tells the client: stay on TCP).
 const PENDING_TTL: Duration = Duration::from_secs(2);
 
-/// How long the listener waits for the ATTACH frame on a freshly accepted rendezvous
-/// connection (the client writes it right after connecting).
-const ATTACH_READ_TIMEOUT: Duration = Duration::from_millis(100);
-
 type Key = ((Ipv6Addr, u16), (Ipv6Addr, u16));
 
 struct Pending {
-    /// The TCP connection as the client sees it: (its local, its remote).
-    client: Key,
+    /// The TCP connection as the client sees it: (its local, its remote); `None`
+    /// until its ATTACH frame has arrived whole.
+    client: Option<Key>,
+    /// The part of the ATTACH frame received so far.
+    frame: [u8; ATTACH_LEN],
+    got: usize,
     sock: UnixStream,
     since: Instant,
 }
@@ -71,7 +71,9 @@ impl Rendezvous {
         self.unix.as_fd()
     }
 
-    /// Accepts the handshakes waiting on the socket without blocking.
+    /// Accepts the handshakes waiting on the socket and reads their ATTACH frames,
+    /// all without blocking: a client descheduled halfway through its frame never
+    /// stalls the listener (its frame is completed at a later look).
     fn drain(&self, pending: &mut Vec<Pending>) {
         loop {
             let sock = match self.unix.accept() {
@@ -83,16 +85,29 @@ impl Rendezvous {
                     break;
                 }
             };
-            match read_attach(&sock) {
-                Ok(client) => pending.push(Pending {
-                    client,
+            match check_peer(&sock) {
+                Ok(()) => pending.push(Pending {
+                    client: None,
+                    frame: [0; ATTACH_LEN],
+                    got: 0,
                     sock,
                     since: Instant::now(),
                 }),
-                Err(e) => tracing::warn!("ignoring a malformed vmc handshake: {e}"),
+                Err(e) => tracing::warn!("ignoring a vmc handshake: {e}"),
             }
         }
-        pending.retain(|p| p.since.elapsed() < PENDING_TTL);
+        pending.retain_mut(|p| {
+            if p.client.is_none() {
+                match read_attach(p) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::warn!("ignoring a malformed vmc handshake: {e}");
+                        return false;
+                    }
+                }
+            }
+            p.since.elapsed() < PENDING_TTL
+        });
     }
 
     /// The handshake socket of the client whose TCP connection the listener sees as
@@ -101,15 +116,15 @@ impl Rendezvous {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         self.drain(&mut pending);
         let key = (wire::canonical(peer), wire::canonical(local));
-        let i = pending.iter().position(|p| p.client == key)?;
+        let i = pending.iter().position(|p| p.client == Some(key))?;
         let p = pending.swap_remove(i);
-        p.sock.set_read_timeout(None).ok()?;
+        p.sock.set_nonblocking(false).ok()?;
         Some(p.sock.into())
     }
 }
 
-fn read_attach(sock: &UnixStream) -> io::Result<Key> {
-    // Only our own user may hand us a channel (the directory is 0700 too).
+/// Only our own user may hand us a channel (the directory is 0700 too).
+fn check_peer(sock: &UnixStream) -> io::Result<()> {
     let cred = rustix::net::sockopt::socket_peercred(sock)?;
     if cred.uid.as_raw() != vmc_os::euid() {
         return Err(io::Error::new(
@@ -117,11 +132,24 @@ fn read_attach(sock: &UnixStream) -> io::Result<Key> {
             "handshake from another user",
         ));
     }
-    sock.set_read_timeout(Some(ATTACH_READ_TIMEOUT))?;
-    let mut frame = [0u8; ATTACH_LEN];
-    (&*sock).read_exact(&mut frame)?;
-    wire::parse_attach(&frame)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an ATTACH"))
+    sock.set_nonblocking(true)
+}
+
+/// Reads what has arrived of `p`'s ATTACH frame; parses it once whole.
+fn read_attach(p: &mut Pending) -> io::Result<()> {
+    while p.got < ATTACH_LEN {
+        match (&p.sock).read(&mut p.frame[p.got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => p.got += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let key = wire::parse_attach(&p.frame)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an ATTACH"))?;
+    p.client = Some(key);
+    Ok(())
 }
 
 impl Drop for Rendezvous {

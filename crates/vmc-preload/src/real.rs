@@ -62,10 +62,10 @@ macro_rules! reals {
                         )
                     },
                 );
+                type F = unsafe extern "C" fn($($ty),*) -> $ret;
                 // SAFETY: the address is the C library's definition of `$name`,
                 // whose C signature is the one declared here.
-                let f: unsafe extern "C" fn($($ty),*) -> $ret =
-                    unsafe { std::mem::transmute(SYM.get()) };
+                let f = unsafe { std::mem::transmute::<usize, F>(SYM.get()) };
                 // SAFETY: the caller passes what the C function expects (the
                 // arguments of the hook it came through).
                 unsafe { f($($arg),*) }
