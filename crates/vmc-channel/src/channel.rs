@@ -454,6 +454,11 @@ impl WriteHalf {
         self.core.wake_fd(Dir::Write)
     }
 
+    /// False once the peer is known to have died without closing.
+    pub fn peer_alive(&self) -> bool {
+        self.core.peer_alive()
+    }
+
     /// Bytes written so far.
     pub fn position(&self) -> u64 {
         self.tx.position()

@@ -206,6 +206,13 @@ pub(crate) struct ReadOpts {
     pub(crate) dontwait: bool,
 }
 
+fn peer_gone() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        "vmc connection: the peer died without closing",
+    )
+}
+
 fn protocol(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("vmc connection: {msg}"))
 }
@@ -465,6 +472,10 @@ impl Conn {
                     let n = if opts.peek || opts.dontwait {
                         if !ring.is_ready() {
                             if nonblocking {
+                                // A dead peer must not look like "try again" forever.
+                                if !ring.peer_alive() && !ring.is_ready() {
+                                    return Err(peer_gone());
+                                }
                                 return Err(io::ErrorKind::WouldBlock.into());
                             }
                             ring.wait_ready().map_err(read_timeout)?;
@@ -741,6 +752,9 @@ impl Conn {
             Path::Shm => {
                 let ring = tx.ring.as_mut().expect("shm path has a ring");
                 if dontwait && !buf.is_empty() && !ring.is_ready() {
+                    if !ring.peer_alive() {
+                        return Err(peer_gone());
+                    }
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
                 let n = ring.write(buf)?;
@@ -1001,7 +1015,7 @@ impl Conn {
         }
         if want.write {
             if let Ok(mut tx) = self.tx.try_lock() {
-                r.writable = self.tx_ready(&mut tx, &mut tcp).unwrap_or(true);
+                r.writable = self.tx_ready(&mut tx, deep, &mut tcp).unwrap_or(true);
                 let sent = match tx.path {
                     Path::Shm => tx
                         .ring
@@ -1065,7 +1079,7 @@ impl Conn {
         }
     }
 
-    fn tx_ready(&self, tx: &mut Tx, tcp: &mut Option<PollFlags>) -> io::Result<bool> {
+    fn tx_ready(&self, tx: &mut Tx, deep: bool, tcp: &mut Option<PollFlags>) -> io::Result<bool> {
         if tx.shut {
             return Ok(true);
         }
@@ -1081,7 +1095,8 @@ impl Conn {
         }
         match path {
             Path::Shm => Ok(match tx.ring.as_mut() {
-                Some(ring) => ring.is_ready(),
+                // A dead peer makes a write report it: "ready".
+                Some(ring) => ring.is_ready() || (deep && !ring.peer_alive()),
                 None => self
                     .parts()
                     .and_then(|p| lock(&p.writer).as_mut().map(|w| w.is_ready()))
@@ -1111,7 +1126,13 @@ impl Conn {
         let ws = self.waitset()?;
         ws.drain();
         let mut tcp_ev = EventFlags::IN | EventFlags::RDHUP;
-        if want.write {
+        // TCP's writability matters only while sending goes (or is about to go)
+        // there; watching it otherwise would report a stale edge at every change.
+        let sends_tcp = self
+            .tx
+            .try_lock()
+            .map_or(true, |tx| tx.path == Path::Tcp || tx.want == Path::Tcp);
+        if want.write && sends_tcp {
             tcp_ev |= EventFlags::OUT;
         }
         ws.watch(self.tcp.as_fd(), tcp_ev)?;
@@ -1133,6 +1154,8 @@ impl Conn {
                 }
             }
             (None, Some(fd)) if self.is_pending() => ws.watch(fd.as_fd(), EventFlags::IN)?,
+            // Settled on plain TCP: the handshake has nothing more to say.
+            (None, Some(fd)) => ws.unwatch(fd.as_fd()),
             _ => {}
         }
         if want.read {
@@ -1154,7 +1177,8 @@ impl Conn {
             }
         }
         self.waiters.fetch_add(1, Ordering::AcqRel);
-        let r = self.readiness(want, false);
+        // A deep look: the edges drained above may have been the peer's death.
+        let r = self.readiness(want, true);
         if r.meets(want) {
             self.disarm();
             return Ok(Some(r));
@@ -1200,6 +1224,11 @@ impl Conn {
                 Ok(until.map_or(n, |end| n.min(end - rx.tcp_in)) as usize)
             }
         }
+    }
+
+    /// The TCP socket.
+    pub(crate) fn tcp_fd(&self) -> BorrowedFd<'_> {
+        self.tcp.as_fd()
     }
 
     /// Raw descriptor of the TCP socket (what `AsRawFd` reports, as for std).

@@ -158,6 +158,13 @@ impl Drop for Rendezvous {
     }
 }
 
+impl AsFd for TcpListener {
+    /// The listening socket.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.tcp.as_fd()
+    }
+}
+
 /// A TCP listener whose co-resident vmc clients get shared-memory channels; every
 /// other client gets plain TCP, as from `std::net::TcpListener`.
 pub struct TcpListener {

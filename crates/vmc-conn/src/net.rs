@@ -307,6 +307,13 @@ impl Write for &TcpStream {
     }
 }
 
+impl std::os::fd::AsFd for TcpStream {
+    /// The TCP socket.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.conn.tcp_fd()
+    }
+}
+
 impl AsRawFd for TcpStream {
     /// The TCP socket's descriptor.
     fn as_raw_fd(&self) -> RawFd {

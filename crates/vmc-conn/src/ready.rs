@@ -6,7 +6,7 @@
 //! - *what is it ready for now* ([`Ready`], computed from the rings without a system
 //!   call while both directions are on shared memory), and
 //! - *what descriptor becomes readable when that may have changed*: each connection
-//!   that an event loop waits on gets a small private epoll set, its [`WaitSet`],
+//!   that an event loop waits on gets a small private epoll set, its wait set,
 //!   holding the TCP socket, the control socket, the rings' wake-up eventfds and the
 //!   handshake's descriptor, all edge-triggered. Arming a connection asks the rings'
 //!   peers to ring those eventfds at their next write or read (the sleep/wake

@@ -29,7 +29,7 @@ use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -154,6 +154,9 @@ struct VmcWait {
     /// Set when a direction's operation would block; cleared when it completes, or
     /// when someone found it ready and woke its task.
     wanting: AtomicU8,
+    /// Once the handshake has settled on TCP: the socket, registered with tokio,
+    /// which later waits use instead of the wait set.
+    plain: OnceLock<AsyncFd<crate::TcpStream>>,
 }
 
 /// How a stream waits.
@@ -180,20 +183,9 @@ enum Step {
 impl Inner {
     fn new(io: crate::TcpStream) -> io::Result<Inner> {
         io.set_nonblocking(true)?;
-        io.is_pending(); // moves the handshake forward, if it can
-        let wait = if io.fallback_reason().is_some() {
+        let wait = if io.is_plain() {
             // Settled on TCP for good.
-            let sock = io.clone();
-            // SAFETY: the descriptor is the TCP socket of the connection `sock` holds
-            // a reference to: it stays open, and `as_raw_fd` returns it, for as long
-            // as the `AsyncFd` owns `sock`.
-            let fd = unsafe {
-                AsyncFd::register_with_interest(
-                    sock,
-                    TokioInterest::READABLE | TokioInterest::WRITABLE,
-                )
-            }?;
-            Wait::Plain(fd)
+            Wait::Plain(register_socket(&io)?)
         } else {
             // The wait set exists once the connection was armed.
             if io.arm(Interest::READ)?.is_none() {
@@ -210,6 +202,7 @@ impl Inner {
                 waker: Waker::from(waiters.clone()),
                 waiters,
                 wanting: AtomicU8::new(0),
+                plain: OnceLock::new(),
             })
         };
         Ok(Inner { io, wait })
@@ -224,17 +217,11 @@ impl Inner {
         mut op: impl FnMut() -> io::Result<R>,
     ) -> Poll<io::Result<R>> {
         match &self.wait {
-            Wait::Plain(fd) => loop {
-                let mut guard = ready!(match dir {
-                    Dir::Read => fd.poll_read_ready(cx),
-                    Dir::Write => fd.poll_write_ready(cx),
-                })?;
-                match guard.try_io(|_| op()) {
-                    Ok(r) => return Poll::Ready(r),
-                    Err(_would_block) => continue,
-                }
-            },
+            Wait::Plain(fd) => poll_plain(fd, cx, dir, op),
             Wait::Vmc(w) => {
+                if let Some(fd) = w.plain_socket(&self.io) {
+                    return poll_plain(fd, cx, dir, op);
+                }
                 // Take part in tokio's cooperative scheduling as its I/O types do: a
                 // ring that is always ready must not keep the thread forever.
                 let coop = ready!(tokio::task::coop::poll_proceed(cx));
@@ -283,7 +270,64 @@ impl Inner {
     }
 }
 
+/// [`Inner::poll_io`] for a connection on TCP for good: tokio's own way.
+fn poll_plain<R>(
+    fd: &AsyncFd<crate::TcpStream>,
+    cx: &mut Context<'_>,
+    dir: Dir,
+    mut op: impl FnMut() -> io::Result<R>,
+) -> Poll<io::Result<R>> {
+    loop {
+        let mut guard = ready!(match dir {
+            Dir::Read => fd.poll_read_ready(cx),
+            Dir::Write => fd.poll_write_ready(cx),
+        })?;
+        match guard.try_io(|_| op()) {
+            Ok(r) => return Poll::Ready(r),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// Registers a connection's TCP socket with tokio (through a clone of the stream,
+/// whose descriptor it is).
+fn register_socket(io: &crate::TcpStream) -> io::Result<AsyncFd<crate::TcpStream>> {
+    let sock = io.clone();
+    // SAFETY: the descriptor is the TCP socket of the connection `sock` holds a
+    // reference to: it stays open, and `as_raw_fd` returns it, for as long as the
+    // `AsyncFd` owns `sock`.
+    Ok(unsafe {
+        AsyncFd::register_with_interest(sock, TokioInterest::READABLE | TokioInterest::WRITABLE)
+    }?)
+}
+
 impl VmcWait {
+    /// The TCP socket registered with tokio, once the connection is known to stay
+    /// on TCP (a server end whose client turned out not to run vmc): from then on
+    /// it waits like a `tokio::net::TcpStream`. A wait still armed on the wait set
+    /// ends normally (the set watches the socket too).
+    fn plain_socket(&self, io: &crate::TcpStream) -> Option<&AsyncFd<crate::TcpStream>> {
+        if let Some(fd) = self.plain.get() {
+            return Some(fd);
+        }
+        if !io.is_plain() {
+            return None;
+        }
+        // One registration of the socket per runtime: the other direction may be
+        // here at the same moment.
+        let _st = lock(&self.state);
+        if let Some(fd) = self.plain.get() {
+            return Some(fd);
+        }
+        match register_socket(io) {
+            Ok(fd) => Some(self.plain.get_or_init(|| fd)),
+            Err(e) => {
+                tracing::debug!("vmc tokio stream: could not register its socket: {e}");
+                None
+            }
+        }
+    }
+
     /// Direction `dir`'s operation completed: it no longer waits.
     fn done(&self, dir: Dir) {
         if self.wanting.load(Ordering::Relaxed) & dir.bit() != 0 {
