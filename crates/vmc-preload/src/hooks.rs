@@ -121,18 +121,12 @@ fn track(fd: c_int, s: TcpStream) {
 }
 
 /// The connection behind `fd`, if vmc carries it. A connection that turned out plain
-/// is forgotten here, so the kernel serves it directly from now on.
+/// is served by the kernel directly from then on (its entry stays until `close`, so
+/// that epoll sets holding it can hand it over to the kernel's set).
 fn stream(fd: c_int) -> Option<Arc<Sock>> {
     let sock = table::get(fd)?;
     match &*sock {
-        Sock::Stream(s) if s.is_plain() => {
-            let _g = enter()?;
-            if let Some(old) = table::take(fd) {
-                drop(old);
-            }
-            None
-        }
-        Sock::Stream(_) => Some(sock),
+        Sock::Stream(s) if !s.is_plain() => Some(sock),
         _ => None,
     }
 }
@@ -1036,4 +1030,93 @@ pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
     }
     // SAFETY: forwarding the program's arguments.
     unsafe { real::shutdown(fd, how) }
+}
+
+// ---- exec ----------------------------------------------------------------------------
+
+/// Before the program image is replaced: every accelerated connection the new image
+/// inherits moves its sending direction to TCP at an exact byte boundary, so what
+/// the new image writes on the (kernel) socket reaches the peer after everything
+/// sent on the ring. The receiving direction cannot follow yet: bytes the peer
+/// still sends over shared memory will not reach the new image (see the README).
+fn before_exec() {
+    if !table::any() {
+        return;
+    }
+    let Some(_g) = enter() else { return };
+    let mut moved = 0;
+    let mut seen: Vec<*const Sock> = Vec::new();
+    table::for_each(|fd, slot| {
+        let Some(sock) = slot.as_ref() else { return };
+        let Sock::Stream(s) = &**sock else { return };
+        // SAFETY: `fd` is open: it is in the table, which close keeps current.
+        let cloexec = rustix::io::fcntl_getfd(unsafe { borrow(fd) })
+            .is_ok_and(|f| f.contains(rustix::io::FdFlags::CLOEXEC));
+        let p = Arc::as_ptr(sock);
+        if cloexec || seen.contains(&p) || !s.is_accelerated() {
+            return;
+        }
+        seen.push(p);
+        // Never hang an exec on a peer that does not answer (and put the program's
+        // own timeout back, in case the exec fails).
+        let old = s.write_timeout().ok().flatten();
+        let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+        match s.set_send_path(vmc_conn::Path::Tcp) {
+            Ok(()) => moved += 1,
+            Err(e) => tracing::warn!(fd, "exec: could not move a connection to TCP: {e}"),
+        }
+        let _ = s.set_write_timeout(old);
+    });
+    if moved > 0 {
+        tracing::warn!(
+            "exec with {moved} accelerated connection(s): they send over TCP from now on; \
+             bytes their peers still send over shared memory will not reach the new program"
+        );
+    }
+}
+
+/// `execve(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn execve(
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> c_int {
+    before_exec();
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::execve(path, argv, envp) }
+}
+
+/// `execv(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn execv(
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+) -> c_int {
+    before_exec();
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::execv(path, argv) }
+}
+
+/// `execvp(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn execvp(
+    file: *const libc::c_char,
+    argv: *const *const libc::c_char,
+) -> c_int {
+    before_exec();
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::execvp(file, argv) }
+}
+
+/// `execvpe(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn execvpe(
+    file: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> c_int {
+    before_exec();
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::execvpe(file, argv, envp) }
 }
