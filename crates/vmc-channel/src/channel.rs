@@ -459,6 +459,11 @@ impl WriteHalf {
         self.core.peer_alive()
     }
 
+    /// True once the reader has closed its end (writes fail from now on).
+    pub fn reader_closed(&self) -> bool {
+        self.tx.is_reader_closed()
+    }
+
     /// Bytes written so far.
     pub fn position(&self) -> u64 {
         self.tx.position()

@@ -736,7 +736,16 @@ impl Conn {
         }
         if tx.path != tx.want && self.is_accelerated() {
             let to = tx.want;
-            self.move_tx(tx, to, dontwait)?;
+            if let Err(e) = self.move_tx(tx, to, dontwait) {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    return Err(e);
+                }
+                // The control socket is gone with the peer: there is nobody to
+                // announce a move to, so stay on this path and let it report the
+                // peer's state (as TCP would: one more write, then EPIPE).
+                tracing::debug!("vmc connection: cannot move sending to {to:?}: {e}");
+                tx.want = tx.path;
+            }
         }
         match tx.path {
             Path::Tcp => {
@@ -757,9 +766,21 @@ impl Conn {
                     }
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
-                let n = ring.write(buf)?;
-                bump(&self.counters().shm_out, n);
-                Ok(n)
+                match ring.write(buf) {
+                    Ok(n) => {
+                        bump(&self.counters().shm_out, n);
+                        Ok(n)
+                    }
+                    // The peer closed its end. Do what TCP does: the first write after
+                    // the peer's close still succeeds and draws a reset, later ones
+                    // fail (EPIPE), and poll reports the error and the hang-up.
+                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                        let n = send(&self.tcp, buf, SendFlags::NOSIGNAL | SendFlags::DONTWAIT)?;
+                        bump(&self.counters().tcp_out, n);
+                        Ok(n)
+                    }
+                    Err(e) => Err(e),
+                }
             }
         }
     }
@@ -1026,7 +1047,15 @@ impl Conn {
                 r.tx_mark = tx.tcp_out + sent + self.tx_blocked.load(Ordering::Relaxed);
             }
         }
-        if deep || tcp.is_some() {
+        // A connection that is closing shows it on its TCP socket too (hang-ups,
+        // resets): look there whenever the rings say an end is closed.
+        let closing = r.read_closed
+            || (want.write
+                && self
+                    .tx
+                    .try_lock()
+                    .is_ok_and(|tx| tx.ring.as_ref().is_some_and(|w| w.reader_closed())));
+        if deep || closing || tcp.is_some() {
             let ev = *tcp.get_or_insert_with(|| self.tcp_events());
             r.hup = ev.contains(PollFlags::HUP);
             r.error = ev.contains(PollFlags::ERR);
