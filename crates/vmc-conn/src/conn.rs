@@ -520,6 +520,14 @@ impl Conn {
                             rx.tcp_in += n as u64;
                             bump(&self.counters().tcp_in, n);
                         }
+                        if let Some(end) = until.filter(|&e| e == rx.tcp_in && n > 0) {
+                            if !opts.peek && n < buf.len() {
+                                // The TCP stretch ended inside this read: like the
+                                // kernel, return what the ring has too (no waiting).
+                                self.enter_ring(rx, end)?;
+                                return Ok(n + self.ring_read_ready(rx, &mut buf[n..])?);
+                            }
+                        }
                         return Ok(n);
                     }
                     // A SWITCH may come at any moment: take what TCP has, else wait
@@ -529,9 +537,20 @@ impl Conn {
                         // the stream is there (its SWITCH is queued): follow it.
                         Ok((0, _)) if self.is_accelerated() && self.next_switch()?.is_some() => {}
                         Ok((n, _)) => {
-                            if !opts.peek {
-                                rx.tcp_in += n as u64;
-                                bump(&self.counters().tcp_in, n);
+                            if opts.peek {
+                                return Ok(n);
+                            }
+                            rx.tcp_in += n as u64;
+                            bump(&self.counters().tcp_in, n);
+                            // A short read may end exactly where the peer moved to
+                            // the ring: like the kernel, return what follows too.
+                            if n < buf.len() && self.is_accelerated() && self.follow_to_ring(rx)? {
+                                if let RxPath::Tcp { until: Some(end) } = rx.path {
+                                    if end == rx.tcp_in {
+                                        self.enter_ring(rx, end)?;
+                                        return Ok(n + self.ring_read_ready(rx, &mut buf[n..])?);
+                                    }
+                                }
                             }
                             return Ok(n);
                         }
@@ -547,6 +566,19 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Reads what the ring holds right now into `buf`, without waiting.
+    fn ring_read_ready(&self, rx: &mut Rx, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(ring) = rx.ring.as_mut() else {
+            return Ok(0);
+        };
+        if buf.is_empty() || ring.available()? == 0 {
+            return Ok(0);
+        }
+        let n = ring.read(buf)?;
+        bump(&self.counters().shm_in, n);
+        Ok(n)
     }
 
     /// The ring ended: if the peer moved this direction to TCP (its SWITCH is
@@ -1037,14 +1069,9 @@ impl Conn {
         if want.write {
             if let Ok(mut tx) = self.tx.try_lock() {
                 r.writable = self.tx_ready(&mut tx, deep, &mut tcp).unwrap_or(true);
-                let sent = match tx.path {
-                    Path::Shm => tx
-                        .ring
-                        .as_mut()
-                        .map_or(0, |w| w.position() - w.queued() as u64),
-                    Path::Tcp => 0,
-                };
-                r.tx_mark = tx.tcp_out + sent + self.tx_blocked.load(Ordering::Relaxed);
+                // Like the kernel (SOCK_NOSPACE), a fresh "writable" edge is owed only
+                // after a write found no room.
+                r.tx_mark = self.tx_blocked.load(Ordering::Relaxed);
             }
         }
         // A connection that is closing shows it on its TCP socket too (hang-ups,

@@ -14,9 +14,9 @@
 //!   the wait set, so no wake-up is lost.
 //!
 //! Edge-triggered consumers also need to know whether something *new* happened
-//! since they last looked: [`Ready::rx_mark`] and [`Ready::tx_mark`] change whenever
-//! bytes arrive or space frees (and whenever an operation came back with
-//! `WouldBlock`, after which the kernel promises a fresh edge).
+//! since they last looked: [`Ready::rx_mark`] changes whenever bytes arrive (or a read
+//! found none), [`Ready::tx_mark`] whenever a write found no room; as with the
+//! kernel, a writer is owed a new "writable" edge only after it filled the buffer.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -67,7 +67,8 @@ pub struct Ready {
     pub error: bool,
     /// Changes whenever bytes arrive for this end (or a read found none).
     pub rx_mark: u64,
-    /// Changes whenever the peer frees space for this end (or a write found none).
+    /// Changes whenever a write found no room (after which the kernel, too, owes an
+    /// edge-triggered waiter a fresh "writable" event).
     pub tx_mark: u64,
 }
 
