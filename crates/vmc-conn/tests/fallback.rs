@@ -292,7 +292,9 @@ fn a_listener_in_another_network_namespace_is_never_used() {
     let (accepted, n) = ours.join().unwrap();
     assert_eq!(n, TOTAL);
     assert!(accepted.is_accelerated());
-    assert!(s.traffic().shm_out > 0);
+    // How much went over shared memory depends on timing: a client may put all of
+    // TOTAL into TCP's buffers before the handshake completes. Acceleration of both
+    // ends is what this test is about, and is asserted above.
 
     kid.close_stdin();
     kid.wait_success(Duration::from_secs(10));
