@@ -1066,22 +1066,18 @@ impl Conn {
                     + self.rx_blocked.load(Ordering::Relaxed);
             }
         }
+        // A connection that is closing shows it on its TCP socket too (hang-ups,
+        // resets): look there whenever the rings say an end is closed.
+        let mut closing = r.read_closed;
         if want.write {
             if let Ok(mut tx) = self.tx.try_lock() {
                 r.writable = self.tx_ready(&mut tx, deep, &mut tcp).unwrap_or(true);
+                closing |= tx.ring.as_ref().is_some_and(|w| w.reader_closed());
                 // Like the kernel (SOCK_NOSPACE), a fresh "writable" edge is owed only
                 // after a write found no room.
                 r.tx_mark = self.tx_blocked.load(Ordering::Relaxed);
             }
         }
-        // A connection that is closing shows it on its TCP socket too (hang-ups,
-        // resets): look there whenever the rings say an end is closed.
-        let closing = r.read_closed
-            || (want.write
-                && self
-                    .tx
-                    .try_lock()
-                    .is_ok_and(|tx| tx.ring.as_ref().is_some_and(|w| w.reader_closed())));
         if deep || closing || tcp.is_some() {
             let ev = *tcp.get_or_insert_with(|| self.tcp_events());
             r.hup = ev.contains(PollFlags::HUP);

@@ -300,6 +300,38 @@ unsafe fn send_iov(
     Ok(total)
 }
 
+/// A receive into the program's buffer, if vmc carries `fd`.
+///
+/// # Safety
+/// `buf` points to `n` writable bytes (it may be anything when `n` is 0).
+unsafe fn vmc_recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> Option<ssize_t> {
+    on_stream(fd, |s| {
+        let b: &mut [u8] = if n == 0 {
+            &mut []
+        } else {
+            // SAFETY: per this function's contract.
+            unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, n) }
+        };
+        recv_into(s, b, flags)
+    })
+}
+
+/// A send from the program's buffer, if vmc carries `fd`.
+///
+/// # Safety
+/// `buf` points to `n` readable bytes (it may be anything when `n` is 0).
+unsafe fn vmc_send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> Option<ssize_t> {
+    on_stream(fd, |s| {
+        let b: &[u8] = if n == 0 {
+            &[]
+        } else {
+            // SAFETY: per this function's contract.
+            unsafe { std::slice::from_raw_parts(buf as *const u8, n) }
+        };
+        send_all(s, b, flags)
+    })
+}
+
 /// Runs `f` on the connection behind `fd` inside vmc (no re-entry, no unwinding
 /// across the C boundary); `None` if vmc does not carry `fd`.
 fn on_stream(fd: c_int, f: impl FnOnce(&TcpStream) -> io::Result<usize>) -> Option<ssize_t> {
@@ -501,11 +533,8 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
     if table::any() {
-        let r = on_stream(fd, |s| {
-            // SAFETY: the program's buffer of `n` writable bytes.
-            let b = unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, n) };
-            recv_into(s, b, 0)
-        });
+        // SAFETY: the program's buffer of `n` writable bytes.
+        let r = unsafe { vmc_recv(fd, buf, n, 0) };
         if let Some(r) = r {
             return r;
         }
@@ -534,11 +563,8 @@ pub unsafe extern "C" fn __read_chk(
 #[no_mangle]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
     if table::any() {
-        let r = on_stream(fd, |s| {
-            // SAFETY: the program's buffer of `n` writable bytes.
-            let b = unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, n) };
-            recv_into(s, b, flags)
-        });
+        // SAFETY: the program's buffer of `n` writable bytes.
+        let r = unsafe { vmc_recv(fd, buf, n, flags) };
         if let Some(r) = r {
             return r;
         }
@@ -575,11 +601,8 @@ pub unsafe extern "C" fn recvfrom(
     len: *mut socklen_t,
 ) -> ssize_t {
     if table::any() {
-        let r = on_stream(fd, |s| {
-            // SAFETY: the program's buffer of `n` writable bytes.
-            let b = unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, n) };
-            recv_into(s, b, flags)
-        });
+        // SAFETY: the program's buffer of `n` writable bytes.
+        let r = unsafe { vmc_recv(fd, buf, n, flags) };
         if let Some(r) = r {
             if r >= 0 && !addr.is_null() && !len.is_null() {
                 // SAFETY: the program passed a writable length.
@@ -654,11 +677,8 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
 #[no_mangle]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
     if table::any() {
-        let r = on_stream(fd, |s| {
-            // SAFETY: the program's buffer of `n` readable bytes.
-            let b = unsafe { std::slice::from_raw_parts(buf as *const u8, n) };
-            send_all(s, b, 0)
-        });
+        // SAFETY: the program's buffer of `n` readable bytes.
+        let r = unsafe { vmc_send(fd, buf, n, 0) };
         if let Some(r) = r {
             return r;
         }
@@ -671,11 +691,8 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
 #[no_mangle]
 pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
     if table::any() {
-        let r = on_stream(fd, |s| {
-            // SAFETY: the program's buffer of `n` readable bytes.
-            let b = unsafe { std::slice::from_raw_parts(buf as *const u8, n) };
-            send_all(s, b, flags)
-        });
+        // SAFETY: the program's buffer of `n` readable bytes.
+        let r = unsafe { vmc_send(fd, buf, n, flags) };
         if let Some(r) = r {
             return r;
         }
@@ -695,11 +712,8 @@ pub unsafe extern "C" fn sendto(
     len: socklen_t,
 ) -> ssize_t {
     if table::any() {
-        let r = on_stream(fd, |s| {
-            // SAFETY: the program's buffer of `n` readable bytes.
-            let b = unsafe { std::slice::from_raw_parts(buf as *const u8, n) };
-            send_all(s, b, flags)
-        });
+        // SAFETY: the program's buffer of `n` readable bytes.
+        let r = unsafe { vmc_send(fd, buf, n, flags) };
         if let Some(r) = r {
             return r;
         }
