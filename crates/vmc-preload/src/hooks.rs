@@ -19,6 +19,7 @@ use libc::{
 };
 use vmc_conn::{RecvOpts, TcpStream};
 
+use crate::alias;
 use crate::table::{self, Sock};
 use crate::{enabled, enter, errno, fail, real, set_errno, shield};
 
@@ -115,8 +116,15 @@ fn track(fd: c_int, s: TcpStream) {
         return;
     }
     mirror_mode(fd, &s);
-    if !table::set(fd, Arc::new(Sock::Stream(s))) {
+    let sock = Arc::new(Sock::Stream(s));
+    if !table::set(fd, sock.clone()) {
         tracing::debug!(fd, "descriptor beyond vmc's table: stays plain TCP");
+        return;
+    }
+    // Descriptors duplicated from this socket earlier lead to the same connection.
+    for other in alias::of(fd) {
+        tracing::debug!(fd, other, "an earlier duplicate joins the connection");
+        table::set(other, sock.clone());
     }
 }
 
@@ -462,15 +470,36 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     let old = table::take(fd);
+    alias::forget(fd);
     // SAFETY: forwarding the program's argument.
     let r = unsafe { real::close(fd) };
     if let Some(old) = old {
         let saved = errno();
-        match enter() {
-            Some(_g) => drop(old),
-            // Inside vmc already (a destructor closing): dropping here is fine too.
-            None => drop(old),
+        // Inside vmc already or not, the last reference closes vmc's own
+        // descriptors; the guard keeps those closes out of this hook.
+        let _g = enter();
+        drop(old);
+        set_errno(saved);
+    }
+    r
+}
+
+/// `close_range(2)`: as `close` for every descriptor of the range (unless the call
+/// only marks them close-on-exec).
+#[no_mangle]
+pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    // SAFETY: forwarding the program's arguments.
+    let r = unsafe { real::close_range(first, last, flags) };
+    if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 && table::any() {
+        let saved = errno();
+        let last = last.min(table::MAX_FDS as c_uint - 1);
+        let mut gone = Vec::new();
+        for fd in first..=last {
+            alias::forget(fd as c_int);
+            gone.extend(table::take(fd as c_int));
         }
+        let _g = enter();
+        drop(gone);
         set_errno(saved);
     }
     r
@@ -478,11 +507,20 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 
 /// Gives `new` what `old` is to vmc (after a successful dup of any kind).
 fn copy_entry(old: c_int, new: c_int) {
+    alias::forget(new);
     let Some(sock) = table::get(old) else {
         // `new` may have been a vmc descriptor that dup2 just closed.
         if let Some(prev) = table::take(new) {
             let _g = enter();
             drop(prev);
+        }
+        // A TCP socket not taken over (yet): remember the pair, in case it connects.
+        if enabled() {
+            if let Some(_g) = enter() {
+                if is_tcp(old) {
+                    alias::record(old, new);
+                }
+            }
         }
         return;
     };
@@ -499,7 +537,7 @@ fn copy_entry(old: c_int, new: c_int) {
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     // SAFETY: forwarding the program's argument.
     let r = unsafe { real::dup(fd) };
-    if r >= 0 && table::any() {
+    if r >= 0 {
         copy_entry(fd, r);
     }
     r
@@ -510,7 +548,7 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     // SAFETY: forwarding the program's arguments.
     let r = unsafe { real::dup2(old, new) };
-    if r >= 0 && old != new && table::any() {
+    if r >= 0 && old != new {
         copy_entry(old, r);
     }
     r
@@ -521,7 +559,7 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     // SAFETY: forwarding the program's arguments.
     let r = unsafe { real::dup3(old, new, flags) };
-    if r >= 0 && table::any() {
+    if r >= 0 {
         copy_entry(old, r);
     }
     r
@@ -922,7 +960,7 @@ pub unsafe extern "C" fn splice(
 
 /// What `fcntl` does beyond the kernel's part, for a vmc descriptor.
 fn after_fcntl(fd: c_int, cmd: c_int, arg: c_ulong, r: c_int) {
-    if r < 0 || !table::any() {
+    if r < 0 {
         return;
     }
     match cmd {

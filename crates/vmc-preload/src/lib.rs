@@ -26,6 +26,7 @@
 // Hooks are C functions called by C code: their safety contracts are C's.
 #![allow(clippy::missing_safety_doc)]
 
+mod alias;
 pub mod epoll;
 pub mod hooks;
 pub mod poll;

@@ -498,8 +498,15 @@ impl Consumer {
 
     /// Copies up to `dst.len()` ready bytes into `dst`; returns how many (0 when the
     /// ring is empty: see [`Consumer::is_finished`] to tell EOF from "not yet").
+    ///
+    /// Like a socket, it returns everything that has arrived that fits: the cached tail
+    /// is reloaded when it shows fewer bytes than `dst` could take.
     pub fn read(&mut self, dst: &mut [u8]) -> Result<usize, RingError> {
-        let n = dst.len().min(self.available()?);
+        let mut avail = self.available()?;
+        if avail < dst.len() {
+            avail = self.refresh()?;
+        }
+        let n = dst.len().min(avail);
         if n == 0 {
             return Ok(0);
         }
