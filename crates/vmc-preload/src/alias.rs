@@ -28,7 +28,7 @@ fn identity(fd: i32) -> Option<(u64, u64)> {
     let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     rustix::fs::fstat(b)
         .ok()
-        .map(|st| (st.st_dev as u64, st.st_ino as u64))
+        .map(|st| (st.st_dev, st.st_ino))
 }
 
 /// `new` was duplicated from the TCP socket `old`.
