@@ -147,6 +147,9 @@ fn wait_until<R: WaitRing>(
     let deadline = waiter.timeout.map(|t| started + t);
     waiter.backoff.reset();
     loop {
+        if vmc_os::interrupt::pending() && !ring.ready()? {
+            return Err(vmc_os::interrupt::error());
+        }
         if ring.prepare_sleep()? {
             let left = deadline.map_or(LIVENESS_INTERVAL, |d| {
                 d.saturating_duration_since(Instant::now())

@@ -61,7 +61,8 @@ impl Spinner {
             round = round.wrapping_add(1);
             if round % CLOCK_EVERY == 0 {
                 let spent = start.get_or_insert_with(Instant::now).elapsed();
-                if spent >= self.budget {
+                // A signal that ends the wait: stop spinning, the caller reports it.
+                if spent >= self.budget || vmc_os::interrupt::pending() {
                     return Ok(false);
                 }
                 if spent >= PURE_SPIN {

@@ -724,6 +724,9 @@ impl Conn {
             }
         });
         match poll(&mut fds, timeout.as_ref()) {
+            Err(rustix::io::Errno::INTR) if vmc_os::interrupt::pending() => {
+                return Err(vmc_os::interrupt::error())
+            }
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }

@@ -45,6 +45,7 @@ fn to_timespec(d: Duration) -> Option<Timespec> {
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> io::Result<()> {
     let ts = timeout.and_then(to_timespec);
     match futex::wait(word, futex::Flags::empty(), expected, ts.as_ref()) {
+        Err(Errno::INTR) if crate::interrupt::pending() => Err(crate::interrupt::error()),
         Ok(()) | Err(Errno::AGAIN) | Err(Errno::INTR) | Err(Errno::TIMEDOUT) => Ok(()),
         Err(e) => Err(io::Error::new(
             io::Error::from(e).kind(),
@@ -144,7 +145,8 @@ impl EventFd {
     /// forever; zero: just check). Does not drain: call
     /// [`EventFd::drain`] before re-checking the shared state.
     ///
-    /// Signals (`EINTR`) are absorbed; the wait resumes with the time left.
+    /// Signals (`EINTR`) are absorbed, and the wait resumes with the time left, unless
+    /// [`crate::interrupt::pending`] says the signal ends it (`Interrupted`).
     pub fn wait(
         &self,
         also: Option<BorrowedFd<'_>>,
@@ -173,6 +175,9 @@ impl EventFd {
                     });
                 }
                 Err(Errno::INTR) => {
+                    if crate::interrupt::pending() {
+                        return Err(crate::interrupt::error());
+                    }
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Ok(Readiness::default());
                     }

@@ -26,9 +26,7 @@ fn identity(fd: i32) -> Option<(u64, u64)> {
     // SAFETY: a query on a descriptor number the program holds (a closed number
     // only makes fstat fail).
     let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    rustix::fs::fstat(b)
-        .ok()
-        .map(|st| (st.st_dev, st.st_ino))
+    rustix::fs::fstat(b).ok().map(|st| (st.st_dev, st.st_ino))
 }
 
 /// `new` was duplicated from the TCP socket `old`.

@@ -345,6 +345,7 @@ unsafe fn vmc_send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> Op
 fn on_stream(fd: c_int, f: impl FnOnce(&TcpStream) -> io::Result<usize>) -> Option<ssize_t> {
     let sock = stream(fd)?;
     let _g = enter()?;
+    crate::signals::begin_call();
     Some(ret(shield(|| f(as_stream(&sock)))))
 }
 

@@ -32,6 +32,7 @@ pub mod hooks;
 pub mod poll;
 mod real;
 pub mod report;
+pub mod signals;
 pub mod table;
 
 use std::cell::Cell;
@@ -115,6 +116,7 @@ pub(crate) fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         init_logging();
+        signals::install_check();
         // SAFETY: registering plain extern "C" functions without arguments.
         unsafe {
             libc::pthread_atfork(None, None, Some(report::in_child));

@@ -41,6 +41,7 @@ pub(crate) fn wait_loop(
     mut block: impl FnMut(Option<Duration>) -> io::Result<()>,
     timeout: Option<Duration>,
 ) -> io::Result<usize> {
+    crate::signals::begin_call();
     let n = pass(true, false)?;
     if n > 0 || timeout == Some(Duration::ZERO) {
         return Ok(n);
@@ -54,6 +55,10 @@ pub(crate) fn wait_loop(
         let n = pass(i % 32 == 0, false)?;
         if n > 0 {
             return Ok(n);
+        }
+        if i % 32 == 0 && crate::signals::any_handler_ran() {
+            // The kernel's readiness calls fail after any handler, SA_RESTART or not.
+            return Err(io::ErrorKind::Interrupted.into());
         }
         if i % 256 == 0 {
             // Two busy threads on two cores: let the peer we wait for run.

@@ -114,6 +114,7 @@ reals! {
     fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event) -> c_int;
     fn epoll_wait(epfd: c_int, evs: *mut epoll_event, max: c_int, timeout: c_int) -> c_int;
     fn epoll_pwait(epfd: c_int, evs: *mut epoll_event, max: c_int, timeout: c_int, sigmask: *const sigset_t) -> c_int;
+    fn sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int;
     fn execve(path: *const libc::c_char, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int;
     fn execv(path: *const libc::c_char, argv: *const *const libc::c_char) -> c_int;
     fn execvp(file: *const libc::c_char, argv: *const *const libc::c_char) -> c_int;

@@ -775,8 +775,7 @@ fn case_runs(case: &'static str) -> &'static CaseRuns {
 const KNOWN_GAPS: &[(&str, &str, &str)] = &[
     ("epoll", "behaviour", "nested epoll: an epoll set holding vmc connections, itself watched by another epoll set, is never reported readable (the kernel cannot see its rings); everything before that point in the case matches"),
     ("epoll", "accelerated", "the nested-epoll wait hangs until the harness timeout, so no verdict"),
-    ("signals", "behaviour", "a read blocked on a ring is not interrupted by a signal (no EINTR)"),
-    ("signals", "accelerated", "the same: the blocked run hangs until the harness timeout"),
+    ("signals", "behaviour", "a read with SO_RCVTIMEO blocked on a ring carries on after a handler installed with SA_RESTART (until its timeout: EAGAIN); the kernel fails it with EINTR. Without SA_RESTART, EINTR as the kernel"),
     ("fork", "behaviour", "a forked child's copies of an accelerated connection are plain kernel sockets: what the child writes goes over TCP beside the parent's ring"),
     ("exec", "accelerated", "accelerated connections are moved to TCP before exec, not carried into the new image"),
 ];
