@@ -452,7 +452,19 @@ impl Conn {
             return Ok(0);
         }
         let mut rx = lock(&self.rx);
-        let r = self.read_locked(&mut rx, buf, opts);
+        let r = match self.read_locked(&mut rx, buf, opts) {
+            // The peer's process is gone and every byte it sent was read. TCP would
+            // show a FIN here (the kernel closes a dead process's sockets), unless the
+            // dead end left received bytes unread (then a reset): do the same.
+            Err(e)
+                if e.kind() == io::ErrorKind::ConnectionReset
+                    && rx.path == RxPath::Shm
+                    && self.peer_left_nothing_unread() =>
+            {
+                Ok(0)
+            }
+            r => r,
+        };
         if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
             self.rx_blocked.fetch_add(1, Ordering::Relaxed);
         }
@@ -579,6 +591,18 @@ impl Conn {
         let n = ring.read(buf)?;
         bump(&self.counters().shm_in, n);
         Ok(n)
+    }
+
+    /// True if the peer took everything we sent it over the ring (our sending ring is
+    /// empty, or we never used it). Unknown (a writer busy) counts as false.
+    fn peer_left_nothing_unread(&self) -> bool {
+        match self.tx.try_lock() {
+            Ok(mut tx) => match tx.ring.as_mut() {
+                Some(w) => w.queued() == 0,
+                None => true,
+            },
+            Err(_) => false,
+        }
     }
 
     /// The ring ended: if the peer moved this direction to TCP (its SWITCH is

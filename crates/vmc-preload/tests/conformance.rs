@@ -829,5 +829,6 @@ cases!(
     exec,
     threads,
     signals,
-    sendfile
+    sendfile,
+    exit
 );
