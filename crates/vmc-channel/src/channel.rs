@@ -193,6 +193,13 @@ impl WakeFds {
     pub fn write(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.core.wake_fd(Dir::Write)
     }
+
+    /// As [`ReadHalf::abandon`], through the handle.
+    pub fn abandon(&self) {
+        self.core
+            .abandoned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The reading half of a channel.
@@ -320,6 +327,16 @@ impl ReadHalf {
     /// False once the peer is known to have died without closing.
     pub fn peer_alive(&self) -> bool {
         self.core.peer_alive()
+    }
+
+    /// Gives up this process's share of the channel, for both halves: another
+    /// process (a fork of this one) owns it now. From now on dropping a half closes
+    /// this process's descriptors and unmaps the segment, but writes nothing to it:
+    /// no close, no shutdown, no state change the owner or the peer would see.
+    pub fn abandon(&self) {
+        self.core
+            .abandoned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Bytes read so far.
@@ -462,6 +479,13 @@ impl WriteHalf {
         self.core.peer_alive()
     }
 
+    /// As [`ReadHalf::abandon`].
+    pub fn abandon(&self) {
+        self.core
+            .abandoned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// True once the reader has closed its end (writes fail from now on).
     pub fn reader_closed(&self) -> bool {
         self.tx.is_reader_closed()
@@ -475,6 +499,9 @@ impl WriteHalf {
 
 impl Drop for ReadHalf {
     fn drop(&mut self) {
+        if self.core.is_abandoned() {
+            return;
+        }
         self.rx.close();
         if self.rx.needs_wake() {
             self.core.wake(Dir::Write, self.rx.peer_sleep_word());
@@ -484,7 +511,9 @@ impl Drop for ReadHalf {
 
 impl Drop for WriteHalf {
     fn drop(&mut self) {
-        self.shutdown();
+        if !self.core.is_abandoned() {
+            self.shutdown();
+        }
     }
 }
 

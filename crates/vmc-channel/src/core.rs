@@ -44,6 +44,10 @@ pub(crate) enum Link {
 }
 
 pub(crate) struct Core {
+    /// Set when this process gives up its share of the channel to another process
+    /// (after fork): dropping then closes our descriptors and unmaps, and writes
+    /// nothing to the shared segment.
+    pub(crate) abandoned: std::sync::atomic::AtomicBool,
     pub(crate) header: SharedHeader,
     pub(crate) signals: Signals,
     pub(crate) link: Link,
@@ -135,8 +139,16 @@ impl Core {
     }
 }
 
+impl Core {
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.abandoned.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 impl Drop for Core {
     fn drop(&mut self) {
-        self.header.set_state(SideState::Closed);
+        if !self.is_abandoned() {
+            self.header.set_state(SideState::Closed);
+        }
     }
 }

@@ -120,6 +120,7 @@ fn assemble(
     spin: Duration,
 ) -> Channel {
     let core = Core {
+        abandoned: std::sync::atomic::AtomicBool::new(false),
         header: ep.header,
         signals,
         link,

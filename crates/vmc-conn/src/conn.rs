@@ -158,6 +158,9 @@ pub(crate) struct Conn {
     waitset: OnceLock<WaitSet>,
     /// Event loops waiting on the wait set right now.
     waiters: AtomicU32,
+    /// Another process (a fork of this one) owns the connection: dropping it here
+    /// must not touch what the processes share (see [`Conn::abandon`]).
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -262,6 +265,7 @@ impl Conn {
             tx_blocked: AtomicU64::new(0),
             waitset: OnceLock::new(),
             waiters: AtomicU32::new(0),
+            abandoned: std::sync::atomic::AtomicBool::new(false),
         };
         c.publish(flag::PENDING, state == PENDING);
         c
@@ -1305,6 +1309,16 @@ impl Conn {
         }
     }
 
+    /// Gives this process's share of the connection up to another process that
+    /// shares it (after fork): from now on dropping it closes this process's
+    /// descriptors and nothing else. Using it afterwards is a logic error.
+    pub(crate) fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Relaxed);
+        if let Some(p) = self.parts() {
+            p.wake.abandon();
+        }
+    }
+
     /// The TCP socket.
     pub(crate) fn tcp_fd(&self) -> BorrowedFd<'_> {
         self.tcp.as_fd()
@@ -1318,6 +1332,19 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        if self.abandoned.load(Ordering::Relaxed) {
+            // Close our descriptors, touch nothing shared: not the rings (the
+            // channel knows it is abandoned), not the statistics slot, not a
+            // handshake in flight.
+            let home = std::mem::replace(&mut self.home, Home::Own(Counters::default()));
+            std::mem::forget(home);
+            let setup = std::mem::replace(
+                self.setup.get_mut().unwrap_or_else(|p| p.into_inner()),
+                Setup::Done,
+            );
+            std::mem::forget(setup);
+            return;
+        }
         // Close the rings before the TCP socket, so that the peer, woken by the FIN,
         // finds the end of the stream on the ring too.
         drop(lock(&self.tx).ring.take());

@@ -124,6 +124,14 @@ impl TcpStream {
         self.conn.write_opts(buf, dontwait)
     }
 
+    /// Gives this process's share of the connection up, after fork, to the process
+    /// that owns it now: dropping this stream (and its clones) then closes this
+    /// process's descriptors but sends nothing and changes nothing the owner or the
+    /// peer can see. The stream must not be used afterwards.
+    pub fn abandon(&self) {
+        self.conn.abandon()
+    }
+
     /// Bytes a read could take now without waiting (`FIONREAD`).
     pub fn available(&self) -> io::Result<usize> {
         self.conn.available()

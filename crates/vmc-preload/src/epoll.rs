@@ -25,7 +25,7 @@ use std::time::Duration;
 use libc::{c_int, epoll_event, pollfd, sigset_t, timespec};
 use vmc_conn::{Interest, Ready};
 
-use crate::poll::{arm_all, stream_of, timespec_of, vmc_stream, wait_loop};
+use crate::poll::{arm_all, ready_of, stream_of, timespec_of, vmc_stream, wait_loop};
 use crate::table::{self, Sock};
 use crate::{enter, fail, real, shield};
 
@@ -125,7 +125,7 @@ impl EpollSet {
                 gone.push(i);
                 continue;
             }
-            let r = s.poll_ready(interest(e.events), deep);
+            let r = ready_of(s, interest(e.events), deep);
             let mut ev = mask(&r, e.events);
             if ev != 0 && e.events & ET != 0 {
                 let rx = r

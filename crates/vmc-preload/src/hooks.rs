@@ -116,7 +116,7 @@ fn track(fd: c_int, s: TcpStream) {
         return;
     }
     mirror_mode(fd, &s);
-    let sock = Arc::new(Sock::Stream(s));
+    let sock = Arc::new(Sock::Stream(table::Stream::new(s)));
     if !table::set(fd, sock.clone()) {
         tracing::debug!(fd, "descriptor beyond vmc's table: stays plain TCP");
         return;
@@ -139,7 +139,7 @@ fn stream(fd: c_int) -> Option<Arc<Sock>> {
     }
 }
 
-fn as_stream(sock: &Sock) -> &TcpStream {
+fn as_stream(sock: &Sock) -> &table::Stream {
     match sock {
         Sock::Stream(s) => s,
         _ => unreachable!("stream() returns streams only"),
@@ -345,8 +345,14 @@ unsafe fn vmc_send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> Op
 fn on_stream(fd: c_int, f: impl FnOnce(&TcpStream) -> io::Result<usize>) -> Option<ssize_t> {
     let sock = stream(fd)?;
     let _g = enter()?;
+    let s = as_stream(&sock);
+    if !s.owner.check() {
+        // The other process of a fork owns this connection.
+        crate::set_errno(libc::EIO);
+        return Some(-1);
+    }
     crate::signals::begin_call();
-    Some(ret(shield(|| f(as_stream(&sock)))))
+    Some(ret(shield(|| f(s))))
 }
 
 // ---- setting up: listen, connect, accept ------------------------------------------
@@ -1102,6 +1108,9 @@ fn before_exec() {
     table::for_each(|fd, slot| {
         let Some(sock) = slot.as_ref() else { return };
         let Sock::Stream(s) = &**sock else { return };
+        if !s.owner.owned_here() {
+            return;
+        }
         // SAFETY: `fd` is open: it is in the table, which close keeps current.
         let cloexec = rustix::io::fcntl_getfd(unsafe { borrow(fd) })
             .is_ok_and(|f| f.contains(rustix::io::FdFlags::CLOEXEC));

@@ -28,6 +28,7 @@
 
 mod alias;
 pub mod epoll;
+pub mod fork;
 pub mod hooks;
 pub mod poll;
 mod real;
@@ -119,7 +120,7 @@ pub(crate) fn init() {
         signals::install_check();
         // SAFETY: registering plain extern "C" functions without arguments.
         unsafe {
-            libc::pthread_atfork(None, None, Some(report::in_child));
+            libc::pthread_atfork(Some(fork::prepare), None, Some(report::in_child));
             libc::atexit(report::at_exit);
         }
     });

@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use libc::{c_int, fd_set, nfds_t, pollfd, sigset_t, timespec, timeval};
-use vmc_conn::{Interest, Ready, TcpStream};
+use vmc_conn::{Interest, Ready};
 
 use crate::table::{self, Sock};
 use crate::{enter, fail, real, shield};
@@ -89,17 +89,41 @@ pub(crate) fn vmc_stream(fd: c_int) -> Option<Arc<Sock>> {
     }
 }
 
-pub(crate) fn stream_of(sock: &Sock) -> &TcpStream {
+pub(crate) fn stream_of(sock: &Sock) -> &crate::table::Stream {
     match sock {
         Sock::Stream(s) => s,
         _ => unreachable!("vmc_stream returns streams only"),
     }
 }
 
+/// What a connection is ready for; one the other process of a fork owns reports
+/// an error (its calls fail with EIO).
+pub(crate) fn ready_of(s: &crate::table::Stream, want: Interest, deep: bool) -> Ready {
+    if !s.owner.check() {
+        return Ready {
+            readable: want.read,
+            writable: want.write,
+            error: true,
+            hup: true,
+            ..Ready::default()
+        };
+    }
+    s.poll_ready(want, deep)
+}
+
 /// Arms each connection for its interest; true if one is ready already (then
 /// nothing stays armed). On false, every connection is armed and must be disarmed.
-pub(crate) fn arm_all<'a>(items: impl Iterator<Item = (&'a TcpStream, Interest)> + Clone) -> bool {
+pub(crate) fn arm_all<'a>(
+    items: impl Iterator<Item = (&'a crate::table::Stream, Interest)> + Clone,
+) -> bool {
     for (k, (s, want)) in items.clone().enumerate() {
+        if !s.owner.check() {
+            // Owned by the other process of a fork: "ready" (with an error).
+            for (s, _) in items.take(k) {
+                s.disarm();
+            }
+            return true;
+        }
         match s.arm(want) {
             Ok(None) => {}
             // Ready now (or cannot arm): undo the others and look again.
@@ -191,7 +215,7 @@ fn poll_mixed(
         }
         for (i, sock) in vmc {
             let p = &mut fds[*i];
-            let r = stream_of(sock).poll_ready(interest(p.events), deep);
+            let r = ready_of(stream_of(sock), interest(p.events), deep);
             p.revents = revents(&r, p.events);
             if p.revents != 0 {
                 n += 1;

@@ -38,13 +38,16 @@ pub(crate) fn account(s: &vmc_conn::TcpStream) {
     TCP_OUT.fetch_add(t.tcp_out, Ordering::Relaxed);
 }
 
-/// The fork handler, in the child: the connections belong to the parent, whose
-/// rings they share. The child forgets them without closing anything (its copies of
-/// the descriptors are plain kernel sockets from now on) and starts its own totals.
+/// The fork handler, in the child. Connections stay (which process keeps each is
+/// settled at first use, see `crate::fork`). Listeners are the parent's: their
+/// registration and rendezvous must outlive the child's copies (a child closing its
+/// inherited listening socket must not unregister the parent's listener), so the
+/// child forgets them and accepts on them as plain TCP. The child starts its own
+/// totals.
 pub(crate) extern "C" fn in_child() {
     table::for_each(|_, slot| {
-        if let Some(s) = slot.take() {
-            std::mem::forget(s);
+        if matches!(slot.as_deref(), Some(Sock::Listener(_))) {
+            std::mem::forget(slot.take());
         }
     });
     for c in [&ACCELERATED, &PLAIN, &SHM_IN, &SHM_OUT, &TCP_IN, &TCP_OUT] {
@@ -63,7 +66,7 @@ pub(crate) extern "C" fn at_exit() {
         if let Some(sock) = slot.as_ref() {
             let p = Arc::as_ptr(sock);
             if let Sock::Stream(s) = &**sock {
-                if !seen.contains(&p) {
+                if !seen.contains(&p) && s.owner.owned_here() {
                     seen.push(p);
                     account(s);
                 }

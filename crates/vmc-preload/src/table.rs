@@ -22,15 +22,42 @@ pub(crate) enum Sock {
     /// A registered listener: connections accepted from it may be accelerated.
     Listener(vmc_conn::TcpListener),
     /// A connection (accelerated, or still deciding).
-    Stream(vmc_conn::TcpStream),
+    Stream(Stream),
     /// An epoll set that holds (or held) vmc connections.
     Epoll(EpollSet),
+}
+
+/// A connection vmc carries, and which process owns it (see [`crate::fork`]).
+pub(crate) struct Stream {
+    pub(crate) s: vmc_conn::TcpStream,
+    pub(crate) owner: crate::fork::Owner,
+}
+
+impl Stream {
+    pub(crate) fn new(s: vmc_conn::TcpStream) -> Stream {
+        Stream {
+            s,
+            owner: crate::fork::Owner::default(),
+        }
+    }
+}
+
+impl std::ops::Deref for Stream {
+    type Target = vmc_conn::TcpStream;
+    fn deref(&self) -> &vmc_conn::TcpStream {
+        &self.s
+    }
 }
 
 impl Drop for Sock {
     fn drop(&mut self) {
         if let Sock::Stream(s) = self {
-            crate::report::account(s);
+            if s.owner.owned_here() {
+                crate::report::account(s);
+            } else {
+                // Another process owns it since a fork: leave it to that one.
+                s.abandon();
+            }
         }
     }
 }
