@@ -345,7 +345,7 @@ impl Channel {
     /// Connects to a [`ChannelListener`] at `path` and attaches to the channel it
     /// offers.
     pub fn connect(path: impl AsRef<Path>) -> io::Result<Channel> {
-        let sock = UnixStream::connect(path.as_ref()).map_err(|e| {
+        let sock = vmc_os::unix::connect(path.as_ref()).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("vmc channel: connect to {}: {e}", path.as_ref().display()),
@@ -497,7 +497,7 @@ impl ChannelListener {
     pub fn bind(path: impl AsRef<Path>, config: ChannelConfig) -> io::Result<ChannelListener> {
         layout_for(&config)?;
         let path = path.as_ref().to_path_buf();
-        let listener = UnixListener::bind(&path).map_err(|e| {
+        let listener = vmc_os::unix::bind(&path).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("vmc channel: bind {}: {e}", path.display()),

@@ -57,7 +57,7 @@ impl Rendezvous {
         );
         let path = dir.join(name);
         let _ = std::fs::remove_file(&path); // a leftover of a dead process with our pid
-        let unix = UnixListener::bind(&path)?;
+        let unix = vmc_os::unix::bind(&path)?;
         unix.set_nonblocking(true)?;
         Ok(Arc::new(Rendezvous {
             unix,

@@ -4,7 +4,6 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -371,7 +370,7 @@ fn offer(tcp: &std::net::TcpStream, peer: SocketAddr) -> Result<vmc_channel::Off
         .into_iter()
         .next()
         .ok_or(Fallback::NoListener)?;
-    let mut sock = UnixStream::connect(&entry.rendezvous).map_err(|_| Fallback::ListenerGone)?;
+    let mut sock = vmc_os::unix::connect(&entry.rendezvous).map_err(|_| Fallback::ListenerGone)?;
     sock.write_all(&wire::attach(local, peer))
         .map_err(|_| Fallback::ListenerGone)?;
     // Event loops need a descriptor to wait on for ring wake-ups.

@@ -452,6 +452,40 @@ fn an_unusable_registry_leaves_both_ends_on_tcp() {
     assert!(!bad.exists(), "nothing was created under a bad parent");
 }
 
+/// Not a fallback: a registry deeper than a Unix socket address can name (108
+/// bytes) still accelerates; rendezvous sockets are reached through their
+/// directory. (CI's checkout is deep enough for this to matter.)
+#[test]
+fn a_registry_at_a_long_path_still_accelerates() {
+    private_registry();
+    let tmp = tempfile::tempdir().unwrap();
+    let deep = tmp.path().join("d".repeat(70)).join("e".repeat(40));
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::set_permissions(&deep, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let reg = deep.join("listeners");
+    assert!(reg.as_os_str().len() > 120, "{}", reg.display());
+
+    let mut server = KidSpec::new("server")
+        .env(vmc_conn::registry::REGISTRY_DIR_ENV, reg.display())
+        .env("VMC_IT_ACCEPT", 1)
+        .spawn()
+        .unwrap();
+    assert_eq!(server.expect("LREASON", SPAWN), "none");
+    let port = server.expect("PORT", SPAWN);
+    let mut client = KidSpec::new("client")
+        .env(vmc_conn::registry::REGISTRY_DIR_ENV, reg.display())
+        .env("VMC_IT_ADDR", format!("127.0.0.1:{port}"))
+        .spawn()
+        .unwrap();
+    let res = Summary::parse(&client.expect("RESULT", Duration::from_secs(30)));
+    client.wait_success(Duration::from_secs(10));
+    server.expect("RESULT", Duration::from_secs(30));
+    server.wait_success(Duration::from_secs(10));
+    assert_eq!(res.str("reason"), "none");
+    assert_eq!(res.u64("got"), TOTAL);
+    assert!(res.u64("shm_out") > 0 && res.u64("shm_in") > 0);
+}
+
 #[test]
 fn a_sigkilled_listener_refuses_connections_and_its_entry_is_reaped() {
     let dir = private_registry();

@@ -43,6 +43,7 @@ pub mod interrupt;
 pub mod mapping;
 pub mod proc;
 pub mod segment;
+pub mod unix;
 pub mod wake;
 
 pub use fdpass::{recv_with_fds, send_with_fds};

@@ -75,7 +75,8 @@
 //! tests another build; `VMC_CONFORMANCE_KEEP=1` keeps every run directory
 //! (failing runs' are always kept until the next test run; their paths are in
 //! the failure message); `CC` picks the C compiler. `-- --nocapture` prints
-//! the reference traces.
+//! the reference traces. `VMC_CONFORMANCE_LOG=debug` sets `VMC_LOG` in the
+//! preloaded processes (their logs land in each run's `stderr.<role>`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -410,6 +411,9 @@ fn run_way(case: &str, bin: &Path, lib: &Path, way: Way) -> Result<Run, String> 
             .env("VMC_REPORT", &report);
         if preload {
             cmd.env("LD_PRELOAD", lib);
+            if let Some(level) = std::env::var_os("VMC_CONFORMANCE_LOG") {
+                cmd.env("VMC_LOG", level);
+            }
         }
         match cmd.spawn() {
             Ok(child) => children.push((role, child, None)),
