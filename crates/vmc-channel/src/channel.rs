@@ -486,6 +486,15 @@ impl WriteHalf {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The bytes from `from` (a [`ReadHalf::position`] the reader reported before
+    /// closing its end) to [`WriteHalf::position`]: written, never read. For a
+    /// connection layer that sends them again on another path.
+    pub fn take_back(&self, from: u64) -> io::Result<Vec<u8>> {
+        let mut v = Vec::new();
+        self.tx.take_back(from, &mut v).map_err(ring_error)?;
+        Ok(v)
+    }
+
     /// True once the reader has closed its end (writes fail from now on).
     pub fn reader_closed(&self) -> bool {
         self.tx.is_reader_closed()

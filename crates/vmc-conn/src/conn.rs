@@ -16,6 +16,16 @@
 //! - shm -> TCP: the sender sends SWITCH, then pauses its ring. The receiver drains the
 //!   ring, sees it paused, and finds the SWITCH already queued on the socket; a paused
 //!   ring without a SWITCH is the real end of stream.
+//! - For good, from the receiving end (before exec, [`Conn::settle_on_tcp`]): the
+//!   receiver stops reading the ring, sends REWIND with the offset it reached and
+//!   closes its end; the sender, at its next use of the connection (a write, a
+//!   read, a readiness check), takes the unread bytes back out of its ring and puts
+//!   them on TCP ahead of everything else, and never returns to the ring. Our own
+//!   sending direction moves as above. Neither end waits for the other.
+//!
+//! A shutdown while sending on the ring ends the stream on the ring; TCP's FIN
+//! follows once the direction is on TCP for good or the connection closes (a
+//! REWIND may still have bytes to put on TCP).
 //!
 //! # Setting up
 //! The client connects TCP, then hands the listener's process an ATTACH (the TCP
@@ -30,7 +40,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -107,6 +117,9 @@ struct CtlIn {
     frame_len: usize,
     /// The peer's moves, in order, not applied by our receiving side yet.
     switches: VecDeque<Switch>,
+    /// A REWIND our sending side has not served yet: the ring offset from which
+    /// the peer wants every byte again, on TCP.
+    rewind: Option<u64>,
 }
 
 struct Tx {
@@ -118,6 +131,14 @@ struct Tx {
     tcp_out: u64,
     ring: Option<WriteHalf>,
     shut: bool,
+    /// Shut down while sending on the ring: the ring carries the end of the
+    /// stream, and TCP's FIN waits until the direction is on TCP for good (a
+    /// REWIND may still send bytes there) or the connection closes.
+    fin_owed: bool,
+    /// The peer asked for TCP for good (REWIND): never back to the ring.
+    for_good: bool,
+    /// Bytes a REWIND must still put on TCP before anything else goes there.
+    backlog: Vec<u8>,
     nonblocking: bool,
     timeout: Option<Duration>,
 }
@@ -160,7 +181,12 @@ pub(crate) struct Conn {
     waiters: AtomicU32,
     /// Another process (a fork of this one) owns the connection: dropping it here
     /// must not touch what the processes share (see [`Conn::abandon`]).
-    abandoned: std::sync::atomic::AtomicBool,
+    abandoned: AtomicBool,
+    /// `ctl_in.rewind` is set: the sending side has a REWIND to serve.
+    rewind_asked: AtomicBool,
+    /// The control socket reached its end (the peer closed it, exec'd or died):
+    /// waits stop watching it.
+    ctl_eof: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -179,6 +205,21 @@ fn bump(counter: &AtomicU64, n: usize) {
         counter.load(Ordering::Relaxed) + n as u64,
         Ordering::Relaxed,
     );
+}
+
+/// Locks `m`, trying until `deadline` (another thread may hold it for a blocking
+/// call that never ends).
+fn lock_until<T>(m: &Mutex<T>, deadline: Instant) -> Option<MutexGuard<'_, T>> {
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_micros(200))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
+    }
 }
 
 fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
@@ -253,6 +294,9 @@ impl Conn {
                 tcp_out: 0,
                 ring: None,
                 shut: false,
+                fin_owed: false,
+                for_good: false,
+                backlog: Vec::new(),
                 nonblocking: false,
                 timeout: None,
             }),
@@ -265,7 +309,9 @@ impl Conn {
             tx_blocked: AtomicU64::new(0),
             waitset: OnceLock::new(),
             waiters: AtomicU32::new(0),
-            abandoned: std::sync::atomic::AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
+            rewind_asked: AtomicBool::new(false),
+            ctl_eof: AtomicBool::new(false),
         };
         c.publish(flag::PENDING, state == PENDING);
         c
@@ -667,18 +713,39 @@ impl Conn {
         }
     }
 
-    /// Reads whatever control frames the socket has, without waiting.
+    /// Reads whatever control frames the socket has, without waiting. A REWIND
+    /// among them is served right away if the sending side is free (else by the
+    /// thread that holds it, see [`Conn::serve_rewind`]).
     fn pump_control(&self) -> io::Result<()> {
+        self.read_control()?;
+        if self.rewind_asked.load(Ordering::Acquire) {
+            if let Ok(mut tx) = self.tx.try_lock() {
+                if let Err(e) = self.serve_rewind(&mut tx) {
+                    tracing::debug!("vmc connection: serving a rewind: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_control(&self) -> io::Result<()> {
         let Some(parts) = self.parts() else {
             return Ok(());
         };
+        if self.ctl_eof.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut ctl = lock(&self.ctl_in);
         loop {
             let at = ctl.frame_len;
             match recv(&parts.ctl, &mut ctl.frame[at..], RecvFlags::DONTWAIT) {
-                // The peer is gone: the data paths report it (as EOF after its last
-                // byte, or as a reset), the control socket has nothing more to say.
-                Ok((0, _)) | Err(rustix::io::Errno::CONNRESET) => return Ok(()),
+                // The peer is gone (or exec'd): the data paths report it (as EOF
+                // after its last byte, or as a reset), the control socket has
+                // nothing more to say.
+                Ok((0, _)) | Err(rustix::io::Errno::CONNRESET) => {
+                    self.ctl_eof.store(true, Ordering::Release);
+                    return Ok(());
+                }
                 Ok((n, _)) => {
                     ctl.frame_len += n;
                     if ctl.frame_len == SWITCH_LEN {
@@ -694,6 +761,11 @@ impl Conn {
                             }
                             Some(Control::LeftRing(_)) => {
                                 self.peer_left[1].fetch_add(1, Ordering::AcqRel);
+                                self.ring_bell(1);
+                            }
+                            Some(Control::Rewind(offset)) => {
+                                ctl.rewind = Some(offset);
+                                self.rewind_asked.store(true, Ordering::Release);
                                 self.ring_bell(1);
                             }
                             None => return Err(protocol("malformed control frame")),
@@ -727,6 +799,7 @@ impl Conn {
             deadline = Some(deadline.map_or(d, |u| u.min(d)));
         }
         let other = match (self.parts(), &self.setup_fd) {
+            (Some(_), _) if self.ctl_eof.load(Ordering::Acquire) => None,
             (Some(p), _) => Some(p.ctl.as_fd()),
             (None, Some(fd)) if self.is_pending() => Some(fd.as_fd()),
             _ => None,
@@ -797,6 +870,12 @@ impl Conn {
                 "vmc connection: write after shutdown",
             ));
         }
+        if self.rewind_asked.load(Ordering::Acquire) {
+            self.serve_rewind(tx)?;
+        }
+        if !tx.backlog.is_empty() && !self.flush_backlog(tx, dontwait)? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         if tx.path != tx.want && self.is_accelerated() {
             let to = tx.want;
             if let Err(e) = self.move_tx(tx, to, dontwait) {
@@ -834,6 +913,16 @@ impl Conn {
                         bump(&self.counters().shm_out, n);
                         Ok(n)
                     }
+                    // The peer closed its end to read on from TCP (its REWIND is
+                    // queued on the control socket): go there.
+                    Err(e)
+                        if e.kind() == io::ErrorKind::BrokenPipe
+                            && self.read_control().is_ok()
+                            && self.rewind_asked.load(Ordering::Acquire) =>
+                    {
+                        self.serve_rewind(tx)?;
+                        self.write_locked(tx, buf, dontwait)
+                    }
                     // The peer closed its end. Do what TCP does: the first write after
                     // the peer's close still succeeds and draws a reset, later ones
                     // fail (EPIPE), and poll reports the error and the hang-up.
@@ -846,6 +935,159 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Serves the peer's REWIND, if one is queued: our sending direction moves to
+    /// TCP for good, starting with every byte the peer did not read from the ring.
+    /// Called with the sending side locked, by whichever thread gets there first
+    /// (a writer, an event loop's readiness check, a reader pumping the control
+    /// socket).
+    fn serve_rewind(&self, tx: &mut Tx) -> io::Result<()> {
+        let Some(from) = lock(&self.ctl_in).rewind.take() else {
+            return Ok(());
+        };
+        self.rewind_asked.store(false, Ordering::Release);
+        tx.want = Path::Tcp;
+        tx.for_good = true;
+        match (tx.path, tx.ring.as_mut()) {
+            (Path::Shm, Some(ring)) => {
+                let back = ring.take_back(from).map_err(|e| {
+                    protocol(&format!("REWIND to an offset the ring cannot give: {e}"))
+                })?;
+                ring.pause();
+                tx.path = Path::Tcp;
+                self.publish(flag::TX_SHM, false);
+                tracing::debug!(
+                    "vmc connection: the peer stopped reading the ring at {from}; \
+                     {} byte(s) go again, on TCP, and everything after them",
+                    back.len()
+                );
+                tx.backlog = back;
+                self.flush_backlog(tx, true)?;
+            }
+            (_, ring) => {
+                let at = ring.map_or(0, |r| r.position());
+                if at != from {
+                    tracing::warn!(
+                        "vmc connection: the peer asked for the ring's bytes from {from} \
+                         again, but we left the ring at {at}: they cannot be sent again"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts what a REWIND gave back on TCP, before anything else goes there; then
+    /// the FIN a shutdown owes. Without `dontwait` this waits for room as the
+    /// direction's mode says. True once the backlog is gone.
+    fn flush_backlog(&self, tx: &mut Tx, dontwait: bool) -> io::Result<bool> {
+        let started = Instant::now();
+        while !tx.backlog.is_empty() {
+            match send(
+                &self.tcp,
+                &tx.backlog,
+                SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+            ) {
+                Ok(n) => {
+                    tx.backlog.drain(..n);
+                    tx.tcp_out += n as u64;
+                    bump(&self.counters().tcp_out, n);
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => {
+                    if dontwait || tx.nonblocking {
+                        return Ok(false);
+                    }
+                    let left = match tx.timeout {
+                        Some(t) => match t.checked_sub(started.elapsed()) {
+                            Some(left) => Some(left),
+                            None => return Err(io::ErrorKind::WouldBlock.into()),
+                        },
+                        None => None,
+                    };
+                    let ts = left.map(|d| Timespec {
+                        tv_sec: d.as_secs() as i64,
+                        tv_nsec: d.subsec_nanos() as i64,
+                    });
+                    let mut fds = [PollFd::new(&self.tcp, PollFlags::OUT)];
+                    match poll(&mut fds, ts.as_ref()) {
+                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tx.backlog = Vec::new();
+        if tx.fin_owed && tx.for_good {
+            tx.fin_owed = false;
+            self.tcp.shutdown(Shutdown::Write)?;
+        }
+        Ok(true)
+    }
+
+    /// Moves both directions to TCP for good, at exact byte boundaries, without
+    /// waiting for the peer to act (before exec: the new program image cannot use
+    /// the rings). Receiving: we stop reading the ring and tell the peer where
+    /// (REWIND); it sends everything from there on TCP, whenever it next runs.
+    /// Sending: as [`Conn::set_tx_path`] to TCP, which may need the peer's answer
+    /// to an earlier move; `patience` bounds that wait, and the wait for another
+    /// thread of ours that holds a direction.
+    pub(crate) fn settle_on_tcp(&self, patience: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + patience;
+        while self.is_pending() && Instant::now() < deadline {
+            self.advance();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !self.is_accelerated() {
+            return Ok(());
+        }
+        let busy = || {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "vmc connection: another thread holds the connection",
+            )
+        };
+        let mut rx = lock_until(&self.rx, deadline).ok_or_else(busy)?;
+        let mut tx = lock_until(&self.tx, deadline).ok_or_else(busy)?;
+        let parts = self.parts().ok_or_else(|| protocol("no channel"))?;
+
+        // Receiving.
+        let reader = rx.ring.take().or_else(|| lock(&parts.reader).take());
+        let from = reader.as_ref().map_or(0, |r| r.position());
+        if rx.path == RxPath::Shm && matches!(self.next_switch(), Ok(Some(_))) {
+            tracing::warn!(
+                "vmc connection: moving to TCP for good while the peer's own move to \
+                 TCP is unread: bytes it left on the ring are lost"
+            );
+        }
+        self.send_control(wire::rewind(from))?;
+        // Closing our end wakes a peer blocked on a full ring.
+        drop(reader);
+        rx.path = RxPath::Tcp { until: None };
+        self.publish(flag::RX_SHM, false);
+
+        // Sending.
+        tx.want = Path::Tcp;
+        tx.for_good = true;
+        if tx.path == Path::Shm && !tx.shut {
+            let own = tx.timeout;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            tx.timeout = Some(left);
+            let moved = self.move_tx(&mut tx, Path::Tcp, false);
+            tx.timeout = own;
+            moved?;
+        }
+        if tx.fin_owed {
+            tx.fin_owed = false;
+            self.tcp.shutdown(Shutdown::Write)?;
+        }
+        self.state.store(PLAIN, Ordering::Release);
+        self.publish(flag::ACCELERATED, false);
+        Ok(())
     }
 
     /// Sends a LEFT answer. A peer that is gone needs none, and its absence shows on
@@ -970,6 +1212,12 @@ impl Conn {
     pub(crate) fn set_tx_path(&self, to: Path) -> io::Result<()> {
         self.advance();
         let mut tx = lock(&self.tx);
+        if tx.for_good && to == Path::Shm {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "vmc connection: moved to TCP for good",
+            ));
+        }
         tx.want = to;
         if self.is_accelerated() && !tx.shut {
             self.move_tx(&mut tx, to, false)?;
@@ -989,12 +1237,24 @@ impl Conn {
     }
 
     pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        let mut how = how;
         if matches!(how, Shutdown::Write | Shutdown::Both) {
             let mut tx = lock(&self.tx);
             if !tx.shut {
                 tx.shut = true;
                 if let Some(ring) = tx.ring.as_mut() {
                     ring.shutdown();
+                }
+                // The ring carries this end of stream (or a backlog still has to
+                // go first): TCP's FIN waits, see `Tx::fin_owed`.
+                if tx.path == Path::Shm || !tx.backlog.is_empty() {
+                    tx.fin_owed = true;
+                }
+            }
+            if tx.fin_owed {
+                match how {
+                    Shutdown::Write => return Ok(()),
+                    _ => how = Shutdown::Read,
                 }
             }
         }
@@ -1109,9 +1369,15 @@ impl Conn {
                 r.tx_mark = self.tx_blocked.load(Ordering::Relaxed);
             }
         }
+        // Both directions shut, ours by shutdown and the peer's by the end on the
+        // ring: the kernel's HUP, which TCP cannot show while the FINs wait (see
+        // `Tx::fin_owed`).
+        if r.read_closed && self.tx.try_lock().is_ok_and(|tx| tx.shut) {
+            r.hup = true;
+        }
         if deep || closing || tcp.is_some() {
             let ev = *tcp.get_or_insert_with(|| self.tcp_events());
-            r.hup = ev.contains(PollFlags::HUP);
+            r.hup |= ev.contains(PollFlags::HUP);
             r.error = ev.contains(PollFlags::ERR);
             // The kernel says "read returns 0 eventually" as soon as the FIN is in;
             // the ring's end may lag it by a moment, so report it with readability.
@@ -1163,8 +1429,15 @@ impl Conn {
     }
 
     fn tx_ready(&self, tx: &mut Tx, deep: bool, tcp: &mut Option<PollFlags>) -> io::Result<bool> {
+        if self.rewind_asked.load(Ordering::Acquire) {
+            self.serve_rewind(tx)?;
+        }
+        let flushed = tx.backlog.is_empty() || self.flush_backlog(tx, true)?;
         if tx.shut {
             return Ok(true);
+        }
+        if !flushed {
+            return Ok(false);
         }
         let mut path = tx.path;
         if tx.path != tx.want && self.is_accelerated() {

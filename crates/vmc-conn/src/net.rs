@@ -199,6 +199,19 @@ impl TcpStream {
         self.conn.set_tx_path(path)
     }
 
+    /// Moves both directions to TCP for good, at exact byte boundaries, so that
+    /// the kernel socket alone carries the rest of the stream (before exec, or to
+    /// hand the socket to a program that does not run vmc). Our receiving side
+    /// stops reading the ring and asks the peer to send again, on TCP, every byte
+    /// we did not read; the peer does so the next time it uses the connection,
+    /// so this never waits for it. The sending side moves as with
+    /// [`TcpStream::set_send_path`], waiting at most `patience` for an answer the
+    /// peer owes to an earlier move (and for other threads using the stream).
+    /// Does nothing to a connection that is not accelerated.
+    pub fn settle_on_tcp(&self, patience: Duration) -> io::Result<()> {
+        self.conn.settle_on_tcp(patience)
+    }
+
     /// The path our sending direction uses now.
     pub fn send_path(&self) -> Path {
         self.conn.tx_path()

@@ -4,7 +4,8 @@
 //!   ATTACH   client -> listener   "VMCT" ver:u8 0:u8 0:u16 local:ip16 port:u16 remote:ip16 port:u16 0:u32
 //!            (then the channel's own HELLO with the segment, see vmc-channel)
 //!   SWITCH   either way, after ACK "VMCS" kind:u8 0:u8 0:u16 offset:u64
-//!            kind 1: moved to TCP, 2: moved to shm, 3: LEFT_RING, 4: LEFT_TCP
+//!            kind 1: moved to TCP, 2: moved to shm, 3: LEFT_RING, 4: LEFT_TCP,
+//!            5: REWIND
 //! ```
 //!
 //! LEFT_RING and LEFT_TCP are the receiver's answers to a move: "I read your ring (or
@@ -12,6 +13,13 @@
 //! answer to its last move away from it, so a receiver can never read bytes of a
 //! later stretch on one path before an earlier stretch on the other: a byte stream
 //! has no marks, so the boundary must be known before the next stretch begins.
+//!
+//! REWIND is a receiver's request, for good: "I read your ring up to `offset` and
+//! will read no more of it (I closed my end); send every byte from there on TCP,
+//! and everything after it". A process about to exec sends it, since the new
+//! program image cannot read the ring; the sender finds the bytes still in its ring
+//! (see `vmc_ring::Producer::take_back`), so nothing is lost even if the sender
+//! only acts on it much later.
 //!
 //! ATTACH names the TCP connection by its 4-tuple as the client sees it; the listener
 //! attaches the channel only to the accepted connection whose 4-tuple is the mirror
@@ -93,6 +101,9 @@ pub enum Control {
     LeftRing(u64),
     /// The receiver read TCP up to this offset and moved to the ring.
     LeftTcp(u64),
+    /// The receiver read the ring up to this offset and will read no more of it:
+    /// send everything from there on TCP, for good.
+    Rewind(u64),
 }
 
 /// Encodes a LEFT_RING (`from` = shm) or LEFT_TCP (`from` = TCP) answer.
@@ -108,14 +119,24 @@ pub fn left(from: Path, offset: u64) -> [u8; SWITCH_LEN] {
     f
 }
 
+/// Encodes a REWIND: "I read your ring up to `offset`; send the rest on TCP".
+pub fn rewind(offset: u64) -> [u8; SWITCH_LEN] {
+    let mut f = switch(Switch {
+        to: Path::Tcp,
+        offset,
+    });
+    f[4] = 5;
+    f
+}
+
 /// Decodes any control frame; `None` if malformed.
 pub fn parse_control(f: &[u8; SWITCH_LEN]) -> Option<Control> {
-    if &f[..4] == SWITCH_MAGIC && matches!(f[4], 3 | 4) {
+    if &f[..4] == SWITCH_MAGIC && matches!(f[4], 3..=5) {
         let offset = u64::from_le_bytes(f[8..].try_into().ok()?);
-        return Some(if f[4] == 3 {
-            Control::LeftRing(offset)
-        } else {
-            Control::LeftTcp(offset)
+        return Some(match f[4] {
+            3 => Control::LeftRing(offset),
+            4 => Control::LeftTcp(offset),
+            _ => Control::Rewind(offset),
         });
     }
     parse_switch(f).map(Control::Switch)
@@ -196,5 +217,7 @@ mod tests {
             Some(Control::LeftTcp(78))
         );
         assert_eq!(parse_switch(&left(Path::Shm, 77)), None);
+        assert_eq!(parse_control(&rewind(79)), Some(Control::Rewind(79)));
+        assert_eq!(parse_switch(&rewind(79)), None);
     }
 }

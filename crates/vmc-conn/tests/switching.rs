@@ -148,3 +148,135 @@ fn one_way_stream_without_switches() {
     c.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(server.join().unwrap(), off);
 }
+
+/// Checks `buf` against stream `tag` from offset `off`.
+fn check_pattern(tag: u8, off: u64, buf: &[u8]) {
+    for (i, b) in buf.iter().enumerate() {
+        assert_eq!(
+            *b,
+            pattern(tag, off + i as u64),
+            "stream {tag} byte {}",
+            off + i as u64
+        );
+    }
+}
+
+fn fill_pattern(tag: u8, off: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern(tag, off + i as u64);
+    }
+}
+
+/// What exec does to a connection, in one process: move it to TCP for good, then
+/// forget everything vmc held (the new image has only the kernel socket).
+fn exec_like(s: TcpStream) -> std::net::TcpStream {
+    s.settle_on_tcp(std::time::Duration::from_secs(2)).unwrap();
+    assert!(!s.is_accelerated());
+    let fd = std::os::fd::AsFd::as_fd(&s).try_clone_to_owned().unwrap();
+    s.abandon();
+    drop(s);
+    std::net::TcpStream::from(fd)
+}
+
+/// The server streams `total` bytes (its writes find the ring full most of the
+/// time) while the client reads a random part over shared memory, settles on TCP
+/// and reads the rest from the bare kernel socket: every byte arrives once, in
+/// order. The client's own stream, half sent before and half after, arrives too.
+#[test]
+fn settling_on_tcp_mid_stream_hands_every_byte_to_the_kernel_socket() {
+    private_registry();
+    const TOTAL: u64 = 4 << 20;
+    const BACK: u64 = 1 << 20;
+    let mut rng = Rng(0x005e_771e);
+    for round in 0..12 {
+        let split = rng.below(TOTAL);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let r = s.try_clone().unwrap();
+            let rd = thread::spawn(move || reader(r, 1, 7));
+            let mut s = s;
+            let mut buf = vec![0u8; 50_000];
+            let mut off = 0;
+            while off < TOTAL {
+                let n = buf.len().min((TOTAL - off) as usize);
+                fill_pattern(2, off, &mut buf[..n]);
+                s.write_all(&buf[..n]).unwrap();
+                off += n as u64;
+            }
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            (rd.join().unwrap(), s.traffic())
+        });
+        let mut c = TcpStream::connect(addr).unwrap();
+        let mut out = vec![0u8; (BACK / 2) as usize];
+        fill_pattern(1, 0, &mut out);
+        c.write_all(&out).unwrap();
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < split {
+            let want = buf.len().min((split - got) as usize);
+            let n = c.read(&mut buf[..want]).unwrap();
+            assert!(n > 0);
+            check_pattern(2, got, &buf[..n]);
+            got += n as u64;
+        }
+        let shm_in = c.traffic().shm_in;
+        let mut k = exec_like(c);
+        fill_pattern(1, BACK / 2, &mut out);
+        k.write_all(&out).unwrap();
+        k.shutdown(std::net::Shutdown::Write).unwrap();
+        loop {
+            let n = k.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            check_pattern(2, got, &buf[..n]);
+            got += n as u64;
+        }
+        let (server_got, t) = server.join().unwrap();
+        assert_eq!(got, TOTAL, "round {round}, split at {split}");
+        assert_eq!(server_got, BACK, "round {round}");
+        assert!(shm_in > 0 && t.shm_out > 0, "round {round}: {t:?}");
+    }
+}
+
+/// Request/response: the server sends a request over shared memory and waits for
+/// the answer; the client reads only part of the request, then settles on TCP (as
+/// before exec). The server, blocked in its read, must still send the unread rest
+/// again on TCP, or both would wait forever.
+#[test]
+fn a_peer_blocked_in_read_still_sends_the_unread_rest_again() {
+    private_registry();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut req = vec![0u8; 10_000];
+        fill_pattern(3, 0, &mut req);
+        s.write_all(&req).unwrap();
+        let mut answer = [0u8; 4];
+        s.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"done");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        s.traffic()
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    // Our sending direction on the ring first, so settling moves it too.
+    c.write_all(b"").unwrap();
+    let mut first = vec![0u8; 3_000];
+    c.read_exact(&mut first).unwrap();
+    check_pattern(3, 0, &first);
+    assert!(c.traffic().shm_in > 0, "{:?}", c.traffic());
+    let mut k = exec_like(c);
+    let mut rest = vec![0u8; 7_000];
+    k.read_exact(&mut rest).unwrap();
+    check_pattern(3, 3_000, &rest);
+    k.write_all(b"done").unwrap();
+    drop(k);
+    let t = server.join().unwrap();
+    assert_eq!(t.shm_out, 10_000, "{t:?}");
+    assert_eq!(t.tcp_out, 7_000, "sent again on TCP: {t:?}");
+}

@@ -1094,16 +1094,15 @@ pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
 // ---- exec ----------------------------------------------------------------------------
 
 /// Before the program image is replaced: every accelerated connection the new image
-/// inherits moves its sending direction to TCP at an exact byte boundary, so what
-/// the new image writes on the (kernel) socket reaches the peer after everything
-/// sent on the ring. The receiving direction cannot follow yet: bytes the peer
-/// still sends over shared memory will not reach the new image (see the README).
+/// inherits moves to TCP for good, both directions at exact byte boundaries
+/// ([`vmc_conn::TcpStream::settle_on_tcp`]): what the new image writes on the
+/// kernel socket reaches the peer after everything sent on the ring, and the peer
+/// sends again, on TCP, whatever we had not read from its ring.
 fn before_exec() {
     if !table::any() {
         return;
     }
     let Some(_g) = enter() else { return };
-    let mut moved = 0;
     let mut seen: Vec<*const Sock> = Vec::new();
     table::for_each(|fd, slot| {
         let Some(sock) = slot.as_ref() else { return };
@@ -1115,26 +1114,19 @@ fn before_exec() {
         let cloexec = rustix::io::fcntl_getfd(unsafe { borrow(fd) })
             .is_ok_and(|f| f.contains(rustix::io::FdFlags::CLOEXEC));
         let p = Arc::as_ptr(sock);
-        if cloexec || seen.contains(&p) || !s.is_accelerated() {
+        if cloexec || seen.contains(&p) {
             return;
         }
         seen.push(p);
-        // Never hang an exec on a peer that does not answer (and put the program's
-        // own timeout back, in case the exec fails).
-        let old = s.write_timeout().ok().flatten();
-        let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
-        match s.set_send_path(vmc_conn::Path::Tcp) {
-            Ok(()) => moved += 1,
-            Err(e) => tracing::warn!(fd, "exec: could not move a connection to TCP: {e}"),
+        // Never hang an exec on a peer that does not answer.
+        if let Err(e) = s.settle_on_tcp(Duration::from_millis(500)) {
+            tracing::warn!(
+                fd,
+                "exec: could not move an accelerated connection to TCP ({e}); \
+                 bytes may be lost to the new program image"
+            );
         }
-        let _ = s.set_write_timeout(old);
     });
-    if moved > 0 {
-        tracing::warn!(
-            "exec with {moved} accelerated connection(s): they send over TCP from now on; \
-             bytes their peers still send over shared memory will not reach the new program"
-        );
-    }
 }
 
 /// `execve(2)`.

@@ -383,6 +383,29 @@ impl Producer {
             .store(0, Ordering::Release);
     }
 
+    /// Copies the bytes `from..position` back out of the ring into `dst`: what the
+    /// consumer says it never took (it names `from` out of band, then closes its
+    /// end), so that a connection layer can send them another way.
+    ///
+    /// Only the producer writes the data area, and it overwrites byte `i` only once
+    /// `tail` passes `i + capacity`, so these bytes are intact whatever the consumer
+    /// did with its head; `from` is accepted only in `position - capacity..=position`
+    /// (else [`RingError::OutOfRange`], and nothing is copied).
+    pub fn take_back(&self, from: u64, dst: &mut alloc::vec::Vec<u8>) -> Result<(), RingError> {
+        self.check()?;
+        let len = self.tail.wrapping_sub(from);
+        if len > self.mem.cap as u64 {
+            return Err(RingError::OutOfRange {
+                asked: usize::try_from(len).unwrap_or(usize::MAX),
+                available: self.mem.cap,
+            });
+        }
+        let start = dst.len();
+        dst.resize(start + len as usize, 0);
+        self.mem.copy_out(from, &mut dst[start..]);
+        Ok(())
+    }
+
     /// True once the consumer has closed its end.
     pub fn is_reader_closed(&self) -> bool {
         self.check_reader().is_err()
@@ -641,6 +664,43 @@ mod tests {
         assert!(check_tail(h, h, h.wrapping_add(17), 16).is_err());
         assert!(check_head(h, h.wrapping_add(8), h.wrapping_add(8)).is_ok());
         assert!(check_head(h, h.wrapping_add(8), h.wrapping_add(9)).is_err());
+    }
+
+    #[test]
+    fn take_back_returns_exactly_what_the_consumer_left() {
+        let (mut tx, mut rx) = ring_pair(16);
+        let mut out = [0u8; 16];
+        // Move the indices around the wrap first.
+        for _ in 0..3 {
+            assert_eq!(tx.write(&[9; 11]).unwrap(), 11);
+            assert_eq!(rx.read(&mut out).unwrap(), 11);
+        }
+        let msg: Vec<u8> = (0..16).collect();
+        assert_eq!(tx.write(&msg).unwrap(), 16);
+        assert_eq!(rx.read(&mut out[..5]).unwrap(), 5);
+        let from = rx.position();
+        rx.close();
+        assert!(tx.is_reader_closed());
+        let mut back = vec![7u8];
+        tx.take_back(from, &mut back).unwrap();
+        assert_eq!(back[0], 7, "appends");
+        assert_eq!(&back[1..], &msg[5..]);
+        // A consumer may name any offset whose bytes are still in the ring...
+        let mut all = Vec::new();
+        tx.take_back(tx.position() - 16, &mut all).unwrap();
+        assert_eq!(all, msg);
+        let mut none = Vec::new();
+        tx.take_back(tx.position(), &mut none).unwrap();
+        assert!(none.is_empty());
+        // ...and no other.
+        for bad in [tx.position() - 17, tx.position() + 1, 0, u64::MAX] {
+            let mut v = Vec::new();
+            assert!(
+                matches!(tx.take_back(bad, &mut v), Err(RingError::OutOfRange { .. })),
+                "{bad}"
+            );
+            assert!(v.is_empty());
+        }
     }
 
     #[test]

@@ -335,3 +335,43 @@ fn eof_comes_only_after_every_byte() {
         p.join().unwrap();
     });
 }
+
+/// (e) Taking bytes back: the consumer reads some of a stream the producer is still
+/// writing, names the offset it stopped at (out of band, here an atomic, as the
+/// connection layer's control socket does), and closes. The producer, once it sees
+/// the close, takes back everything from that offset: what the consumer read plus
+/// what the producer took back is the stream it wrote up to then, each byte once.
+#[test]
+fn taken_back_bytes_complete_what_the_consumer_read() {
+    model(|| {
+        let (mut tx, mut rx, kept) = positioned_ring(13, 2);
+        let stopped = Arc::new(loom::sync::atomic::AtomicU64::new(u64::MAX));
+        let s = stopped.clone();
+        let c = thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut b = [0u8; 3];
+            let n = rx.read(&mut b).unwrap();
+            got.extend_from_slice(&b[..n]);
+            s.store(rx.position(), Ordering::Release);
+            rx.close();
+            got
+        });
+        let more = payload(6);
+        let mut sent = kept.clone();
+        for piece in more.chunks(2) {
+            match tx.write(piece) {
+                Ok(n) => sent.extend_from_slice(&piece[..n]),
+                Err(RingError::ReaderClosed) => break,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        let got = c.join().unwrap();
+        assert!(tx.is_reader_closed());
+        let from = stopped.load(Ordering::Acquire);
+        let mut back = Vec::new();
+        tx.take_back(from, &mut back).unwrap();
+        let mut whole = got;
+        whole.extend_from_slice(&back);
+        assert_eq!(whole, sent);
+    });
+}
