@@ -1,6 +1,7 @@
 //! Real, unmodified programs under `vmc run`: sockperf (ping-pong and throughput, with
 //! epoll, poll and select), iperf3 (one stream, reverse, four streams), redis-server
-//! with redis-benchmark and redis-cli, and curl downloading from python3's http.server.
+//! with redis-benchmark and redis-cli, curl downloading from python3's http.server,
+//! and `cat` exec'd inetd-style onto a connection python3 accelerated.
 //!
 //! Each pair runs with both ends under `vmc run`, so that vmc can carry the connection
 //! over shared memory, and once mixed (one end plain), so that vmc must leave it on TCP.
@@ -1508,4 +1509,111 @@ fn http_download_mixed_falls_back() {
     let case = Case::new("http_download_mixed");
     let (server, _) = http_download(&case, Side::Vmc, Side::Plain);
     case.expect_fallback(&server.into_iter().collect::<Vec<_>>());
+}
+
+/// An inetd-style server: accepts one connection, exchanges a greeting with the
+/// client (so the connection is accelerated), then forks a child that makes the
+/// connection its stdin and stdout and execs `cat` (after a pause in which the
+/// client fills the ring); the parent closes its copy.
+const EXEC_SERVER_PY: &str = r#"
+import os, socket, sys, time
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(sys.argv[1])))
+l.listen(8)
+c, _ = l.accept()
+assert c.recv(5, socket.MSG_WAITALL) == b"hello"
+c.sendall(b"ready")
+pid = os.fork()
+if pid == 0:
+    # Let the client fill the ring first: those bytes must reach cat too.
+    time.sleep(0.3)
+    os.dup2(c.fileno(), 0)
+    os.dup2(c.fileno(), 1)
+    c.close()
+    l.close()
+    os.execvp("cat", ["cat"])
+c.close()
+_, st = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(st))
+"#;
+
+/// Its client: the greeting, then `n` bytes sent (from a thread) while the echo is
+/// read back and compared.
+const EXEC_CLIENT_PY: &str = r#"
+import socket, sys, threading
+port, n = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(b"hello")
+assert s.recv(5, socket.MSG_WAITALL) == b"ready"
+block = bytes((i * 7 + i // 251) & 255 for i in range(1 << 20))
+def send():
+    for _ in range(n >> 20):
+        s.sendall(block)
+    s.shutdown(socket.SHUT_WR)
+t = threading.Thread(target=send)
+t.start()
+got, bad = 0, 0
+pending = b""
+while True:
+    b = s.recv(1 << 16)
+    if not b:
+        break
+    pending += b
+    while len(pending) >= len(block):
+        bad += pending[:len(block)] != block
+        pending = pending[len(block):]
+        got += len(block)
+t.join()
+got += len(pending)
+print(f"echoed {got} bad_blocks {bad} tail {len(pending)}")
+"#;
+
+/// exec in the middle of an accelerated connection, with real programs: python
+/// hands the connection to `cat` (fork, dup2, exec) and `cat` echoes 32 MiB. Before
+/// the exec vmc moves the connection to TCP for good; the bytes the client had
+/// already put on the ring reach `cat` all the same.
+#[test]
+fn exec_hands_an_accelerated_connection_to_cat() {
+    program("cat");
+    python3();
+    let case = Case::new("exec_cat");
+    let server_py = case.write_file("server.py", EXEC_SERVER_PY.as_bytes());
+    let client_py = case.write_file("client.py", EXEC_CLIENT_PY.as_bytes());
+    let port = free_port();
+    let port_s = port.to_string();
+    let bytes: u64 = 32 << 20;
+    let mut server = case.spawn(
+        Side::Vmc,
+        "python3 server (exec cat)",
+        &python3(),
+        &[server_py.to_str().unwrap(), &port_s],
+        None,
+    );
+    case.wait_listening(&mut server, port);
+    let client = case.run_ok(
+        Side::Vmc,
+        "python3 client",
+        &python3(),
+        &[client_py.to_str().unwrap(), &port_s, &bytes.to_string()],
+        None,
+    );
+    let out = client.out();
+    case.check(
+        out.trim() == format!("echoed {bytes} bad_blocks 0 tail 0"),
+        || format!("the echo is not what was sent: {out:?}"),
+    );
+    let st = case.wait(&mut server, SERVER_WAIT);
+    case.check(st.success(), || format!("the server exited with {st}"));
+    // The connection was accelerated when the exec came, and the client had filled
+    // the ring (128 KiB) by then: those bytes were sent again on TCP.
+    case.expect_accelerated(&[client.who()]);
+    let r = case
+        .report_of(client.pid)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    case.check(field(&r, "shm_out") > 64 << 10, || {
+        format!("the client should have had bytes on the ring at the exec: {r}")
+    });
 }

@@ -1107,9 +1107,6 @@ fn before_exec() {
     table::for_each(|fd, slot| {
         let Some(sock) = slot.as_ref() else { return };
         let Sock::Stream(s) = &**sock else { return };
-        if !s.owner.owned_here() {
-            return;
-        }
         // SAFETY: `fd` is open: it is in the table, which close keeps current.
         let cloexec = rustix::io::fcntl_getfd(unsafe { borrow(fd) })
             .is_ok_and(|f| f.contains(rustix::io::FdFlags::CLOEXEC));
@@ -1118,6 +1115,11 @@ fn before_exec() {
             return;
         }
         seen.push(p);
+        // The new image will use the connection: a use, which claims it if a fork
+        // left it unclaimed (fork, exec in the child, the parent closes its copy).
+        if !s.owner.check() {
+            return;
+        }
         // Never hang an exec on a peer that does not answer.
         if let Err(e) = s.settle_on_tcp(Duration::from_millis(500)) {
             tracing::warn!(
