@@ -10,6 +10,7 @@
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,7 +117,10 @@ fn track(fd: c_int, s: TcpStream) {
         return;
     }
     mirror_mode(fd, &s);
-    let sock = Arc::new(Sock::Stream(table::Stream::new(s)));
+    let st = table::Stream::new(s);
+    st.timed[0].store(matches!(st.read_timeout(), Ok(Some(_))), Ordering::Relaxed);
+    st.timed[1].store(matches!(st.write_timeout(), Ok(Some(_))), Ordering::Relaxed);
+    let sock = Arc::new(Sock::Stream(st));
     if !table::set(fd, sock.clone()) {
         tracing::debug!(fd, "descriptor beyond vmc's table: stays plain TCP");
         return;
@@ -313,7 +317,7 @@ unsafe fn send_iov(
 /// # Safety
 /// `buf` points to `n` writable bytes (it may be anything when `n` is 0).
 unsafe fn vmc_recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> Option<ssize_t> {
-    on_stream(fd, |s| {
+    on_io(fd, Io::Recv, |s| {
         let b: &mut [u8] = if n == 0 {
             &mut []
         } else {
@@ -329,7 +333,7 @@ unsafe fn vmc_recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> Opti
 /// # Safety
 /// `buf` points to `n` readable bytes (it may be anything when `n` is 0).
 unsafe fn vmc_send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> Option<ssize_t> {
-    on_stream(fd, |s| {
+    on_io(fd, Io::Send, |s| {
         let b: &[u8] = if n == 0 {
             &[]
         } else {
@@ -340,9 +344,22 @@ unsafe fn vmc_send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> Op
     })
 }
 
+/// What a call on a connection does, for its signal rules (`crate::signals`).
+#[derive(Clone, Copy)]
+enum Io {
+    Recv = 0,
+    Send = 1,
+    Other,
+}
+
 /// Runs `f` on the connection behind `fd` inside vmc (no re-entry, no unwinding
 /// across the C boundary); `None` if vmc does not carry `fd`.
 fn on_stream(fd: c_int, f: impl FnOnce(&TcpStream) -> io::Result<usize>) -> Option<ssize_t> {
+    on_io(fd, Io::Other, f)
+}
+
+/// [`on_stream`] for a call that receives or sends.
+fn on_io(fd: c_int, io: Io, f: impl FnOnce(&TcpStream) -> io::Result<usize>) -> Option<ssize_t> {
     let sock = stream(fd)?;
     let _g = enter()?;
     let s = as_stream(&sock);
@@ -351,7 +368,11 @@ fn on_stream(fd: c_int, f: impl FnOnce(&TcpStream) -> io::Result<usize>) -> Opti
         crate::set_errno(libc::EIO);
         return Some(-1);
     }
-    crate::signals::begin_call();
+    let timed = match io {
+        Io::Recv | Io::Send => s.timed[io as usize].load(Ordering::Relaxed),
+        Io::Other => false,
+    };
+    crate::signals::begin_call(timed);
     Some(ret(shield(|| f(s))))
 }
 
@@ -684,7 +705,7 @@ pub unsafe extern "C" fn __recvfrom_chk(
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
     if table::any() {
         // SAFETY: the program's iovecs.
-        if let Some(r) = on_stream(fd, |s| unsafe { recv_iov(s, iov, cnt, 0) }) {
+        if let Some(r) = on_io(fd, Io::Recv, |s| unsafe { recv_iov(s, iov, cnt, 0) }) {
             return r;
         }
     }
@@ -697,7 +718,7 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssiz
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
     if table::any() && !msg.is_null() {
         // SAFETY: the program's msghdr and iovecs.
-        let r = on_stream(fd, |s| unsafe {
+        let r = on_io(fd, Io::Recv, |s| unsafe {
             recv_iov(s, (*msg).msg_iov, (*msg).msg_iovlen as c_int, flags)
         });
         if let Some(r) = r {
@@ -772,7 +793,7 @@ pub unsafe extern "C" fn sendto(
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
     if table::any() {
         // SAFETY: the program's iovecs.
-        if let Some(r) = on_stream(fd, |s| unsafe { send_iov(s, iov, cnt, 0) }) {
+        if let Some(r) = on_io(fd, Io::Send, |s| unsafe { send_iov(s, iov, cnt, 0) }) {
             return r;
         }
     }
@@ -785,7 +806,7 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssi
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
     if table::any() && !msg.is_null() {
         // SAFETY: the program's msghdr and iovecs.
-        let r = on_stream(fd, |s| unsafe {
+        let r = on_io(fd, Io::Send, |s| unsafe {
             send_iov(s, (*msg).msg_iov, (*msg).msg_iovlen as c_int, flags)
         });
         if let Some(r) = r {
@@ -865,7 +886,7 @@ unsafe fn sendfile_into(
 pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut off_t, n: size_t) -> ssize_t {
     if table::any() {
         // SAFETY: `off` is the program's offset pointer or null.
-        if let Some(r) = on_stream(out, |s| unsafe { sendfile_into(s, inp, off, n) }) {
+        if let Some(r) = on_io(out, Io::Send, |s| unsafe { sendfile_into(s, inp, off, n) }) {
             return r;
         }
     }
@@ -883,7 +904,7 @@ pub unsafe extern "C" fn sendfile64(
 ) -> ssize_t {
     if table::any() {
         // SAFETY: `off` is the program's offset pointer or null.
-        if let Some(r) = on_stream(out, |s| unsafe { sendfile_into(s, inp, off, n) }) {
+        if let Some(r) = on_io(out, Io::Send, |s| unsafe { sendfile_into(s, inp, off, n) }) {
             return r;
         }
     }
@@ -903,7 +924,7 @@ pub unsafe extern "C" fn splice(
 ) -> ssize_t {
     if table::any() {
         let dontwait = flags & libc::SPLICE_F_NONBLOCK != 0;
-        if let Some(r) = on_stream(fd_in, |s| {
+        if let Some(r) = on_io(fd_in, Io::Recv, |s| {
             // Peek, hand to the output, then consume exactly what it took.
             let mut buf = vec![0u8; len.clamp(1, 256 * 1024)];
             let n = s.recv(
@@ -936,7 +957,7 @@ pub unsafe extern "C" fn splice(
         }) {
             return r;
         }
-        if let Some(r) = on_stream(fd_out, |s| {
+        if let Some(r) = on_io(fd_out, Io::Send, |s| {
             let mut buf = vec![0u8; len.clamp(1, 256 * 1024)];
             // SAFETY: reading the program's descriptor into our buffer.
             let n = unsafe {
@@ -1058,6 +1079,10 @@ pub unsafe extern "C" fn setsockopt(
         let t = Duration::from_secs(tv.tv_sec.max(0) as u64)
             + Duration::from_micros(tv.tv_usec.max(0) as u64);
         let t = (!t.is_zero()).then_some(t);
+        if let Some(sock) = stream(fd) {
+            let i = if name == libc::SO_RCVTIMEO { 0 } else { 1 };
+            as_stream(&sock).timed[i].store(t.is_some(), Ordering::Relaxed);
+        }
         on_stream(fd, |s| {
             if name == libc::SO_RCVTIMEO {
                 s.set_read_timeout(t)?;

@@ -41,7 +41,7 @@ pub(crate) fn wait_loop(
     mut block: impl FnMut(Option<Duration>) -> io::Result<()>,
     timeout: Option<Duration>,
 ) -> io::Result<usize> {
-    crate::signals::begin_call();
+    crate::signals::begin_call(false);
     let n = pass(true, false)?;
     if n > 0 || timeout == Some(Duration::ZERO) {
         return Ok(n);

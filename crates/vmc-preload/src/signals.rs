@@ -7,6 +7,8 @@
 //! (`sigaction` and `signal` are wrapped) that notes, per thread, that a handler
 //! without `SA_RESTART` ran, then calls the program's handler. vmc's waits consult
 //! that note ([`vmc_os::interrupt`]); each interposed blocking call clears it first.
+//! A call on a socket with a timeout for it (`SO_RCVTIMEO`, `SO_SNDTIMEO`) ends
+//! after any handler, as the kernel's does.
 //! Readiness waits (`poll`, `epoll_wait`, `select`) fail with `EINTR` after any
 //! handler, as the kernel's do.
 //!
@@ -31,12 +33,17 @@ thread_local! {
     static ANY: Cell<bool> = const { Cell::new(false) };
     /// ... and one of them was installed without SA_RESTART.
     static NO_RESTART: Cell<bool> = const { Cell::new(false) };
+    /// The current call has a timeout (SO_RCVTIMEO / SO_SNDTIMEO).
+    static TIMED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Clears this thread's notes: called when an interposed blocking call begins.
-pub(crate) fn begin_call() {
+/// Clears this thread's notes: called when an interposed blocking call begins;
+/// `timed` if the socket has a timeout for it (the kernel never restarts those:
+/// `sock_intr_errno` gives `EINTR` for a finite timeout, whatever `SA_RESTART`).
+pub(crate) fn begin_call(timed: bool) {
     ANY.with(|c| c.set(false));
     NO_RESTART.with(|c| c.set(false));
+    TIMED.with(|c| c.set(timed));
 }
 
 /// A handler ran since the call began (readiness waits end with EINTR then).
@@ -46,7 +53,7 @@ pub(crate) fn any_handler_ran() -> bool {
 
 /// The check registered with `vmc_os::interrupt`: a blocking socket call ends.
 fn no_restart() -> bool {
-    NO_RESTART.with(|c| c.get())
+    NO_RESTART.with(|c| c.get()) || (TIMED.with(|c| c.get()) && ANY.with(|c| c.get()))
 }
 
 /// Registers the check; called at the library's first use.

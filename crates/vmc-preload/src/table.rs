@@ -9,7 +9,7 @@
 //!
 //! Descriptors at or above [`MAX_FDS`] are never taken over (they stay plain TCP).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::epoll::EpollSet;
@@ -31,6 +31,9 @@ pub(crate) enum Sock {
 pub(crate) struct Stream {
     pub(crate) s: vmc_conn::TcpStream,
     pub(crate) owner: crate::fork::Owner,
+    /// `SO_RCVTIMEO` / `SO_SNDTIMEO` are set: the kernel ends such a call with
+    /// `EINTR` after any signal handler, `SA_RESTART` or not (see `crate::signals`).
+    pub(crate) timed: [AtomicBool; 2],
 }
 
 impl Stream {
@@ -38,6 +41,7 @@ impl Stream {
         Stream {
             s,
             owner: crate::fork::Owner::default(),
+            timed: [AtomicBool::new(false), AtomicBool::new(false)],
         }
     }
 }
