@@ -290,6 +290,13 @@ impl ReadHalf {
         self.rx.available().map_err(ring_error)
     }
 
+    /// Bytes ready to read, counting everything the writer published so far
+    /// ([`ReadHalf::available`] may show an older, smaller count while it is not
+    /// zero). One load of the writer's index.
+    pub fn arrived(&mut self) -> io::Result<usize> {
+        self.rx.refresh().map_err(ring_error)
+    }
+
     /// Read timeout (`None`: block forever). A zero duration is refused, as by std.
     pub fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
         self.waiter.set_timeout(t)

@@ -1342,10 +1342,12 @@ impl Conn {
                 };
                 r.read_closed = ended;
                 let queued = match rx.path {
+                    // Everything published: an edge-triggered waiter is owed an
+                    // event whenever more bytes arrived, read or not.
                     RxPath::Shm => rx
                         .ring
                         .as_mut()
-                        .map_or(0, |ring| ring.available().unwrap_or(0)),
+                        .map_or(0, |ring| ring.arrived().unwrap_or(0)),
                     RxPath::Tcp { .. } => {
                         rustix::io::ioctl_fionread(&self.tcp).unwrap_or(0) as usize
                     }
@@ -1370,10 +1372,15 @@ impl Conn {
             }
         }
         // Both directions shut, ours by shutdown and the peer's by the end on the
-        // ring: the kernel's HUP, which TCP cannot show while the FINs wait (see
-        // `Tx::fin_owed`).
-        if r.read_closed && self.tx.try_lock().is_ok_and(|tx| tx.shut) {
-            r.hup = true;
+        // ring: the kernel's HUP (whatever the interest), which TCP cannot show
+        // while the FINs wait (see `Tx::fin_owed`).
+        if self.tx.try_lock().is_ok_and(|tx| tx.shut) {
+            let rx_end = r.read_closed
+                || (!want.read
+                    && self.rx.try_lock().is_ok_and(|mut rx| {
+                        matches!(self.rx_ready(&mut rx, deep, &mut tcp), Ok(RxReady::End))
+                    }));
+            r.hup |= rx_end;
         }
         if deep || closing || tcp.is_some() {
             let ev = *tcp.get_or_insert_with(|| self.tcp_events());

@@ -29,6 +29,6 @@ pub mod wire;
 pub use conn::ATTACH_WINDOW;
 pub use fallback::Fallback;
 pub use listener::TcpListener;
-pub use net::{RecvOpts, TcpStream, Traffic};
+pub use net::{prepare_fork, RecvOpts, TcpStream, Traffic};
 pub use ready::{Interest, Ready};
 pub use wire::Path;

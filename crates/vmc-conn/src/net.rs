@@ -23,13 +23,29 @@ pub(crate) fn vmc_disabled() -> bool {
     *DISABLED.get_or_init(|| std::env::var("VMC_DISABLE").is_ok_and(|v| !v.is_empty() && v != "0"))
 }
 
+/// Set when the registry's one-time opening starts (see [`prepare_fork`]).
+static REGISTRY_STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The process's registry, opened once.
 pub(crate) fn registry() -> io::Result<&'static Registry> {
     static REGISTRY: OnceLock<Result<Registry, String>> = OnceLock::new();
+    REGISTRY_STARTED.store(true, std::sync::atomic::Ordering::Release);
     REGISTRY
         .get_or_init(|| Registry::open_default().map_err(|e| e.to_string()))
         .as_ref()
         .map_err(|e| io::Error::other(e.clone()))
+}
+
+/// Call before `fork` in a process that may be setting vmc up on another thread
+/// (a `pthread_atfork` prepare handler): waits until the process-wide state that
+/// is opened once (the registry, the statistics table) is either untouched or
+/// complete. A fork in the middle of that opening would leave the child a
+/// one-time initialisation that never finishes, and its first connection hung.
+pub fn prepare_fork() {
+    if REGISTRY_STARTED.load(std::sync::atomic::Ordering::Acquire) {
+        let _ = registry();
+    }
+    crate::stats::prepare_fork();
 }
 
 /// A TCP connection, accelerated through shared memory when the peer is a

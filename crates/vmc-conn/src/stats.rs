@@ -184,8 +184,19 @@ extern "C" fn remove_own_table() {
     });
 }
 
+/// Set when the table's one-time opening starts (see [`crate::prepare_fork`]).
+static TABLE_STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Waits for a table opening another thread started (see [`crate::prepare_fork`]).
+pub(crate) fn prepare_fork() {
+    if TABLE_STARTED.load(Ordering::Acquire) {
+        let _ = table();
+    }
+}
+
 fn table() -> Option<&'static Table> {
     static TABLE: OnceLock<Option<Table>> = OnceLock::new();
+    TABLE_STARTED.store(true, Ordering::Release);
     TABLE
         .get_or_init(|| match open_table() {
             Ok(t) => Some(t),

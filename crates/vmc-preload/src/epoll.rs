@@ -16,6 +16,15 @@
 //! `EPOLLERR` are always reported. A connection that turns out plain TCP moves into
 //! the kernel's set with its events and data. Entries hold their connection weakly:
 //! closing the last descriptor of a connection removes it, as the kernel does.
+//!
+//! Nesting: an epoll set that holds vmc connections, added to another epoll set,
+//! joins that set's side entries too (the kernel could not see its connections).
+//! It reports `EPOLLIN` while a wait on it would report something
+//! ([`EpollSet::peek`]: its connections, its nested sets, its kernel part), and a
+//! wait on the outer set sleeps on the inner set's connections and descriptor as
+//! well. Loops are refused (`ELOOP`), as the kernel refuses them. A set nested
+//! before it held any vmc connection stays in the kernel's set, which cannot see
+//! the connections added to it later (a gap).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -39,7 +48,10 @@ const ONESHOT: u32 = libc::EPOLLONESHOT as u32;
 const RDNORM: u32 = libc::EPOLLRDNORM as u32;
 const WRNORM: u32 = libc::EPOLLWRNORM as u32;
 
-/// One vmc connection registered in an epoll set.
+/// How deep nested sets are followed (the kernel allows 5 levels).
+const MAX_DEPTH: u32 = 5;
+
+/// One vmc connection, or one epoll set holding some, registered in an epoll set.
 struct Entry {
     fd: c_int,
     sock: Weak<Sock>,
@@ -65,6 +77,26 @@ fn interest(events: u32) -> Interest {
         read: events & (IN | RDNORM | RDHUP) != 0,
         write: events & (OUT | WRNORM) != 0,
     }
+}
+
+/// The edge-triggered mark of what `r` says about reading (bytes, ends, errors).
+fn rx_mark(r: &Ready) -> u64 {
+    r.rx_mark
+        .wrapping_add((r.read_closed as u64) << 40)
+        .wrapping_add((r.hup as u64) << 41)
+        .wrapping_add((r.error as u64) << 42)
+}
+
+/// The events a connection's entry reports now, before edge-triggered filtering.
+fn stream_events(e: &Entry, r: &Ready) -> u32 {
+    mask(r, e.events)
+}
+
+/// Whether an edge-triggered entry has an edge to report for `ev` (and `r`).
+fn is_edge(e: &Entry, r: &Ready, ev: u32) -> bool {
+    let fire_in = ev & (IN | RDNORM | RDHUP | HUP | ERR) != 0 && rx_mark(r) != e.last_rx;
+    let fire_out = ev & (OUT | WRNORM) != 0 && r.tx_mark != e.last_tx;
+    fire_in || fire_out
 }
 
 /// The events of `r` the entry asked for (plus hang-ups and errors, always).
@@ -113,6 +145,37 @@ impl EpollSet {
                 gone.push(i);
                 continue;
             };
+            if let Sock::Epoll(inner) = &*sock {
+                // A nested set: readable while a wait on it would report something;
+                // edge-triggered, when it turns so.
+                let mark = inner.peek(e.fd, 1);
+                let mut ev = if mark.is_some() {
+                    e.events & (IN | RDNORM)
+                } else {
+                    0
+                };
+                if let (Some(m), true) = (mark, e.events & ET != 0) {
+                    if m == e.last_rx {
+                        ev = 0;
+                    }
+                    e.last_rx = m;
+                }
+                if ev != 0 {
+                    out[n] = epoll_event {
+                        events: ev,
+                        u64: e.data,
+                    };
+                    n += 1;
+                    if e.events & ONESHOT != 0 {
+                        e.disabled = true;
+                    }
+                    if n == out.len() {
+                        self.next.store(i + 1, std::sync::atomic::Ordering::Relaxed);
+                        break;
+                    }
+                }
+                continue;
+            }
             let s = stream_of(&sock);
             if s.is_plain() {
                 // Plain TCP from now on: the kernel's set can watch it itself.
@@ -126,21 +189,14 @@ impl EpollSet {
                 continue;
             }
             let r = ready_of(s, interest(e.events), deep);
-            let mut ev = mask(&r, e.events);
+            let mut ev = stream_events(e, &r);
             if ev != 0 && e.events & ET != 0 {
-                let rx = r
-                    .rx_mark
-                    .wrapping_add((r.read_closed as u64) << 40)
-                    .wrapping_add((r.hup as u64) << 41)
-                    .wrapping_add((r.error as u64) << 42);
-                let fire_in = ev & (IN | RDNORM | RDHUP | HUP | ERR) != 0 && rx != e.last_rx;
-                let fire_out = ev & (OUT | WRNORM) != 0 && r.tx_mark != e.last_tx;
-                if !fire_in && !fire_out {
+                if !is_edge(e, &r, ev) {
                     ev = 0;
                 } else {
                     // An edge reports every flag that holds, as the kernel does.
                     if ev & (IN | RDNORM | RDHUP | HUP | ERR) != 0 {
-                        e.last_rx = rx;
+                        e.last_rx = rx_mark(&r);
                     }
                     if ev & (OUT | WRNORM) != 0 {
                         e.last_tx = r.tx_mark;
@@ -169,14 +225,107 @@ impl EpollSet {
         n
     }
 
-    /// The live connections and their interests (strong references, for one wait).
-    fn live(&self) -> Vec<(Arc<Sock>, Interest)> {
+    /// The live entries' targets (strong references, for one look or one wait).
+    fn targets(&self) -> Vec<(c_int, Arc<Sock>, u32, u64, u64)> {
         self.lock()
             .iter()
             .filter(|e| !e.disabled)
-            .filter_map(|e| Some((e.sock.upgrade()?, interest(e.events))))
+            .filter_map(|e| Some((e.fd, e.sock.upgrade()?, e.events, e.last_rx, e.last_tx)))
             .collect()
     }
+
+    /// What a wait on this set sleeps on: the connections to arm, with their
+    /// interests, and the epoll descriptors of nested sets (their kernel parts).
+    fn live(&self, depth: u32) -> (Vec<(Arc<Sock>, Interest)>, Vec<c_int>) {
+        let mut streams = Vec::new();
+        let mut fds = Vec::new();
+        if depth > MAX_DEPTH {
+            return (streams, fds);
+        }
+        for (fd, sock, events, _, _) in self.targets() {
+            match &*sock {
+                Sock::Epoll(inner) => {
+                    let (s, f) = inner.live(depth + 1);
+                    streams.extend(s);
+                    fds.push(fd);
+                    fds.extend(f);
+                }
+                _ => streams.push((sock, interest(events))),
+            }
+        }
+        (streams, fds)
+    }
+
+    /// Whether a wait on this set (epoll descriptor `epfd`) would report something
+    /// now, consuming nothing (edge marks and one-shot entries stay as they are):
+    /// what a set watching this one is told. `Some(mark)` if so, where the mark
+    /// moves whenever something new became ready (bytes arrived, space freed), for
+    /// an edge-triggered watcher.
+    pub(crate) fn peek(&self, epfd: c_int, depth: u32) -> Option<u64> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        let mut mark: Option<u64> = None;
+        let mut add = |m: u64| mark = Some(mark.unwrap_or(0).wrapping_add(m));
+        for (fd, sock, events, last_rx, last_tx) in self.targets() {
+            match &*sock {
+                Sock::Epoll(inner) => {
+                    if let Some(m) = inner.peek(fd, depth + 1) {
+                        add(m);
+                    }
+                }
+                Sock::Stream(s) if !s.is_plain() => {
+                    let r = ready_of(s, interest(events), false);
+                    let probe = Entry {
+                        fd,
+                        sock: Weak::new(),
+                        events,
+                        data: 0,
+                        last_rx,
+                        last_tx,
+                        disabled: false,
+                    };
+                    let ev = stream_events(&probe, &r);
+                    if ev != 0 && (events & ET == 0 || is_edge(&probe, &r, ev)) {
+                        add(rx_mark(&r).wrapping_add(r.tx_mark << 20));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut p = pollfd {
+            fd: epfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd of ours; a zero timeout.
+        if unsafe { real::poll(&mut p, 1, 0) } > 0 {
+            add(1 << 63);
+        }
+        mark
+    }
+
+    /// True if `target` (an epoll set's entry) can be reached from this set through
+    /// nested sets: adding this set to `target` would make a loop.
+    fn reaches(&self, target: &Arc<Sock>, depth: u32) -> bool {
+        if depth > MAX_DEPTH {
+            return true;
+        }
+        self.targets().iter().any(|(_, sock, ..)| {
+            Arc::ptr_eq(sock, target)
+                || matches!(&**sock, Sock::Epoll(inner) if inner.reaches(target, depth + 1))
+        })
+    }
+}
+
+/// The epoll set of descriptor `fd` if it holds vmc connections (a table entry),
+/// for nesting it in the set `epfd`.
+fn nested_set(fd: c_int, epfd: c_int) -> Option<Arc<Sock>> {
+    if fd == epfd {
+        return None;
+    }
+    let s = table::get(fd)?;
+    matches!(&*s, Sock::Epoll(_)).then_some(s)
 }
 
 /// The set of epoll descriptor `epfd`, created on first use.
@@ -211,7 +360,7 @@ pub unsafe extern "C" fn epoll_ctl(
     ev: *mut epoll_event,
 ) -> c_int {
     if table::any() {
-        if let Some(sock) = vmc_stream(fd) {
+        if let Some(sock) = vmc_stream(fd).or_else(|| nested_set(fd, epfd)) {
             if let Some(_g) = enter() {
                 let r = shield(|| ctl(epfd, op, fd, &sock, ev));
                 return match r {
@@ -256,6 +405,11 @@ fn ctl(
     };
     let set_sock = set_of(epfd, op == libc::EPOLL_CTL_ADD)
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+    if let Sock::Epoll(inner) = &**sock {
+        if op == libc::EPOLL_CTL_ADD && inner.reaches(&set_sock, 1) {
+            return errno(libc::ELOOP);
+        }
+    }
     let set = epoll_set(&set_sock);
     let mut entries = set.lock();
     let pos = entries
@@ -333,15 +487,18 @@ fn wait(
         Ok(n)
     };
     let block = |remaining: Option<Duration>| -> io::Result<()> {
-        let live = set.live();
+        let (live, nested) = set.live(1);
         if arm_all(live.iter().map(|(s, i)| (stream_of(s), *i))) {
             return Ok(());
         }
-        let mut fds = vec![pollfd {
-            fd: epfd,
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        let mut fds: Vec<pollfd> = std::iter::once(epfd)
+            .chain(nested)
+            .map(|fd| pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
         let mut shared = false;
         for (s, _) in &live {
             let s = stream_of(s);

@@ -147,6 +147,15 @@ impl Owner {
 /// owns gets a claim slot in a page the child will share.
 pub(crate) extern "C" fn prepare() {
     let Some(_g) = crate::enter() else { return };
+    // Another thread may be opening the registry: let it finish first.
+    vmc_conn::prepare_fork();
+    FORKER.store(std::process::id(), Ordering::Relaxed);
+    if !table::any() {
+        // Nothing to hand out (and no 65536-slot scan for programs without vmc
+        // descriptors).
+        GEN.fetch_add(1, Ordering::AcqRel);
+        return;
+    }
     let mut owned: Vec<Arc<Sock>> = Vec::new();
     table::for_each(|_, slot| {
         if let Some(sock) = slot.as_ref() {
@@ -157,7 +166,6 @@ pub(crate) extern "C" fn prepare() {
             }
         }
     });
-    FORKER.store(std::process::id(), Ordering::Relaxed);
     if let Some(page) = Page::new(owned.len()).map(Arc::new) {
         for (i, sock) in owned.iter().enumerate() {
             if let Sock::Stream(s) = &**sock {

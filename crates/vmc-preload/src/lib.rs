@@ -113,17 +113,46 @@ pub(crate) fn enabled() -> bool {
 
 /// One-time set-up, at the first socket vmc takes over: logging, the fork handler,
 /// the exit report.
+///
+/// Not a `std::sync::Once`: a program may fork on one thread while another is in
+/// here (before the fork handler exists to hold the fork back), and a child would
+/// inherit a `Once` that never completes and hang at its first socket. The state
+/// names the process whose thread runs the set-up, so a child takes it over; each
+/// step that must happen once per process image is guarded on its own.
 pub(crate) fn init() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        init_logging();
-        signals::install_check();
-        // SAFETY: registering plain extern "C" functions without arguments.
-        unsafe {
-            libc::pthread_atfork(Some(fork::prepare), None, Some(report::in_child));
-            libc::atexit(report::at_exit);
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    const DONE: u32 = u32::MAX;
+    static STATE: AtomicU32 = AtomicU32::new(0);
+    static HANDLERS: AtomicBool = AtomicBool::new(false);
+    let me = std::process::id();
+    loop {
+        let s = STATE.load(Ordering::Acquire);
+        if s == DONE {
+            return;
         }
-    });
+        if s == me {
+            // Another thread of this process is setting up.
+            std::thread::yield_now();
+            continue;
+        }
+        // Never started, or started in the process this one was forked from.
+        if STATE
+            .compare_exchange(s, me, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            init_logging();
+            signals::install_check();
+            if !HANDLERS.swap(true, Ordering::AcqRel) {
+                // SAFETY: registering plain extern "C" functions without arguments.
+                unsafe {
+                    libc::pthread_atfork(Some(fork::prepare), None, Some(report::in_child));
+                    libc::atexit(report::at_exit);
+                }
+            }
+            STATE.store(DONE, Ordering::Release);
+            return;
+        }
+    }
 }
 
 fn init_logging() {

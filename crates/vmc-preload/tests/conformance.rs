@@ -777,8 +777,6 @@ fn case_runs(case: &'static str) -> &'static CaseRuns {
 /// Entries whose reason starts with "sometimes:" fail only in some runs; for them a
 /// pass is tolerated too.
 const KNOWN_GAPS: &[(&str, &str, &str)] = &[
-    ("epoll", "behaviour", "nested epoll: an epoll set holding vmc connections, itself watched by another epoll set, is never reported readable (the kernel cannot see its rings); everything before that point in the case matches"),
-    ("epoll", "accelerated", "the nested-epoll wait hangs until the harness timeout, so no verdict"),
     ("fork", "behaviour", "after fork an accelerated connection belongs to the first process that uses it; the other gets EIO (A: both read, C: the parent writes after the child used it). B (the child only closes its copy) matches"),
 ];
 

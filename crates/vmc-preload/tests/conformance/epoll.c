@@ -166,11 +166,20 @@ static void server(void) {
     /* nested: an outer epoll watching the LT set */
     int outer = (int)RFD(epoll_create1(0), "epoll_create1");
     add(outer, lt, EPOLLIN, INNER, "inner LT epoll fd, IN");
+    add(lt, outer, EPOLLIN, INNER, "outer epoll fd into the inner one (a loop)");
+    int oet = (int)RFD(epoll_create1(0), "epoll_create1");
+    add(oet, lt, EPOLLIN | EPOLLET, INNER, "inner LT epoll fd, IN|ET");
     wait_(outer, 0, "nested idle");
+    wait_(oet, 0, "nested ET idle");
     ask(1);
     wait_(outer, -1, "nested data");
-    RD(read(conn_, buf, 1), buf, "read(1)");
+    wait_(oet, 0, "nested ET data");
+    wait_(oet, 0, "nested ET data, again");
+    ask(1);
+    wait_(oet, -1, "nested ET, more data");
+    RD(read(conn_, buf, 2), buf, "read(2)");
     wait_(outer, 0, "nested drained");
+    R(close(oet), "close(oet)");
     R(close(outer), "close(outer)");
 
     /* a pipe in the same set; blocking waits woken by the pipe or the peer */
