@@ -194,6 +194,13 @@ impl WakeFds {
         self.core.wake_fd(Dir::Write)
     }
 
+    /// Wakes every thread, of this process or another sharing the channel (after
+    /// fork), that sleeps on one of our halves; each looks again (and ends its wait
+    /// if `vmc_os::interrupt` says so).
+    pub fn kick(&self) {
+        self.core.kick()
+    }
+
     /// As [`ReadHalf::abandon`], through the handle.
     pub fn abandon(&self) {
         self.core

@@ -77,6 +77,17 @@ impl Core {
         }
     }
 
+    /// Wakes whoever sleeps on our own halves' wake-ups, in any process that shares
+    /// them (a fork): they look again. Eventfd channels only; others' sleepers
+    /// look again on their own within [`LIVENESS_INTERVAL`].
+    pub(crate) fn kick(&self) {
+        if let Signals::EventFd { mine, .. } = &self.signals {
+            for e in mine {
+                let _ = e.notify();
+            }
+        }
+    }
+
     /// Sleeps our `dir` half, which announced itself on `word`, for at most
     /// `timeout` (capped so that a dead peer is noticed). Spurious returns are fine:
     /// callers re-check.

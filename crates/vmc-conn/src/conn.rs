@@ -184,6 +184,8 @@ pub(crate) struct Conn {
     abandoned: AtomicBool,
     /// `ctl_in.rewind` is set: the sending side has a REWIND to serve.
     rewind_asked: AtomicBool,
+    /// A REWIND arrived (the first is the only one served).
+    rewound: AtomicBool,
     /// The control socket reached its end (the peer closed it, exec'd or died):
     /// waits stop watching it.
     ctl_eof: AtomicBool,
@@ -311,6 +313,7 @@ impl Conn {
             waiters: AtomicU32::new(0),
             abandoned: AtomicBool::new(false),
             rewind_asked: AtomicBool::new(false),
+            rewound: AtomicBool::new(false),
             ctl_eof: AtomicBool::new(false),
         };
         c.publish(flag::PENDING, state == PENDING);
@@ -763,11 +766,16 @@ impl Conn {
                                 self.peer_left[1].fetch_add(1, Ordering::AcqRel);
                                 self.ring_bell(1);
                             }
-                            Some(Control::Rewind(offset)) => {
+                            // One per connection: later ones (a confused peer) are
+                            // ignored.
+                            Some(Control::Rewind(offset))
+                                if !self.rewound.swap(true, Ordering::AcqRel) =>
+                            {
                                 ctl.rewind = Some(offset);
                                 self.rewind_asked.store(true, Ordering::Release);
                                 self.ring_bell(1);
                             }
+                            Some(Control::Rewind(_)) => {}
                             None => return Err(protocol("malformed control frame")),
                         }
                     }
@@ -833,6 +841,9 @@ impl Conn {
         }
         if let Some(b) = &self.bells {
             b[0].drain()?;
+        }
+        if vmc_os::interrupt::pending() {
+            return Err(vmc_os::interrupt::error());
         }
         if let Some(t) = rx.timeout {
             if started.elapsed() >= t {
@@ -1040,6 +1051,17 @@ impl Conn {
             self.advance();
             std::thread::sleep(Duration::from_millis(1));
         }
+        if self.is_pending() {
+            // For good means now: the handshake ends here, unfinished (the peer
+            // falls back when its side of it goes away).
+            let mut setup = lock(&self.setup);
+            if self.is_pending() {
+                *setup = Setup::Done;
+                self.give_up(Fallback::Handshake(
+                    "moved to TCP for good before the handshake finished".into(),
+                ));
+            }
+        }
         if !self.is_accelerated() {
             return Ok(());
         }
@@ -1051,6 +1073,10 @@ impl Conn {
         };
         let mut rx = lock_until(&self.rx, deadline).ok_or_else(busy)?;
         let mut tx = lock_until(&self.tx, deadline).ok_or_else(busy)?;
+        if !self.is_accelerated() {
+            // Another thread settled it while we waited for the locks.
+            return Ok(());
+        }
         let parts = self.parts().ok_or_else(|| protocol("no channel"))?;
 
         // Receiving.
@@ -1596,6 +1622,18 @@ impl Conn {
         self.abandoned.store(true, Ordering::Relaxed);
         if let Some(p) = self.parts() {
             p.wake.abandon();
+        }
+    }
+
+    /// Wakes every thread, in this process or another that shares the connection
+    /// (after fork), that waits on it: each looks again, and ends its wait if
+    /// `vmc_os::interrupt` says so.
+    pub(crate) fn kick(&self) {
+        for i in 0..2 {
+            self.ring_bell(i);
+        }
+        if let Some(p) = self.parts() {
+            p.wake.kick();
         }
     }
 

@@ -19,8 +19,19 @@ use crate::wire::{self, Path};
 /// True when `VMC_DISABLE` is set to anything but `0` or empty: vmc stays out of the
 /// way entirely.
 pub(crate) fn vmc_disabled() -> bool {
-    static DISABLED: OnceLock<bool> = OnceLock::new();
-    *DISABLED.get_or_init(|| std::env::var("VMC_DISABLE").is_ok_and(|v| !v.is_empty() && v != "0"))
+    // An atomic, not a `OnceLock`: a fork while another thread fills a
+    // `OnceLock` would leave the child one that never completes.
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static DISABLED: AtomicU8 = AtomicU8::new(0);
+    match DISABLED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let off = std::env::var("VMC_DISABLE").is_ok_and(|v| !v.is_empty() && v != "0");
+            DISABLED.store(if off { 1 } else { 2 }, Ordering::Relaxed);
+            off
+        }
+    }
 }
 
 /// Set when the registry's one-time opening starts (see [`prepare_fork`]).
@@ -226,6 +237,14 @@ impl TcpStream {
     /// Does nothing to a connection that is not accelerated.
     pub fn settle_on_tcp(&self, patience: Duration) -> io::Result<()> {
         self.conn.settle_on_tcp(patience)
+    }
+
+    /// Wakes every thread, in this process or in another that shares the
+    /// connection after a fork, that waits on it: each looks again, and ends its
+    /// wait with `Interrupted` if `vmc_os::interrupt` says so. How a process that
+    /// does not own a forked connection gets the owner's attention.
+    pub fn kick(&self) {
+        self.conn.kick()
     }
 
     /// The path our sending direction uses now.

@@ -10,20 +10,29 @@
 //! `SA_RESTART` ran on this thread). Without a registered check, waits absorb
 //! signals, as before.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-static CHECK: OnceLock<fn() -> bool> = OnceLock::new();
+/// The check, as a function pointer's address (0: none). An atomic rather than a
+/// `OnceLock`, so that a fork can never catch it half set.
+static CHECK: AtomicUsize = AtomicUsize::new(0);
 
 /// Registers the check (once per process; later calls are ignored).
 pub fn set_check(check: fn() -> bool) {
-    let _ = CHECK.set(check);
+    let _ = CHECK.compare_exchange(0, check as usize, Ordering::AcqRel, Ordering::Acquire);
 }
 
 /// True if the current wait should end with `Interrupted`. Cheap: one load when no
 /// check is registered.
 #[inline]
 pub fn pending() -> bool {
-    CHECK.get().is_some_and(|c| c())
+    match CHECK.load(Ordering::Acquire) {
+        0 => false,
+        f => {
+            // SAFETY: a non-zero value was stored by `set_check` from a `fn() -> bool`.
+            let check = unsafe { std::mem::transmute::<usize, fn() -> bool>(f) };
+            check()
+        }
+    }
 }
 
 /// The error a wait ends with when [`pending`] says so.

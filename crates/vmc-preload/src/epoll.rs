@@ -177,7 +177,9 @@ impl EpollSet {
                 continue;
             }
             let s = stream_of(&sock);
-            if s.is_plain() {
+            let gone_elsewhere =
+                || !s.owner.check() && (s.owner.settled_elsewhere() || crate::fork::take_over(s));
+            if gone_elsewhere() || (s.owner.check() && s.is_plain()) {
                 // Plain TCP from now on: the kernel's set can watch it itself.
                 let mut ev = epoll_event {
                     events: e.events,
@@ -274,7 +276,8 @@ impl EpollSet {
                         add(m);
                     }
                 }
-                Sock::Stream(s) if !s.is_plain() => {
+                // (Ownership first: see `crate::poll::vmc_stream`.)
+                Sock::Stream(s) if !s.owner.check() || !s.is_plain() => {
                     let r = ready_of(s, interest(events), false);
                     let probe = Entry {
                         fd,

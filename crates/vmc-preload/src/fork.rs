@@ -1,13 +1,36 @@
-//! Connections after `fork`: which process owns the rings.
+//! Connections after `fork`: which process owns the rings, and how the other one
+//! gets to use the connection too.
 //!
 //! A forked child shares its parent's descriptors, and vmc's connection state is
 //! copied into it with the rest of memory, rings included. Two processes must never
 //! drive one ring end (their private indices would diverge), so each accelerated
 //! connection has exactly one owner: the first of the two processes to use it after
-//! the fork. The common patterns work as with TCP: the parent goes on and the child
+//! the fork. The common patterns cost nothing: the parent goes on and the child
 //! execs or exits; or the parent hands the connection to the child and closes its
-//! copy (a pre-forking server). A process that uses a connection the other one owns
-//! gets `EIO` instead of torn data (TCP would let both use it; that is a gap).
+//! copy (a pre-forking server).
+//!
+//! When the other process uses the connection too, both must get what TCP gives
+//! them: one kernel socket they share. So the loser asks the owner to move the
+//! connection to TCP for good (`TcpStream::settle_on_tcp`, exact at the byte), waits
+//! until it has, and from then on both use the kernel socket as it is:
+//!
+//! 1. the loser sets REQUEST in the connection's claim word, bumps the process
+//!    tree's request counter and kicks the connection (every wake-up descriptor of
+//!    it, which the processes share), so an owner asleep in a read, a write or an
+//!    event loop wakes up;
+//! 2. the owner notices the counter (a helper thread it started when it won its
+//!    first forked connection sleeps on it; its own threads look at it at every
+//!    call into vmc and as their waits end, since it is part of the
+//!    [`vmc_os::interrupt`] check), settles every connection it owns that has a
+//!    REQUEST (a thread of its own blocked on one comes out of its wait first),
+//!    and sets SETTLED;
+//! 3. the loser, seeing SETTLED, forgets the connection: its calls go to the
+//!    kernel. An owner that exits settles its forked connections on the way out, so
+//!    a connection a child wrote to before exiting goes on in the parent.
+//!
+//! If the owner does not answer within [`TAKE_OVER_WAIT`] (it is stopped, busy
+//! outside vmc, or died without exiting normally), the loser's call fails with
+//! `EIO`, never with torn data.
 //!
 //! Arbitration: before the fork (the `pthread_atfork` prepare handler) every
 //! connection the parent owns gets a slot in a fresh page that both processes will
@@ -17,8 +40,9 @@
 //! leaves the shared state to the other. Until the next fork, checking ownership
 //! costs one comparison with a process-wide generation number.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::table::{self, Sock};
 
@@ -27,7 +51,21 @@ static GEN: AtomicU64 = AtomicU64::new(0);
 /// The pid of the process that last forked (the parent of the latest fork).
 static FORKER: AtomicU32 = AtomicU32::new(0);
 
-/// A page of claim words shared by a parent and the child of one fork.
+/// How long a process that does not own a forked connection waits for the owner
+/// to move it to TCP before its call fails with `EIO`.
+pub(crate) const TAKE_OVER_WAIT: Duration = Duration::from_secs(2);
+
+/// Claim word bits: the owner's pid, and the take-over handshake.
+const PID_MASK: u32 = (1 << 30) - 1;
+const SETTLED: u32 = 1 << 30;
+const REQUEST: u32 = 1 << 31;
+
+/// Claim pages a connection remembers (one per fork since it was made; the
+/// oldest are forgotten, and their other processes can no longer take over).
+const MAX_CLAIMS: usize = 16;
+
+/// A page of shared words: claim words (one per connection of one fork), or the
+/// request counter.
 struct Page {
     words: *mut AtomicU32,
     len: usize,
@@ -74,14 +112,57 @@ impl Drop for Page {
     }
 }
 
+/// The request counter this process shares with the processes forked from it
+/// (created at the library's set-up, so before any fork that copies a connection),
+/// and the value this process last served.
+/// (An atomic pointer, not a `OnceLock`: a fork must never catch it half set.)
+static REQUESTS: AtomicPtr<Page> = AtomicPtr::new(std::ptr::null_mut());
+static SEEN: AtomicU32 = AtomicU32::new(0);
+
+/// Creates the request counter (at set-up, see `crate::init`).
+pub(crate) fn init() {
+    if !REQUESTS.load(Ordering::Acquire).is_null() {
+        return;
+    }
+    if let Some(page) = Page::new(1) {
+        let p = Box::into_raw(Box::new(page));
+        if REQUESTS
+            .compare_exchange(std::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // SAFETY: `p` came from `Box::into_raw` just above and was not shared.
+            drop(unsafe { Box::from_raw(p) });
+        }
+    }
+}
+
+fn requests() -> Option<&'static AtomicU32> {
+    let p = REQUESTS.load(Ordering::Acquire);
+    // SAFETY: a non-null pointer here came from `Box::into_raw` in `init` and is
+    // never freed (the counter lives as long as the process).
+    let page = unsafe { p.as_ref() }?;
+    Some(page.word(0))
+}
+
+/// True if another process asked for a connection since this one last looked:
+/// one load of a shared word. Part of the `vmc_os::interrupt` check, so that a
+/// wait in vmc ends and the hook serves it.
+#[inline]
+pub(crate) fn requests_pending() -> bool {
+    requests().is_some_and(|w| w.load(Ordering::Acquire) != SEEN.load(Ordering::Relaxed))
+}
+
 /// A connection's ownership across forks.
 pub struct Owner {
     /// The generation at which this process last knew it owns the connection.
     gen: AtomicU64,
     /// Set once another process won the connection.
     lost: AtomicBool,
-    /// The claim to settle at the next use, if a fork happened since.
-    claim: Mutex<Option<(Arc<Page>, usize)>>,
+    /// Claim slots, oldest first; the last is the latest fork's, which the next
+    /// use settles if the generation moved.
+    claims: Mutex<Vec<(Arc<Page>, usize)>>,
+    /// A fork happened since the connection was made: exit settles it.
+    forked: AtomicBool,
 }
 
 impl Default for Owner {
@@ -89,12 +170,17 @@ impl Default for Owner {
         Owner {
             gen: AtomicU64::new(GEN.load(Ordering::Acquire)),
             lost: AtomicBool::new(false),
-            claim: Mutex::new(None),
+            claims: Mutex::new(Vec::new()),
+            forked: AtomicBool::new(false),
         }
     }
 }
 
 impl Owner {
+    fn claims(&self) -> std::sync::MutexGuard<'_, Vec<(Arc<Page>, usize)>> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// True if this process may use the connection, claiming it if a fork left it
     /// unclaimed.
     #[inline]
@@ -106,32 +192,33 @@ impl Owner {
     }
 
     fn settle(&self) -> bool {
-        let mut claim = self.claim.lock().unwrap_or_else(|p| p.into_inner());
+        let claims = self.claims();
         let now = GEN.load(Ordering::Acquire);
         if self.gen.load(Ordering::Relaxed) == now {
             return !self.lost.load(Ordering::Relaxed);
         }
-        let me = std::process::id();
-        let won = match claim.take() {
-            Some((page, i)) => {
-                let w = page.word(i);
+        let me = std::process::id() & PID_MASK;
+        let won = match claims.last() {
+            Some((page, i)) if !self.lost.load(Ordering::Relaxed) => {
+                let w = page.word(*i);
                 match w.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => true,
-                    Err(owner) => owner == me,
+                    Err(owner) => owner & PID_MASK == me,
                 }
             }
+            Some(_) => false,
             // No slot (the fork happened while another thread held this entry):
             // the parent keeps it.
-            None => FORKER.load(Ordering::Relaxed) == me,
+            None => FORKER.load(Ordering::Relaxed) == std::process::id(),
         };
         if !won {
             self.lost.store(true, Ordering::Relaxed);
-            tracing::warn!(
-                "vmc: a connection shared with another process after fork is owned by \
-                 that process; using it here fails with EIO"
-            );
         }
         self.gen.store(now, Ordering::Release);
+        if won && !claims.is_empty() {
+            // Another process may ask for it: be there to answer.
+            ensure_helper();
+        }
         won
     }
 
@@ -140,6 +227,216 @@ impl Owner {
     pub(crate) fn owned_here(&self) -> bool {
         self.gen.load(Ordering::Relaxed) == GEN.load(Ordering::Relaxed)
             && !self.lost.load(Ordering::Relaxed)
+    }
+
+    /// The word of the claim this process lost, if it lost one.
+    fn lost_word<R>(&self, f: impl FnOnce(&AtomicU32) -> R) -> Option<R> {
+        if !self.lost.load(Ordering::Relaxed) {
+            return None;
+        }
+        let claims = self.claims();
+        let (page, i) = claims.last()?;
+        Some(f(page.word(*i)))
+    }
+
+    /// The owner moved the connection to TCP for good: this process may use the
+    /// kernel socket as it is.
+    pub(crate) fn settled_elsewhere(&self) -> bool {
+        self.lost_word(|w| w.load(Ordering::Acquire) & SETTLED != 0)
+            .unwrap_or(false)
+    }
+
+    /// Another process asked this (owning) process to move the connection to TCP.
+    fn requested(&self) -> bool {
+        let me = std::process::id() & PID_MASK;
+        // Our pid in the word is what says we own it (the claim may be finishing
+        // on another thread right now: the generation is stored after the word).
+        !self.lost.load(Ordering::Relaxed)
+            && self.claims().iter().any(|(page, i)| {
+                let w = page.word(*i).load(Ordering::Acquire);
+                w & REQUEST != 0 && w & SETTLED == 0 && w & PID_MASK == me
+            })
+    }
+
+    /// Marks every claim this process holds as settled.
+    fn mark_settled(&self) {
+        let me = std::process::id() & PID_MASK;
+        for (page, i) in self.claims().iter() {
+            let w = page.word(*i);
+            if w.load(Ordering::Acquire) & PID_MASK == me {
+                w.fetch_or(SETTLED, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// Called where this process uses a connection another process owns: asks the
+/// owner to move it to TCP (see the module documentation) and waits for it. True
+/// once the connection is settled on TCP (the caller then forgets it and goes to
+/// the kernel); false if the owner did not answer in time (the call fails with
+/// `EIO`).
+pub(crate) fn take_over(s: &crate::table::Stream) -> bool {
+    let Some(owner) = s.owner.lost_word(|w| w.fetch_or(REQUEST, Ordering::AcqRel)) else {
+        return false;
+    };
+    if owner & SETTLED != 0 {
+        return true;
+    }
+    tracing::debug!(
+        owner = owner & PID_MASK,
+        "a forked connection owned by another process: asking it to move to TCP"
+    );
+    if let Some(w) = requests() {
+        w.fetch_add(1, Ordering::AcqRel);
+        let _ = vmc_os::futex_wake(w, u32::MAX);
+    }
+    let started = Instant::now();
+    let mut kicks = 0u32;
+    while started.elapsed() < TAKE_OVER_WAIT {
+        if s.owner.settled_elsewhere() {
+            return true;
+        }
+        // Now and then again: an owner between two waits misses one kick.
+        if kicks % 20 == 0 {
+            s.kick();
+        }
+        kicks += 1;
+        let pid = (owner & PID_MASK) as libc::pid_t;
+        // SAFETY: signal 0 only checks that the process exists.
+        if pid > 0 && unsafe { libc::kill(pid, 0) } != 0 && crate::errno() == libc::ESRCH {
+            // Gone without settling (killed, or `_exit`): nobody can move the rings.
+            return s.owner.settled_elsewhere();
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    tracing::warn!(
+        "a forked connection owned by process {} did not move to TCP within {:?}: \
+         this process's calls on it fail with EIO",
+        owner & PID_MASK,
+        TAKE_OVER_WAIT
+    );
+    false
+}
+
+/// The pid of the process whose helper thread runs (none yet: 0).
+static HELPER: AtomicU32 = AtomicU32::new(0);
+
+/// Starts this process's helper thread if it has none: it sleeps on the request
+/// counter and serves requests, so an owner answers even while its own threads
+/// are busy elsewhere or blocked outside vmc (a parent waiting for its child).
+fn ensure_helper() {
+    let me = std::process::id();
+    if HELPER.load(Ordering::Acquire) == me || HELPER.swap(me, Ordering::AcqRel) == me {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("vmc-fork".into())
+        .spawn(|| {
+            // This thread runs no program code: everything it does is vmc's.
+            let Some(_g) = crate::enter() else { return };
+            let Some(w) = requests() else { return };
+            loop {
+                let seen = SEEN.load(Ordering::Acquire);
+                if w.load(Ordering::Acquire) == seen {
+                    let _ = vmc_os::futex_wait(w, seen, Some(Duration::from_secs(1)));
+                    continue;
+                }
+                if !serve_requests() || SEEN.load(Ordering::Acquire) == seen {
+                    // Not all moved yet (a thread of ours holds one): again soon.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::debug!("no helper thread for forked connections: {e}");
+        HELPER.store(0, Ordering::Release);
+    }
+}
+
+/// Serves other processes' requests (see the module documentation): every
+/// connection this process owns that was asked for moves to TCP for good. True if
+/// requests were pending (a wait that ended for them should be retried, not
+/// reported as `EINTR`). They stay pending, and every wait in this process keeps
+/// ending, until each asked-for connection has moved: a thread of ours blocked on
+/// one must come out of its wait and let go of it first.
+pub(crate) fn serve_requests() -> bool {
+    let Some(w) = requests() else { return false };
+    let now = w.load(Ordering::Acquire);
+    if now == SEEN.load(Ordering::Acquire) {
+        return false;
+    }
+    tracing::debug!(
+        pid = std::process::id(),
+        "requests for forked connections pending ({now})"
+    );
+    if settle_where(|s| s.owner.requested(), Duration::from_millis(100)) {
+        SEEN.store(now, Ordering::Release);
+    }
+    true
+}
+
+/// Moves to TCP, for good, every owned connection `pick` selects, then marks it
+/// settled for the processes sharing it. True if all of them moved (one that
+/// another thread of ours holds for longer than `patience` does not).
+fn settle_where(pick: impl Fn(&crate::table::Stream) -> bool, patience: Duration) -> bool {
+    let mut chosen: Vec<Arc<Sock>> = Vec::new();
+    table::for_each_waiting(|_, sock| {
+        if let Sock::Stream(s) = &**sock {
+            if pick(s) && !chosen.iter().any(|c| Arc::ptr_eq(c, sock)) {
+                chosen.push(sock.clone());
+            }
+        }
+    });
+    tracing::debug!(
+        pid = std::process::id(),
+        chosen = chosen.len(),
+        "settling forked connections"
+    );
+    let mut all = true;
+    for sock in chosen {
+        if let Sock::Stream(s) = &*sock {
+            // A thread of ours asleep on it wakes, sees the request pending and
+            // lets go of the connection.
+            s.kick();
+            match s.settle_on_tcp(patience) {
+                Ok(()) => {
+                    tracing::debug!(
+                        pid = std::process::id(),
+                        "moved a forked connection to TCP for another process"
+                    );
+                    s.owner.mark_settled();
+                }
+                Err(e) => {
+                    tracing::debug!("moving a forked connection to TCP: {e} (trying again)");
+                    all = false;
+                }
+            }
+        }
+    }
+    all
+}
+
+/// At exit: connections shared with another process since a fork move to TCP, so
+/// that process can go on using them (what a child wrote before exiting stays
+/// before what its parent writes next).
+pub(crate) fn settle_at_exit() {
+    if !table::any() {
+        return;
+    }
+    // On a thread of its own: exit has destroyed this thread's thread-locals
+    // already (glibc runs their destructors before `atexit` handlers), and the
+    // connection layer and its logging use some.
+    let worker = std::thread::Builder::new()
+        .name("vmc-exit".into())
+        .spawn(|| {
+            let Some(_g) = crate::enter() else { return };
+            settle_where(
+                |s| s.owner.forked.load(Ordering::Relaxed) && s.owner.owned_here() && !s.is_plain(),
+                Duration::from_millis(500),
+            );
+        });
+    if let Ok(w) = worker {
+        let _ = w.join();
     }
 }
 
@@ -169,7 +466,12 @@ pub(crate) extern "C" fn prepare() {
     if let Some(page) = Page::new(owned.len()).map(Arc::new) {
         for (i, sock) in owned.iter().enumerate() {
             if let Sock::Stream(s) = &**sock {
-                *s.owner.claim.lock().unwrap_or_else(|p| p.into_inner()) = Some((page.clone(), i));
+                let mut claims = s.owner.claims();
+                if claims.len() == MAX_CLAIMS {
+                    claims.remove(0);
+                }
+                claims.push((page.clone(), i));
+                s.owner.forked.store(true, Ordering::Relaxed);
             }
         }
     }

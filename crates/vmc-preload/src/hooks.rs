@@ -136,11 +136,7 @@ fn track(fd: c_int, s: TcpStream) {
 /// is served by the kernel directly from then on (its entry stays until `close`, so
 /// that epoll sets holding it can hand it over to the kernel's set).
 fn stream(fd: c_int) -> Option<Arc<Sock>> {
-    let sock = table::get(fd)?;
-    match &*sock {
-        Sock::Stream(s) if !s.is_plain() => Some(sock),
-        _ => None,
-    }
+    crate::poll::vmc_stream(fd)
 }
 
 fn as_stream(sock: &Sock) -> &table::Stream {
@@ -354,17 +350,18 @@ enum Io {
 
 /// Runs `f` on the connection behind `fd` inside vmc (no re-entry, no unwinding
 /// across the C boundary); `None` if vmc does not carry `fd`.
-fn on_stream(fd: c_int, f: impl FnOnce(&TcpStream) -> io::Result<usize>) -> Option<ssize_t> {
+fn on_stream(fd: c_int, f: impl FnMut(&TcpStream) -> io::Result<usize>) -> Option<ssize_t> {
     on_io(fd, Io::Other, f)
 }
 
 /// [`on_stream`] for a call that receives or sends.
-fn on_io(fd: c_int, io: Io, f: impl FnOnce(&TcpStream) -> io::Result<usize>) -> Option<ssize_t> {
+fn on_io(fd: c_int, io: Io, mut f: impl FnMut(&TcpStream) -> io::Result<usize>) -> Option<ssize_t> {
     let sock = stream(fd)?;
     let _g = enter()?;
     let s = as_stream(&sock);
     if !s.owner.check() {
-        // The other process of a fork owns this connection.
+        // The other process of a fork owns this connection, and did not move it to
+        // TCP when asked (see `crate::fork`).
         crate::set_errno(libc::EIO);
         return Some(-1);
     }
@@ -372,8 +369,26 @@ fn on_io(fd: c_int, io: Io, f: impl FnOnce(&TcpStream) -> io::Result<usize>) -> 
         Io::Recv | Io::Send => s.timed[io as usize].load(Ordering::Relaxed),
         Io::Other => false,
     };
-    crate::signals::begin_call(timed);
-    Some(ret(shield(|| f(s))))
+    loop {
+        if crate::fork::requests_pending() {
+            crate::fork::serve_requests();
+        }
+        if s.is_plain() {
+            // Moved to TCP for another process: the kernel's socket from now on.
+            return None;
+        }
+        crate::signals::begin_call(timed);
+        let r = shield(|| f(s));
+        match &r {
+            // A wait that ended for another process's request, not a signal.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted && crate::fork::serve_requests() => {
+                // (Served, or still held by a thread of ours that is coming out
+                // of its wait: look again.)
+                continue;
+            }
+            _ => return Some(ret(r)),
+        }
+    }
 }
 
 // ---- setting up: listen, connect, accept ------------------------------------------

@@ -38,7 +38,6 @@ pub mod table;
 
 use std::cell::Cell;
 use std::io;
-use std::sync::OnceLock;
 
 thread_local! {
     /// Set while this thread runs vmc code (const-initialised, no destructor: usable
@@ -106,9 +105,21 @@ pub(crate) fn fail(e: &io::Error) {
 }
 
 /// False when `VMC_DISABLE` is set (to anything but empty or 0).
+///
+/// Cached in an atomic, not a `OnceLock`: a fork while another thread fills a
+/// `OnceLock` leaves the child one that never completes (see [`init`]).
 pub(crate) fn enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| !std::env::var("VMC_DISABLE").is_ok_and(|v| !v.is_empty() && v != "0"))
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static ENABLED: AtomicU8 = AtomicU8::new(0);
+    match ENABLED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = !std::env::var("VMC_DISABLE").is_ok_and(|v| !v.is_empty() && v != "0");
+            ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
 }
 
 /// One-time set-up, at the first socket vmc takes over: logging, the fork handler,
@@ -141,6 +152,7 @@ pub(crate) fn init() {
             .is_ok()
         {
             init_logging();
+            fork::init();
             signals::install_check();
             if !HANDLERS.swap(true, Ordering::AcqRel) {
                 // SAFETY: registering plain extern "C" functions without arguments.

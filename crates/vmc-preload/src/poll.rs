@@ -12,7 +12,7 @@
 //! a few microseconds: it looks at the kernel every few dozen passes.
 
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libc::{c_int, fd_set, nfds_t, pollfd, sigset_t, timespec, timeval};
@@ -23,8 +23,20 @@ use crate::{enter, fail, real, shield};
 
 /// How long a waiting call spins before it sleeps.
 pub(crate) fn spin_budget() -> Duration {
-    static SPIN: OnceLock<Duration> = OnceLock::new();
-    *SPIN.get_or_init(|| vmc_channel_spin().unwrap_or(Duration::from_micros(50)))
+    // An atomic, not a `OnceLock`: fork-safe (see `crate::enabled`).
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SPIN_NS: AtomicU64 = AtomicU64::new(u64::MAX);
+    match SPIN_NS.load(Ordering::Relaxed) {
+        u64::MAX => {
+            let d = vmc_channel_spin().unwrap_or(Duration::from_micros(50));
+            SPIN_NS.store(
+                d.as_nanos().min(u64::MAX as u128 - 1) as u64,
+                Ordering::Relaxed,
+            );
+            d
+        }
+        ns => Duration::from_nanos(ns),
+    }
 }
 
 fn vmc_channel_spin() -> Option<Duration> {
@@ -81,12 +93,29 @@ pub(crate) fn wait_loop(
 }
 
 /// The vmc connection behind `fd`, if any (still accelerated or deciding).
+///
+/// A connection another process owns since a fork is taken over first (see
+/// [`crate::fork`]): once its owner moved it to TCP, this process forgets it and
+/// the kernel serves its descriptor.
 pub(crate) fn vmc_stream(fd: c_int) -> Option<Arc<Sock>> {
     let sock = table::get(fd)?;
-    match &*sock {
-        Sock::Stream(s) if !s.is_plain() => Some(sock),
-        _ => None,
+    let Sock::Stream(s) = &*sock else {
+        return None;
+    };
+    // Ownership first: a process that does not own the connection must not touch
+    // its state (even looking at the handshake would take the owner's messages).
+    if !s.owner.check() {
+        if s.owner.settled_elsewhere() || crate::fork::take_over(s) {
+            // Dropping the entry abandons this process's copy (see `table::Sock`).
+            drop(table::take(fd));
+            return None;
+        }
+        return Some(sock);
     }
+    if s.is_plain() {
+        return None;
+    }
+    Some(sock)
 }
 
 pub(crate) fn stream_of(sock: &Sock) -> &crate::table::Stream {
@@ -99,6 +128,9 @@ pub(crate) fn stream_of(sock: &Sock) -> &crate::table::Stream {
 /// What a connection is ready for; one the other process of a fork owns reports
 /// an error (its calls fail with EIO).
 pub(crate) fn ready_of(s: &crate::table::Stream, want: Interest, deep: bool) -> Ready {
+    if crate::fork::requests_pending() {
+        crate::fork::serve_requests();
+    }
     if !s.owner.check() {
         return Ready {
             readable: want.read,

@@ -58,6 +58,7 @@ pub(crate) extern "C" fn in_child() {
 /// The exit handler: live connections are added, then the line is written.
 pub(crate) extern "C" fn at_exit() {
     let Some(_g) = crate::enter() else { return };
+    crate::fork::settle_at_exit();
     let Some(path) = std::env::var_os("VMC_REPORT") else {
         return;
     };

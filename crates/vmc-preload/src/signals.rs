@@ -53,7 +53,11 @@ pub(crate) fn any_handler_ran() -> bool {
 
 /// The check registered with `vmc_os::interrupt`: a blocking socket call ends.
 fn no_restart() -> bool {
-    NO_RESTART.with(|c| c.get()) || (TIMED.with(|c| c.get()) && ANY.with(|c| c.get()))
+    NO_RESTART.with(|c| c.get())
+        || (TIMED.with(|c| c.get()) && ANY.with(|c| c.get()))
+        // Not a signal: another process wants a connection we own (see `fork`);
+        // the hook serves it and retries.
+        || crate::fork::requests_pending()
 }
 
 /// Registers the check; called at the library's first use.

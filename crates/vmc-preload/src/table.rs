@@ -116,6 +116,33 @@ pub(crate) fn take(fd: i32) -> Option<Arc<Sock>> {
     old
 }
 
+/// Calls `f` for every occupied slot, waiting a little for slots another thread
+/// holds (they are held only to clone or swap an entry). A slot still locked after
+/// 20 ms is skipped: in a forked child its holder may be a thread that does not
+/// exist there.
+pub(crate) fn for_each_waiting(mut f: impl FnMut(i32, &Arc<Sock>)) {
+    if !any() {
+        return;
+    }
+    for (i, s) in TABLE.iter().enumerate() {
+        let mut tries = 0;
+        let g = loop {
+            match s.try_lock() {
+                Ok(g) => break Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => break Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if tries < 200 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => break None,
+            }
+        };
+        if let Some(sock) = g.as_ref().and_then(|g| g.as_ref()) {
+            f(i as i32, sock);
+        }
+    }
+}
+
 /// Calls `f` for every occupied slot (at exit, in a forked child). Slots whose lock
 /// is held (only possible in a child forked while another thread held it) are
 /// skipped rather than waited for.

@@ -776,9 +776,7 @@ fn case_runs(case: &'static str) -> &'static CaseRuns {
 ///
 /// Entries whose reason starts with "sometimes:" fail only in some runs; for them a
 /// pass is tolerated too.
-const KNOWN_GAPS: &[(&str, &str, &str)] = &[
-    ("fork", "behaviour", "after fork an accelerated connection belongs to the first process that uses it; the other gets EIO (A: both read, C: the parent writes after the child used it). B (the child only closes its copy) matches"),
-];
+const KNOWN_GAPS: &[(&str, &str, &str)] = &[];
 
 fn run_check(case: &str, kind: &str, check: impl FnOnce() + std::panic::UnwindSafe) {
     match KNOWN_GAPS.iter().find(|(c, k, _)| *c == case && *k == kind) {

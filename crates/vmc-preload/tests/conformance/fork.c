@@ -28,7 +28,12 @@ static long read_records(int fd, uint32_t *out, int *increasing) {
         ssize_t r = read(fd, b, 4);
         if (r < 0 && errno == EINTR) continue;
         if (r == 0) return n;
-        if (r != 4) return -1;
+        if (r != 4) {
+            /* stderr is not part of the trace: what went wrong, for the log */
+            fprintf(stderr, "read_records: read returned %zd (%s) after %ld records\n", r,
+                    r < 0 ? ename(errno) : "short", n);
+            return -1;
+        }
         uint32_t v = (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];
         if (n > 0 && v <= out[n - 1]) *increasing = 0;
         if (n >= RECORDS) return -1;
