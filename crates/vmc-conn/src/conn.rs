@@ -139,6 +139,9 @@ struct Tx {
     for_good: bool,
     /// Bytes a REWIND must still put on TCP before anything else goes there.
     backlog: Vec<u8>,
+    /// `tcp_out` when we last moved off the ring: while it is unchanged, nothing
+    /// followed the ring's bytes on TCP yet, and a late REWIND can still be served.
+    tcp_mark: u64,
     nonblocking: bool,
     timeout: Option<Duration>,
 }
@@ -186,6 +189,8 @@ pub(crate) struct Conn {
     rewind_asked: AtomicBool,
     /// A REWIND arrived (the first is the only one served).
     rewound: AtomicBool,
+    /// We sent our REWIND (settling on TCP, step 1).
+    rx_settled: AtomicBool,
     /// The control socket reached its end (the peer closed it, exec'd or died):
     /// waits stop watching it.
     ctl_eof: AtomicBool,
@@ -207,6 +212,13 @@ fn bump(counter: &AtomicU64, n: usize) {
         counter.load(Ordering::Relaxed) + n as u64,
         Ordering::Relaxed,
     );
+}
+
+fn busy() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "vmc connection: another thread holds the connection",
+    )
 }
 
 /// Locks `m`, trying until `deadline` (another thread may hold it for a blocking
@@ -299,6 +311,7 @@ impl Conn {
                 fin_owed: false,
                 for_good: false,
                 backlog: Vec::new(),
+                tcp_mark: 0,
                 nonblocking: false,
                 timeout: None,
             }),
@@ -314,6 +327,7 @@ impl Conn {
             abandoned: AtomicBool::new(false),
             rewind_asked: AtomicBool::new(false),
             rewound: AtomicBool::new(false),
+            rx_settled: AtomicBool::new(false),
             ctl_eof: AtomicBool::new(false),
         };
         c.publish(flag::PENDING, state == PENDING);
@@ -976,6 +990,24 @@ impl Conn {
                 tx.backlog = back;
                 self.flush_backlog(tx, true)?;
             }
+            // We moved off the ring already, and nothing followed on TCP: the
+            // unread bytes can still go first (both ends settled at once).
+            (Path::Tcp, Some(ring))
+                if ring.position() != from
+                    && tx.tcp_out == tx.tcp_mark
+                    && tx.backlog.is_empty() =>
+            {
+                let back = ring.take_back(from).map_err(|e| {
+                    protocol(&format!("REWIND to an offset the ring cannot give: {e}"))
+                })?;
+                tracing::debug!(
+                    "vmc connection: the peer stopped reading the ring at {from} as we \
+                     left it; {} byte(s) go again, on TCP",
+                    back.len()
+                );
+                tx.backlog = back;
+                self.flush_backlog(tx, true)?;
+            }
             (_, ring) => {
                 let at = ring.map_or(0, |r| r.position());
                 if at != from {
@@ -1047,6 +1079,15 @@ impl Conn {
     /// thread of ours that holds a direction.
     pub(crate) fn settle_on_tcp(&self, patience: Duration) -> io::Result<()> {
         let deadline = Instant::now() + patience;
+        self.settle_receiving(deadline)?;
+        self.settle_sending(deadline)
+    }
+
+    /// [`Conn::settle_on_tcp`], first step: the receiving direction (REWIND).
+    /// Doing it for every connection before the second step lets two ends that
+    /// settle at once (in one process, before exec) each find the other's REWIND
+    /// when they move their sending direction.
+    pub(crate) fn settle_receiving(&self, deadline: Instant) -> io::Result<()> {
         while self.is_pending() && Instant::now() < deadline {
             self.advance();
             std::thread::sleep(Duration::from_millis(1));
@@ -1062,24 +1103,15 @@ impl Conn {
                 ));
             }
         }
-        if !self.is_accelerated() {
+        if !self.is_accelerated() || self.rx_settled.load(Ordering::Acquire) {
             return Ok(());
         }
-        let busy = || {
-            io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "vmc connection: another thread holds the connection",
-            )
-        };
         let mut rx = lock_until(&self.rx, deadline).ok_or_else(busy)?;
-        let mut tx = lock_until(&self.tx, deadline).ok_or_else(busy)?;
-        if !self.is_accelerated() {
-            // Another thread settled it while we waited for the locks.
+        if !self.is_accelerated() || self.rx_settled.load(Ordering::Acquire) {
+            // Another thread settled it while we waited for the lock.
             return Ok(());
         }
         let parts = self.parts().ok_or_else(|| protocol("no channel"))?;
-
-        // Receiving.
         let reader = rx.ring.take().or_else(|| lock(&parts.reader).take());
         let from = reader.as_ref().map_or(0, |r| r.position());
         if rx.path == RxPath::Shm && matches!(self.next_switch(), Ok(Some(_))) {
@@ -1093,11 +1125,27 @@ impl Conn {
         drop(reader);
         rx.path = RxPath::Tcp { until: None };
         self.publish(flag::RX_SHM, false);
+        self.rx_settled.store(true, Ordering::Release);
+        Ok(())
+    }
 
-        // Sending.
+    /// [`Conn::settle_on_tcp`], second step: the sending direction (serving the
+    /// peer's REWIND if it sent one, else a SWITCH), then the connection is plain.
+    pub(crate) fn settle_sending(&self, deadline: Instant) -> io::Result<()> {
+        self.settle_receiving(deadline)?;
+        if !self.is_accelerated() {
+            return Ok(());
+        }
+        let mut tx = lock_until(&self.tx, deadline).ok_or_else(busy)?;
+        if !self.is_accelerated() {
+            return Ok(());
+        }
+        self.read_control()?;
         tx.want = Path::Tcp;
         tx.for_good = true;
-        if tx.path == Path::Shm && !tx.shut {
+        if self.rewind_asked.load(Ordering::Acquire) {
+            self.serve_rewind(&mut tx)?;
+        } else if tx.path == Path::Shm && !tx.shut {
             let own = tx.timeout;
             let left = deadline
                 .saturating_duration_since(Instant::now())
@@ -1106,6 +1154,7 @@ impl Conn {
             let moved = self.move_tx(&mut tx, Path::Tcp, false);
             tx.timeout = own;
             moved?;
+            self.await_peer_verdict(&mut tx, deadline)?;
         }
         if tx.fin_owed {
             tx.fin_owed = false;
@@ -1113,6 +1162,43 @@ impl Conn {
         }
         self.state.store(PLAIN, Ordering::Release);
         self.publish(flag::ACCELERATED, false);
+        Ok(())
+    }
+
+    /// After moving our sending direction off the ring for good: if the ring still
+    /// holds bytes the peer has not read, the peer either reads them (LEFT_RING)
+    /// or is moving to TCP for good itself and asks for them again (REWIND), which
+    /// must be served before our connection stops looking at the control socket.
+    /// Waits for one or the other until `deadline`.
+    fn await_peer_verdict(&self, tx: &mut Tx, deadline: Instant) -> io::Result<()> {
+        let Some(parts) = self.parts() else {
+            return Ok(());
+        };
+        while tx.ring.as_mut().is_some_and(|r| r.queued() > 0) {
+            self.read_control()?;
+            if self.rewind_asked.load(Ordering::Acquire) {
+                return self.serve_rewind(tx);
+            }
+            if self.peer_left[1].load(Ordering::Acquire) >= tx.left[1]
+                || self.ctl_eof.load(Ordering::Acquire)
+            {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            let slice = left.min(Duration::from_millis(10));
+            let ts = Timespec {
+                tv_sec: 0,
+                tv_nsec: slice.as_nanos() as i64,
+            };
+            let mut fds = [PollFd::new(&parts.ctl, PollFlags::IN)];
+            match poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 
@@ -1175,6 +1261,7 @@ impl Conn {
                 }))?;
                 ring.pause();
                 tx.left[1] += 1;
+                tx.tcp_mark = tx.tcp_out;
             }
         }
         tx.path = to;

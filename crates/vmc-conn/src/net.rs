@@ -239,6 +239,15 @@ impl TcpStream {
         self.conn.settle_on_tcp(patience)
     }
 
+    /// The first half of [`TcpStream::settle_on_tcp`]: the receiving direction
+    /// only. Settling several connections at once (before exec), do this for all
+    /// of them first: two ends of one connection in this process then each find
+    /// the other's request when they move their sending direction.
+    pub fn settle_on_tcp_receiving(&self, patience: Duration) -> io::Result<()> {
+        self.conn
+            .settle_receiving(std::time::Instant::now() + patience)
+    }
+
     /// Wakes every thread, in this process or in another that shares the
     /// connection after a fork, that waits on it: each looks again, and ends its
     /// wait with `Interrupted` if `vmc_os::interrupt` says so. How a process that

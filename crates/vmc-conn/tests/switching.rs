@@ -194,6 +194,8 @@ fn settling_on_tcp_mid_stream_hands_every_byte_to_the_kernel_socket() {
         let addr = listener.local_addr().unwrap();
         let server = thread::spawn(move || {
             let (s, _) = listener.accept().unwrap();
+            // The stream starts on shared memory: wait for the channel first.
+            common::settle(&s);
             let r = s.try_clone().unwrap();
             let rd = thread::spawn(move || reader(r, 1, 7));
             let mut s = s;
@@ -252,6 +254,8 @@ fn a_peer_blocked_in_read_still_sends_the_unread_rest_again() {
     let addr = listener.local_addr().unwrap();
     let server = thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        // The request goes over shared memory: wait for the channel first.
+        common::settle(&s);
         let mut req = vec![0u8; 10_000];
         fill_pattern(3, 0, &mut req);
         s.write_all(&req).unwrap();

@@ -578,6 +578,31 @@ pub unsafe extern "C" fn epoll_wait(
     unsafe { real::epoll_wait(epfd, events, max, timeout) }
 }
 
+/// `epoll_pwait2(2)`: `epoll_pwait` with a `timespec` timeout (null: forever).
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait2(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: *const timespec,
+    sigmask: *const sigset_t,
+) -> c_int {
+    if table::any() {
+        // SAFETY: the program's timespec, if any.
+        let t = unsafe { timeout.as_ref() }.map(|t| {
+            Duration::new(
+                t.tv_sec.max(0) as u64,
+                t.tv_nsec.clamp(0, 999_999_999) as u32,
+            )
+        });
+        if let Some(r) = emulated(epfd, events, max, t, sigmask) {
+            return r;
+        }
+    }
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::epoll_pwait2(epfd, events, max, timeout, sigmask) }
+}
+
 /// `epoll_pwait(2)`: the signal mask applies while it sleeps.
 #[no_mangle]
 pub unsafe extern "C" fn epoll_pwait(

@@ -816,6 +816,77 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssi
     unsafe { real::writev(fd, iov, cnt) }
 }
 
+/// `recvmmsg(2)` on a connection: one `recvmsg` per entry, as the kernel does for a
+/// stream socket (`MSG_WAITFORONE`: entries after the first do not wait). The
+/// timeout is ignored, as the kernel only looks at it between entries.
+#[no_mangle]
+pub unsafe extern "C" fn recvmmsg(
+    fd: c_int,
+    msgs: *mut libc::mmsghdr,
+    n: c_uint,
+    flags: c_int,
+    timeout: *mut libc::timespec,
+) -> c_int {
+    if table::any() && stream(fd).is_some() {
+        let mut done: c_uint = 0;
+        let mut f = flags & !libc::MSG_WAITFORONE;
+        while done < n {
+            // SAFETY: the program's array of `n` entries.
+            let m = unsafe { &mut *msgs.add(done as usize) };
+            // SAFETY: the entry's msghdr, the program's.
+            let r = unsafe { recvmsg(fd, &mut m.msg_hdr, f) };
+            if r < 0 {
+                if done == 0 {
+                    return -1;
+                }
+                break;
+            }
+            m.msg_len = r as c_uint;
+            done += 1;
+            if flags & libc::MSG_WAITFORONE != 0 {
+                f |= libc::MSG_DONTWAIT;
+            }
+            if r == 0 {
+                break;
+            }
+        }
+        return done as c_int;
+    }
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::recvmmsg(fd, msgs, n, flags, timeout) }
+}
+
+/// `sendmmsg(2)` on a connection: one `sendmsg` per entry, stopping at the first
+/// that fails (reported only if it was the first).
+#[no_mangle]
+pub unsafe extern "C" fn sendmmsg(
+    fd: c_int,
+    msgs: *mut libc::mmsghdr,
+    n: c_uint,
+    flags: c_int,
+) -> c_int {
+    if table::any() && stream(fd).is_some() {
+        let mut done: c_uint = 0;
+        while done < n {
+            // SAFETY: the program's array of `n` entries.
+            let m = unsafe { &mut *msgs.add(done as usize) };
+            // SAFETY: the entry's msghdr, the program's.
+            let r = unsafe { sendmsg(fd, &m.msg_hdr, flags) };
+            if r < 0 {
+                if done == 0 {
+                    return -1;
+                }
+                break;
+            }
+            m.msg_len = r as c_uint;
+            done += 1;
+        }
+        return done as c_int;
+    }
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::sendmmsg(fd, msgs, n, flags) }
+}
+
 /// `sendmsg(2)`: data only.
 #[no_mangle]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
@@ -1144,6 +1215,7 @@ fn before_exec() {
     }
     let Some(_g) = enter() else { return };
     let mut seen: Vec<*const Sock> = Vec::new();
+    let mut settling: Vec<(c_int, Arc<Sock>)> = Vec::new();
     table::for_each(|fd, slot| {
         let Some(sock) = slot.as_ref() else { return };
         let Sock::Stream(s) = &**sock else { return };
@@ -1156,19 +1228,44 @@ fn before_exec() {
         }
         seen.push(p);
         // The new image will use the connection: a use, which claims it if a fork
-        // left it unclaimed (fork, exec in the child, the parent closes its copy).
+        // left it unclaimed (fork, exec in the child, the parent closes its copy),
+        // or asks the process that owns it to move it to TCP (`crate::fork`).
         if !s.owner.check() {
+            if !s.owner.settled_elsewhere() && !crate::fork::take_over(s) {
+                tracing::warn!(
+                    fd,
+                    "exec: a connection another process owns stays on its rings"
+                );
+            }
             return;
         }
-        // Never hang an exec on a peer that does not answer.
-        if let Err(e) = s.settle_on_tcp(Duration::from_millis(500)) {
-            tracing::warn!(
-                fd,
-                "exec: could not move an accelerated connection to TCP ({e}); \
-                 bytes may be lost to the new program image"
-            );
-        }
+        settling.push((fd, sock.clone()));
     });
+    // The receiving directions first, then the sending ones (see
+    // `TcpStream::settle_on_tcp_receiving`). Never hang an exec on a peer that does
+    // not answer.
+    let patience = Duration::from_millis(500);
+    for (fd, sock) in &settling {
+        if let Sock::Stream(s) = &**sock {
+            if let Err(e) = s.settle_on_tcp_receiving(patience) {
+                tracing::warn!(
+                    fd,
+                    "exec: could not move a connection's receiving side to TCP ({e})"
+                );
+            }
+        }
+    }
+    for (fd, sock) in &settling {
+        if let Sock::Stream(s) = &**sock {
+            if let Err(e) = s.settle_on_tcp(patience) {
+                tracing::warn!(
+                    fd,
+                    "exec: could not move an accelerated connection to TCP ({e}); \
+                     bytes may be lost to the new program image"
+                );
+            }
+        }
+    }
 }
 
 /// `execve(2)`.
@@ -1215,4 +1312,37 @@ pub unsafe extern "C" fn execvpe(
     before_exec();
     // SAFETY: forwarding the program's arguments.
     unsafe { real::execvpe(file, argv, envp) }
+}
+
+/// `posix_spawn(3)`: the new program inherits every descriptor not marked
+/// close-on-exec, as after fork and exec, but the C library's exec happens where
+/// no hook sees it. So inherited accelerated connections move to TCP for good
+/// first, as before an exec (here and in the child they share the kernel socket).
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut libc::pid_t,
+    path: *const libc::c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    before_exec();
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::posix_spawn(pid, path, actions, attr, argv, envp) }
+}
+
+/// `posix_spawnp(3)`: as [`posix_spawn`].
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut libc::pid_t,
+    file: *const libc::c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    before_exec();
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::posix_spawnp(pid, file, actions, attr, argv, envp) }
 }

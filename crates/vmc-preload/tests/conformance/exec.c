@@ -4,11 +4,14 @@
  * image reads the rest; the total checksum must match what the peer sent.
  *  A. the new image keeps the environment (so LD_PRELOAD, when it is set);
  *  B. the new image runs without LD_PRELOAD: whatever the library did to the
- *     connection, the fd must still be a working TCP socket.
+ *     connection, the fd must still be a working TCP socket;
+ *  C. posix_spawn instead of fork and exec: the server reads the first half
+ *     itself, spawns the reader of the rest and closes its copy.
  * A forked child does the exec, so that in "both" mode the client thread
  * lives on in the parent.
  */
 #include "common.c"
+#include <spawn.h>
 
 #define TOTAL (256 * 1024)
 #define HALF (TOTAL / 2)
@@ -17,7 +20,8 @@ extern char **environ;
 
 /* The image after exec: argv = self after-exec FD HASH LABEL. */
 static int after_exec(char **argv) {
-    set_tag("S");
+    /* its own tag: in C it runs beside the server process that spawned it */
+    set_tag("E");
     int fd = atoi(argv[2]);
     uint64_t h = strtoull(argv[3], NULL, 16);
     const char *label = argv[4];
@@ -77,10 +81,32 @@ static void one(int l, const char *label, int keep_env) {
     T("%s: child exited=%s status=%d", label, yesno(WIFEXITED(st)), WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st));
 }
 
+static void spawned(int l, const char *label) {
+    int c = take(l);
+    ctl_send("go");
+    static unsigned char half[HALF];
+    read_exact(c, half, HALF);
+    uint64_t h = fnv(FNV_INIT, half, HALF);
+    T("%s: parent read the first half", label);
+    char fdtxt[16], htxt[32];
+    snprintf(fdtxt, sizeof fdtxt, "%d", c);
+    snprintf(htxt, sizeof htxt, "%016llx", (unsigned long long)h);
+    char *args[] = {"exec", "after-exec", fdtxt, htxt, (char *)label, NULL};
+    pid_t pid;
+    int r = posix_spawn(&pid, "/proc/self/exe", NULL, NULL, args, environ);
+    T("%s: posix_spawn = %s", label, r == 0 ? "0" : ename(r));
+    R(close(c), "%s: parent close(its copy)", label);
+    int st;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+    }
+    T("%s: spawned exited=%s status=%d", label, yesno(WIFEXITED(st)), WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st));
+}
+
 static void server(void) {
     int l = listener();
     one(l, "A", 1);
     one(l, "B", 0);
+    spawned(l, "C");
     R(close(l), "close listener");
 }
 
@@ -103,6 +129,7 @@ static void client_one(const char *label) {
 static void client(void) {
     client_one("A");
     client_one("B");
+    client_one("C");
 }
 
 int main(int argc, char **argv) {
