@@ -1216,6 +1216,7 @@ fn before_exec() {
     let Some(_g) = enter() else { return };
     let mut seen: Vec<*const Sock> = Vec::new();
     let mut settling: Vec<(c_int, Arc<Sock>)> = Vec::new();
+    let mut others: Vec<(c_int, Arc<Sock>)> = Vec::new();
     table::for_each(|fd, slot| {
         let Some(sock) = slot.as_ref() else { return };
         let Sock::Stream(s) = &**sock else { return };
@@ -1231,11 +1232,8 @@ fn before_exec() {
         // left it unclaimed (fork, exec in the child, the parent closes its copy),
         // or asks the process that owns it to move it to TCP (`crate::fork`).
         if !s.owner.check() {
-            if !s.owner.settled_elsewhere() && !crate::fork::take_over(s) {
-                tracing::warn!(
-                    fd,
-                    "exec: a connection another process owns stays on its rings"
-                );
+            if !s.owner.settled_elsewhere() {
+                others.push((fd, sock.clone()));
             }
             return;
         }
@@ -1251,6 +1249,18 @@ fn before_exec() {
                 tracing::warn!(
                     fd,
                     "exec: could not move a connection's receiving side to TCP ({e})"
+                );
+            }
+        }
+    }
+    // Connections another process owns since a fork: that process moves them (our
+    // REWINDs above are there for it to find, should it own the other end).
+    for (fd, sock) in &others {
+        if let Sock::Stream(s) = &**sock {
+            if !crate::fork::take_over(s) {
+                tracing::warn!(
+                    fd,
+                    "exec: a connection another process owns stays on its rings"
                 );
             }
         }
