@@ -2,7 +2,9 @@
 //! accelerator that moves TCP connections' bytes onto shared-memory rings.
 //!
 //! Subcommands: `bench` (latency, throughput and connection rate of shm, vmc's
-//! accelerated TCP, TCP and Unix sockets), `demo` (a short guided comparison) and the hidden
+//! accelerated TCP, TCP and Unix sockets), `demo` (a short guided comparison),
+//! `run` (an unmodified program under the preload library), `stat` and `migrate`
+//! (live connections), and the hidden
 //! `__bench-server` that `bench` spawns for the other end of each run.
 //! Logging goes to stderr, filtered by `VMC_LOG` (e.g. `VMC_LOG=debug`).
 
@@ -73,6 +75,14 @@ to a file instead), VMC_REPORT=FILE appends a JSON summary per process at exit."
     Run(RunArgs),
     /// List this user's vmc listeners and live connections (path, bytes, fallback reason).
     Stat(StatArgs),
+    /// Move a live connection between shared memory and TCP, at an exact byte boundary.
+    #[command(after_help = "\
+ID is the connection's id in `vmc stat` (pid.slot). Both ends move (their sending
+directions), each at its next write; nothing is lost, duplicated or reordered.
+Examples:
+  vmc migrate 12345.0 --to tcp     both directions of the connection onto TCP
+  vmc migrate 12345.0 --to shm     and back onto shared memory")]
+    Migrate(MigrateArgs),
     /// Serve one bench connection (spawned by `vmc bench`; not for direct use).
     #[command(name = "__bench-server", hide = true)]
     BenchServer(ServerArgs),
@@ -90,6 +100,27 @@ struct StatArgs {
     /// One JSON object per listener and connection, on stdout
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PathArg {
+    Tcp,
+    Shm,
+}
+
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// The connection, as `vmc stat` lists it (pid.slot)
+    id: String,
+    /// The path to send on
+    #[arg(long, value_enum)]
+    to: PathArg,
+    /// Move only this end's sending direction, not the other end's too
+    #[arg(long)]
+    one_end: bool,
+    /// Seconds to wait for the ends to report the move
+    #[arg(long, default_value_t = 2.0, value_parser = parse_secs)]
+    wait: f64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -256,6 +287,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(args) => demo::run(args.quick),
         Command::Stat(args) => stat::run(args.json),
+        Command::Migrate(args) => stat::migrate(
+            &args.id,
+            match args.to {
+                PathArg::Tcp => vmc_conn::Path::Tcp,
+                PathArg::Shm => vmc_conn::Path::Shm,
+            },
+            args.one_end,
+            Duration::from_secs_f64(args.wait),
+        ),
         Command::Run(mut args) => {
             let program = args.command.remove(0);
             run::run(program, args.command)

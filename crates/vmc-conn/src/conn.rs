@@ -895,6 +895,12 @@ impl Conn {
                 "vmc connection: write after shutdown",
             ));
         }
+        if let Some(to) = self.home.take_request() {
+            // `vmc migrate`: as `set_tx_path`, at this write.
+            if !(tx.for_good && to == Path::Shm) {
+                tx.want = to;
+            }
+        }
         if self.rewind_asked.load(Ordering::Acquire) {
             self.serve_rewind(tx)?;
         }

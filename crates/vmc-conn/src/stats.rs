@@ -42,7 +42,14 @@ pub struct Slot {
     peer: [AtomicU64; 3],
     /// Byte counters, in the order of [`crate::Traffic`]'s fields.
     pub(crate) counters: Counters,
+    /// A path another process (`vmc migrate`) asks this connection to send on:
+    /// 0 none, [`REQUEST_TCP`], [`REQUEST_SHM`]. The connection takes it at its
+    /// next write (one load of a line its counters share).
+    request: AtomicU32,
 }
+
+const REQUEST_TCP: u32 = 1;
+const REQUEST_SHM: u32 = 2;
 
 /// Bytes moved, per path and direction; lives in a [`Slot`] when one was free.
 #[repr(C)]
@@ -239,6 +246,7 @@ impl Home {
                     c.store(0, Ordering::Relaxed);
                 }
                 s.flags.store(0, Ordering::Relaxed);
+                s.request.store(0, Ordering::Relaxed);
                 let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
                 for (dst, a) in [(&s.local, local), (&s.peer, peer)] {
                     for (w, v) in dst.iter().zip(encode_addr(a.unwrap_or(unspecified))) {
@@ -255,6 +263,21 @@ impl Home {
         match self {
             Home::Slot(s) => &s.counters,
             Home::Own(c) => c,
+        }
+    }
+
+    /// A path `vmc migrate` asked for since the last call, if any (taken: it is
+    /// asked once).
+    #[inline]
+    pub(crate) fn take_request(&self) -> Option<crate::Path> {
+        let Home::Slot(s) = self else { return None };
+        if s.request.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        match s.request.swap(0, Ordering::AcqRel) {
+            REQUEST_TCP => Some(crate::Path::Tcp),
+            REQUEST_SHM => Some(crate::Path::Shm),
+            _ => None,
         }
     }
 
@@ -286,6 +309,8 @@ pub(crate) mod flag {
 /// One live connection as `vmc stat` shows it.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct ConnStat {
+    /// `<pid>.<slot>`: names the connection for `vmc migrate` while it lives.
+    pub id: String,
     /// Process that owns the connection.
     pub pid: u32,
     /// Local address.
@@ -308,6 +333,42 @@ pub struct ConnStat {
     pub shm_in: u64,
     /// Bytes sent over shared memory.
     pub shm_out: u64,
+    /// The table file and slot (for [`request_path`]).
+    #[serde(skip)]
+    table: PathBuf,
+    #[serde(skip)]
+    slot: usize,
+}
+
+/// Asks the connection `c` (from [`connections`]) to send on `to` from its next
+/// write on (`vmc migrate`). The connection's process does the move, at an exact
+/// byte boundary, as [`crate::TcpStream::set_send_path`] does; a connection moved
+/// to TCP for good ignores a request for shm.
+pub fn request_path(c: &ConnStat, to: crate::Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&c.table)?;
+    let meta = file.metadata()?;
+    if meta.uid() != vmc_os::euid() || meta.len() < table_len() as u64 {
+        return Err(io::Error::other("not a table of ours"));
+    }
+    let map = Mapping::new(file.as_fd(), table_len())?;
+    // SAFETY: as in `read_table`.
+    let slots =
+        unsafe { std::slice::from_raw_parts(map.as_ptr().as_ptr().add(128).cast::<Slot>(), SLOTS) };
+    let s = slots
+        .get(c.slot)
+        .filter(|s| s.used.load(Ordering::Acquire) == 1)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the connection is gone"))?;
+    let code = match to {
+        crate::Path::Tcp => REQUEST_TCP,
+        crate::Path::Shm => REQUEST_SHM,
+    };
+    s.request.store(code, Ordering::Release);
+    Ok(())
 }
 
 /// Every live connection of this user, from every process's table; tables of dead
@@ -372,7 +433,7 @@ fn read_table(path: &Path, pid: u32, out: Option<&mut Vec<ConnStat>>) -> io::Res
     // and slots are atomics; it lives until the end of this function.
     let slots =
         unsafe { std::slice::from_raw_parts(map.as_ptr().as_ptr().add(128).cast::<Slot>(), SLOTS) };
-    for s in slots {
+    for (slot, s) in slots.iter().enumerate() {
         if s.used.load(Ordering::Acquire) != 1 {
             continue;
         }
@@ -381,6 +442,7 @@ fn read_table(path: &Path, pid: u32, out: Option<&mut Vec<ConnStat>>) -> io::Res
         let on = |bit: u32| if flags & bit != 0 { "shm" } else { "tcp" };
         let code = (flags >> flag::FALLBACK_SHIFT) & 0xff;
         out.push(ConnStat {
+            id: format!("{pid}.{slot}"),
             pid,
             local: decode_addr(word(&s.local)),
             peer: decode_addr(word(&s.peer)),
@@ -398,6 +460,8 @@ fn read_table(path: &Path, pid: u32, out: Option<&mut Vec<ConnStat>>) -> io::Res
             tcp_out: s.counters.tcp_out.load(Ordering::Relaxed),
             shm_in: s.counters.shm_in.load(Ordering::Relaxed),
             shm_out: s.counters.shm_out.load(Ordering::Relaxed),
+            table: path.to_path_buf(),
+            slot,
         });
     }
     Ok(())
