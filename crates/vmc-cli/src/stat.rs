@@ -102,20 +102,6 @@ fn render(listeners: &[ListenerRow], conns: &[ConnStat]) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn empty_tables_render() {
-        let out = render(&[], &[]);
-        assert!(
-            out.contains("listeners (0)") && out.contains("connections (0)"),
-            "{out}"
-        );
-    }
-}
-
 /// Runs `vmc migrate ID --to PATH`: asks the connection `id` (as `vmc stat` lists
 /// it) and, unless `one_end`, the other end of it (the connection of this user
 /// whose addresses mirror it) to send on `to`. Each end moves its sending
@@ -191,5 +177,19 @@ pub fn migrate(
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_tables_render() {
+        let out = render(&[], &[]);
+        assert!(
+            out.contains("listeners (0)") && out.contains("connections (0)"),
+            "{out}"
+        );
     }
 }
