@@ -8,6 +8,12 @@
 //! - **Yield early.** After [`PURE_SPIN`], every further round calls `sched_yield`, so
 //!   when more threads are runnable than there are cores, the peer we are waiting for
 //!   gets this core instead of being starved by our spinning.
+//! - **Yield at once when that is what works.** When the peer shares our core (more
+//!   busy threads than cores, and the scheduler put both ends of this channel on
+//!   one), it can only answer once we yield, and spinning first costs
+//!   [`PURE_SPIN`] per turn. The spinner scores how its waits end: ready right
+//!   after a yield counts for yielding at once, ready while purely spinning counts
+//!   against; while the score says so, it yields from the first look at the clock.
 //! - **Adapt.** The budget doubles (up to the configured maximum) when a wait ended
 //!   soon after we gave up spinning (more spinning would have saved a sleep), and
 //!   halves (down to [`MIN_BUDGET`]) when a wait outlasted the maximum (the spin was
@@ -25,17 +31,32 @@ pub const MIN_BUDGET: Duration = Duration::from_micros(2);
 /// Rounds between two reads of the clock.
 const CLOCK_EVERY: u32 = 16;
 
+/// How far the yield score goes either way (a few waits change the mode).
+const SCORE_MAX: i8 = 4;
+
 /// Per-waiter spin state.
 #[derive(Clone, Debug)]
 pub struct Spinner {
     max: Duration,
     budget: Duration,
+    /// Positive: recent waits ended right after a yield (the peer shares our
+    /// core), so yield at once; zero or negative: spin first.
+    score: i8,
 }
 
 impl Spinner {
     /// A spinner that never spins longer than `max` (zero: never spins).
     pub fn new(max: Duration) -> Spinner {
-        Spinner { max, budget: max }
+        Spinner {
+            max,
+            budget: max,
+            score: 0,
+        }
+    }
+
+    /// True while this spinner yields from its first look at the clock.
+    pub fn yields_first(&self) -> bool {
+        self.score > 0
     }
 
     /// The current budget.
@@ -57,20 +78,36 @@ impl Spinner {
         // much as the rest of the wait (tens of ns on a VM).
         let mut start: Option<Instant> = None;
         let mut round = 0u32;
+        let pure = if self.yields_first() {
+            Duration::ZERO
+        } else {
+            PURE_SPIN
+        };
+        let mut yielded = false;
         loop {
             round = round.wrapping_add(1);
+            let mut just_yielded = false;
             if round % CLOCK_EVERY == 0 {
                 let spent = start.get_or_insert_with(Instant::now).elapsed();
                 // A signal that ends the wait: stop spinning, the caller reports it.
                 if spent >= self.budget || vmc_os::interrupt::pending() {
                     return Ok(false);
                 }
-                if spent >= PURE_SPIN {
+                if spent >= pure {
                     std::thread::yield_now();
+                    yielded = true;
+                    just_yielded = true;
                 }
             }
             std::hint::spin_loop();
             if ready()? {
+                self.score = if just_yielded {
+                    (self.score + 1).min(SCORE_MAX)
+                } else if !yielded {
+                    (self.score - 1).max(-SCORE_MAX)
+                } else {
+                    self.score
+                };
                 return Ok(true);
             }
         }
