@@ -238,7 +238,7 @@ impl EpollSet {
 
     /// What a wait on this set sleeps on: the connections to arm, with their
     /// interests, and the epoll descriptors of nested sets (their kernel parts).
-    fn live(&self, depth: u32) -> (Vec<(Arc<Sock>, Interest)>, Vec<c_int>) {
+    pub(crate) fn live(&self, depth: u32) -> (Vec<(Arc<Sock>, Interest)>, Vec<c_int>) {
         let mut streams = Vec::new();
         let mut fds = Vec::new();
         if depth > MAX_DEPTH {

@@ -213,14 +213,27 @@ fn interest(events: i16) -> Interest {
     }
 }
 
-/// The emulated poll over `fds`, some of which (`vmc`, by index) are connections.
+/// The emulated poll over `fds`, some of which (`items`, by index) are connections
+/// or epoll sets holding some (those stay visible to the kernel too, for their
+/// ordinary descriptors).
 fn poll_mixed(
     fds: &mut [pollfd],
-    vmc: &[(usize, Arc<Sock>)],
+    items: &[(usize, Arc<Sock>)],
     timeout: Option<Duration>,
     sigmask: *const sigset_t,
 ) -> io::Result<usize> {
     let nfds = fds.len() as nfds_t;
+    let vmc: Vec<(usize, Arc<Sock>)> = items
+        .iter()
+        .filter(|(_, s)| matches!(&**s, Sock::Stream(_)))
+        .cloned()
+        .collect();
+    let sets: Vec<(usize, Arc<Sock>)> = items
+        .iter()
+        .filter(|(_, s)| matches!(&**s, Sock::Epoll(_)))
+        .cloned()
+        .collect();
+    let vmc = &vmc[..];
     let has_kernel = fds.len() > vmc.len();
     let fds_ptr = fds.as_mut_ptr();
     let pass = |kernel: bool, deep: bool| -> io::Result<usize> {
@@ -253,12 +266,28 @@ fn poll_mixed(
                 n += 1;
             }
         }
+        for (i, sock) in &sets {
+            let p = &mut fds[*i];
+            let Sock::Epoll(set) = &**sock else { continue };
+            if !kernel {
+                p.revents = 0;
+            }
+            if set.peek(p.fd, 1).is_some() && p.events & (libc::POLLIN | libc::POLLRDNORM) != 0 {
+                if p.revents == 0 {
+                    n += 1;
+                }
+                p.revents |= p.events & (libc::POLLIN | libc::POLLRDNORM);
+            }
+        }
         if !kernel && has_kernel {
             // Kernel descriptors were not looked at: report only ours this time.
-            n = vmc.iter().filter(|(i, _)| fds[*i].revents != 0).count();
+            let ours = |idx: usize| items.iter().any(|(i, _)| *i == idx);
+            n = (0..fds.len())
+                .filter(|&i| ours(i) && fds[i].revents != 0)
+                .count();
             if n > 0 {
                 for (idx, p) in fds.iter_mut().enumerate() {
-                    if !vmc.iter().any(|(i, _)| *i == idx) {
+                    if !ours(idx) {
                         p.revents = 0;
                     }
                 }
@@ -267,12 +296,26 @@ fn poll_mixed(
         Ok(n)
     };
     let block = |remaining: Option<Duration>| -> io::Result<()> {
-        let items = vmc.iter().map(|(i, s)| {
-            // SAFETY: as in `pass`; read-only access to the events field.
-            let ev = unsafe { (*fds_ptr.add(*i)).events };
-            (stream_of(s), interest(ev))
-        });
-        if arm_all(items) {
+        // The connections of epoll sets among the descriptors, and their nested
+        // sets' descriptors (the sets' own descriptors are in the kernel's part).
+        let mut inner: Vec<(Arc<Sock>, Interest)> = Vec::new();
+        let mut inner_fds: Vec<c_int> = Vec::new();
+        for (_, sock) in &sets {
+            if let Sock::Epoll(set) = &**sock {
+                let (l, f) = set.live(1);
+                inner.extend(l);
+                inner_fds.extend(f);
+            }
+        }
+        let armed = vmc
+            .iter()
+            .map(|(i, s)| {
+                // SAFETY: as in `pass`; read-only access to the events field.
+                let ev = unsafe { (*fds_ptr.add(*i)).events };
+                (stream_of(s), interest(ev))
+            })
+            .chain(inner.iter().map(|(s, i)| (stream_of(s), *i)));
+        if arm_all(armed.clone()) {
             return Ok(());
         }
         // SAFETY: as in `pass`.
@@ -282,8 +325,7 @@ fn poll_mixed(
             set[*i].fd = -1;
         }
         let mut shared = false;
-        for (_, s) in vmc {
-            let s = stream_of(s);
+        for (s, _) in armed.clone() {
             shared |= s.shared_wait();
             if let Some(w) = s.wait_fd() {
                 use std::os::fd::AsRawFd;
@@ -293,6 +335,13 @@ fn poll_mixed(
                     revents: 0,
                 });
             }
+        }
+        for fd in inner_fds.iter().copied() {
+            set.push(pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
         }
         let ts = timespec_of(remaining, shared);
         // SAFETY: our own array; the timespec and mask live across the call.
@@ -306,8 +355,8 @@ fn poll_mixed(
             )
         };
         let err = io::Error::last_os_error();
-        for (_, s) in vmc {
-            stream_of(s).disarm();
+        for (s, _) in armed {
+            s.disarm();
         }
         if r < 0 {
             return Err(err);
@@ -317,12 +366,18 @@ fn poll_mixed(
     wait_loop(pass, block, timeout)
 }
 
-/// The vmc connections among `fds`, by index.
+/// The vmc connections among `fds`, and the epoll sets holding some, by index.
 fn vmc_among(fds: &[pollfd]) -> Vec<(usize, Arc<Sock>)> {
     fds.iter()
         .enumerate()
-        .filter_map(|(i, p)| vmc_stream(p.fd).map(|s| (i, s)))
+        .filter_map(|(i, p)| vmc_stream(p.fd).or_else(|| vmc_epoll(p.fd)).map(|s| (i, s)))
         .collect()
+}
+
+/// The epoll set of descriptor `fd`, if it holds vmc connections.
+fn vmc_epoll(fd: c_int) -> Option<Arc<Sock>> {
+    let s = table::get(fd)?;
+    matches!(&*s, Sock::Epoll(_)).then_some(s)
 }
 
 fn duration_ms(ms: c_int) -> Option<Duration> {
@@ -457,7 +512,7 @@ unsafe fn select_mixed(
             events |= libc::POLLPRI;
         }
         if events != 0 {
-            any_vmc |= vmc_stream(fd).is_some();
+            any_vmc |= vmc_stream(fd).is_some() || vmc_epoll(fd).is_some();
             fds.push(pollfd {
                 fd,
                 events,

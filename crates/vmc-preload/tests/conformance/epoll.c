@@ -2,7 +2,8 @@
  * Case 4, epoll: level-triggered EPOLLIN repeats until drained; EPOLLET
  * reports once per arrival; EPOLLIN|EPOLLOUT|EPOLLET (the nginx registration)
  * reports IN|OUT on an arrival; EPOLLONESHOT and re-arming with MOD; DEL and
- * the errors of ctl; one socket in two sets; nested epoll; a pipe in the same
+ * the errors of ctl; one socket in two sets; nested epoll (and poll on an
+ * epoll descriptor); a pipe in the same
  * set; blocking waits woken by the peer or the pipe; epoll_pwait/epoll_pwait2
  * timeouts; EPOLLOUT|EPOLLET with a full send side (exactly one new edge once
  * the peer drained it); EPOLLRDHUP; EPOLLHUP; close removes registrations.
@@ -171,8 +172,14 @@ static void server(void) {
     add(oet, lt, EPOLLIN | EPOLLET, INNER, "inner LT epoll fd, IN|ET");
     wait_(outer, 0, "nested idle");
     wait_(oet, 0, "nested ET idle");
+    struct pollfd pe = {lt, POLLIN, 0};
+    long pr = poll(&pe, 1, 0);
+    Re(pr, errno, "poll(inner epoll fd, 0) idle revents=%s", pollbits(pe.revents));
     ask(1);
     wait_(outer, -1, "nested data");
+    pe.revents = 0;
+    pr = poll(&pe, 1, -1);
+    Re(pr, errno, "poll(inner epoll fd, -1) revents=%s", pollbits(pe.revents));
     wait_(oet, 0, "nested ET data");
     wait_(oet, 0, "nested ET data, again");
     ask(1);
