@@ -464,11 +464,15 @@ impl Conn {
             Setup::Offered(offer) => match (*offer).try_finish() {
                 Ok(Ok(channel)) => {
                     if let Err(e) = self.install(channel) {
+                        self.retract_offer();
                         self.give_up(Fallback::Handshake(e.to_string()));
                     }
                 }
                 Ok(Err(offer)) => *setup = Setup::Offered(Box::new(offer)),
-                Err(e) => self.give_up(Fallback::from_refusal(&e)),
+                Err(e) => {
+                    self.retract_offer();
+                    self.give_up(Fallback::from_refusal(&e));
+                }
             },
             Setup::Awaiting {
                 rendezvous,
@@ -495,6 +499,22 @@ impl Conn {
                 }
             },
             Setup::Done => {}
+        }
+    }
+
+    /// Client side, the handshake failed here: the listener may have attached the
+    /// channel already (it failed on our side, say with no descriptor left for
+    /// the ACK's) and be about to send on its ring, which we will never read. A
+    /// REWIND from offset 0 on the handshake socket (the listener's control
+    /// socket if it attached; ignored otherwise) moves its sending direction to
+    /// TCP for good, with everything it put on the ring.
+    fn retract_offer(&self) {
+        if let Some(fd) = &self.setup_fd {
+            let _ = send(
+                fd,
+                &wire::rewind(0),
+                SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+            );
         }
     }
 

@@ -118,7 +118,10 @@ pub fn recv_with_fds(
         // `fds` is dropped here, closing what did arrive.
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("recvmsg: control data truncated (peer sent more than {max_fds} descriptors)"),
+            format!(
+                "recvmsg: control data truncated (this process is out of descriptors, \
+                 or the peer sent more than {max_fds})"
+            ),
         ));
     }
     Ok((msg.bytes, fds))

@@ -31,9 +31,25 @@ fn raise_fd_limit() {
     }
 }
 
+/// Descriptors one idle pair holds in this process (both ends: TCP sockets, the
+/// handshake socket, eventfds, wait sets; measured: about 21).
+const FDS_PER_PAIR: u64 = 22;
+
 /// Opens `n` idle vmc connection pairs.
 pub fn open(n: usize) -> Result<IdleSet> {
     raise_fd_limit();
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let need = n as u64 * FDS_PER_PAIR + 256;
+    if need > limit {
+        bail!(
+            "--idle {n} needs about {need} open files ({FDS_PER_PAIR} per idle pair, both \
+             ends live in this process), but the limit is {limit}: raise it (ulimit -n) \
+             or ask for at most {} idle connections",
+            limit.saturating_sub(256) / FDS_PER_PAIR
+        );
+    }
     let listener =
         TcpListener::bind("127.0.0.1:0").context("binding the idle-connection listener")?;
     let addr = listener.local_addr()?;
