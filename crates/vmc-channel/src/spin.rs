@@ -34,6 +34,19 @@ const CLOCK_EVERY: u32 = 16;
 /// How far the yield score goes either way (a few waits change the mode).
 const SCORE_MAX: i8 = 4;
 
+/// The yield score after a wait that ended ready: up if it ended right after a
+/// yield (the peer ran because we gave it the core), down if it ended before any
+/// yield (the peer runs elsewhere), unchanged otherwise.
+fn rescore(score: i8, yielded: bool, just_yielded: bool) -> i8 {
+    if just_yielded {
+        (score + 1).min(SCORE_MAX)
+    } else if !yielded {
+        (score - 1).max(-SCORE_MAX)
+    } else {
+        score
+    }
+}
+
 /// Per-waiter spin state.
 #[derive(Clone, Debug)]
 pub struct Spinner {
@@ -101,13 +114,7 @@ impl Spinner {
             }
             std::hint::spin_loop();
             if ready()? {
-                self.score = if just_yielded {
-                    (self.score + 1).min(SCORE_MAX)
-                } else if !yielded {
-                    (self.score - 1).max(-SCORE_MAX)
-                } else {
-                    self.score
-                };
+                self.score = rescore(self.score, yielded, just_yielded);
                 return Ok(true);
             }
         }
@@ -130,6 +137,29 @@ impl Spinner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn yield_score_follows_how_waits_end_and_is_bounded() {
+        let mut s = 0;
+        for _ in 0..10 {
+            s = rescore(s, true, true);
+        }
+        assert_eq!(s, SCORE_MAX, "ready right after yields: yield first");
+        s = rescore(s, true, false);
+        assert_eq!(s, SCORE_MAX, "ready later on: no evidence either way");
+        for _ in 0..(SCORE_MAX as usize + 1) {
+            s = rescore(s, false, false);
+        }
+        assert!(s <= 0, "ready while purely spinning: spin first again");
+        for _ in 0..10 {
+            s = rescore(s, false, false);
+        }
+        assert_eq!(s, -SCORE_MAX);
+        let mut sp = Spinner::new(Duration::from_micros(50));
+        assert!(!sp.yields_first());
+        sp.score = rescore(sp.score, true, true);
+        assert!(sp.yields_first());
+    }
 
     #[test]
     fn spin_stops_when_ready() {
