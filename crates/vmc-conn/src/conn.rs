@@ -187,6 +187,10 @@ pub(crate) struct Conn {
     abandoned: AtomicBool,
     /// `ctl_in.rewind` is set: the sending side has a REWIND to serve.
     rewind_asked: AtomicBool,
+    /// `tx.shut`, and the receiving direction saw the peer's end of stream on the
+    /// ring, as flags readiness can read without the other direction's lock.
+    tx_shut: AtomicBool,
+    rx_ended: AtomicBool,
     /// A REWIND arrived (the first is the only one served).
     rewound: AtomicBool,
     /// We sent our REWIND (settling on TCP, step 1).
@@ -327,6 +331,8 @@ impl Conn {
             abandoned: AtomicBool::new(false),
             rewind_asked: AtomicBool::new(false),
             rewound: AtomicBool::new(false),
+            tx_shut: AtomicBool::new(false),
+            rx_ended: AtomicBool::new(false),
             rx_settled: AtomicBool::new(false),
             ctl_eof: AtomicBool::new(false),
         };
@@ -596,6 +602,7 @@ impl Conn {
                     // The ring ended: the peer moved to TCP (a SWITCH is queued), or
                     // this is the end of the stream.
                     if !self.leave_ring(rx)? {
+                        self.rx_ended.store(true, Ordering::Release);
                         return Ok(0);
                     }
                 }
@@ -1000,50 +1007,40 @@ impl Conn {
         self.rewind_asked.store(false, Ordering::Release);
         tx.want = Path::Tcp;
         tx.for_good = true;
-        match (tx.path, tx.ring.as_mut()) {
-            (Path::Shm, Some(ring)) => {
-                let back = ring.take_back(from).map_err(|e| {
-                    protocol(&format!("REWIND to an offset the ring cannot give: {e}"))
-                })?;
-                ring.pause();
-                tx.path = Path::Tcp;
-                self.publish(flag::TX_SHM, false);
-                tracing::debug!(
-                    "vmc connection: the peer stopped reading the ring at {from}; \
-                     {} byte(s) go again, on TCP, and everything after them",
-                    back.len()
+        // On the ring: take the unread bytes back. Already off it (both ends settled
+        // at once): still possible while nothing followed on TCP.
+        let resend = match (tx.path, tx.ring.as_ref()) {
+            (Path::Shm, Some(_)) => true,
+            (Path::Tcp, Some(ring)) => {
+                ring.position() != from && tx.tcp_out == tx.tcp_mark && tx.backlog.is_empty()
+            }
+            _ => false,
+        };
+        let at = tx.ring.as_ref().map_or(0, |r| r.position());
+        let Some(ring) = tx.ring.as_mut().filter(|_| resend) else {
+            if at != from {
+                tracing::warn!(
+                    "vmc connection: the peer asked for the ring's bytes from {from} again, \
+                     but we left the ring at {at}: they cannot be sent again"
                 );
-                tx.backlog = back;
-                self.flush_backlog(tx, true)?;
             }
-            // We moved off the ring already, and nothing followed on TCP: the
-            // unread bytes can still go first (both ends settled at once).
-            (Path::Tcp, Some(ring))
-                if ring.position() != from
-                    && tx.tcp_out == tx.tcp_mark
-                    && tx.backlog.is_empty() =>
-            {
-                let back = ring.take_back(from).map_err(|e| {
-                    protocol(&format!("REWIND to an offset the ring cannot give: {e}"))
-                })?;
-                tracing::debug!(
-                    "vmc connection: the peer stopped reading the ring at {from} as we \
-                     left it; {} byte(s) go again, on TCP",
-                    back.len()
-                );
-                tx.backlog = back;
-                self.flush_backlog(tx, true)?;
-            }
-            (_, ring) => {
-                let at = ring.map_or(0, |r| r.position());
-                if at != from {
-                    tracing::warn!(
-                        "vmc connection: the peer asked for the ring's bytes from {from} \
-                         again, but we left the ring at {at}: they cannot be sent again"
-                    );
-                }
-            }
+            return Ok(());
+        };
+        let back = ring
+            .take_back(from)
+            .map_err(|e| protocol(&format!("REWIND to an offset the ring cannot give: {e}")))?;
+        if tx.path == Path::Shm {
+            ring.pause();
+            tx.path = Path::Tcp;
+            self.publish(flag::TX_SHM, false);
         }
+        tracing::debug!(
+            "vmc connection: the peer stopped reading the ring at {from}; {} byte(s) go \
+             again, on TCP, ahead of everything after them",
+            back.len()
+        );
+        tx.backlog = back;
+        self.flush_backlog(tx, true)?;
         Ok(())
     }
 
@@ -1381,6 +1378,7 @@ impl Conn {
             let mut tx = lock(&self.tx);
             if !tx.shut {
                 tx.shut = true;
+                self.tx_shut.store(true, Ordering::Release);
                 if let Some(ring) = tx.ring.as_mut() {
                     ring.shutdown();
                 }
@@ -1512,14 +1510,13 @@ impl Conn {
         }
         // Both directions shut, ours by shutdown and the peer's by the end on the
         // ring: the kernel's HUP (whatever the interest), which TCP cannot show
-        // while the FINs wait (see `Tx::fin_owed`).
-        if self.tx.try_lock().is_ok_and(|tx| tx.shut) {
-            let rx_end = r.read_closed
-                || (!want.read
-                    && self.rx.try_lock().is_ok_and(|mut rx| {
-                        matches!(self.rx_ready(&mut rx, deep, &mut tcp), Ok(RxReady::End))
-                    }));
-            r.hup |= rx_end;
+        // while the FINs wait (see `Tx::fin_owed`). From flags, not the other
+        // direction's lock: an event loop's look must never make the other
+        // direction's `arm` find its lock taken (it would sleep unarmed).
+        if self.tx_shut.load(Ordering::Acquire)
+            && (r.read_closed || self.rx_ended.load(Ordering::Acquire))
+        {
+            r.hup = true;
         }
         if deep || closing || tcp.is_some() {
             let ev = *tcp.get_or_insert_with(|| self.tcp_events());
@@ -1550,6 +1547,7 @@ impl Conn {
                             return Ok(RxReady::Bytes);
                         }
                         if !self.leave_ring(rx)? {
+                            self.rx_ended.store(true, Ordering::Release);
                             return Ok(RxReady::End);
                         }
                         continue;
@@ -1630,11 +1628,14 @@ impl Conn {
         let mut tcp_ev = EventFlags::IN | EventFlags::RDHUP;
         // TCP's writability matters only while sending goes (or is about to go)
         // there; watching it otherwise would report a stale edge at every change.
-        let sends_tcp = self
-            .tx
-            .try_lock()
-            .map_or(true, |tx| tx.path == Path::Tcp || tx.want == Path::Tcp);
-        if want.write && sends_tcp {
+        // (Only for a write interest: a reader's arm must not take the sending
+        // side's lock, see `readiness`.)
+        let sends_tcp = || {
+            self.tx
+                .try_lock()
+                .map_or(true, |tx| tx.path == Path::Tcp || tx.want == Path::Tcp)
+        };
+        if want.write && sends_tcp() {
             tcp_ev |= EventFlags::OUT;
         }
         ws.watch(self.tcp.as_fd(), tcp_ev)?;
@@ -1662,6 +1663,15 @@ impl Conn {
         }
         if want.read {
             if let Ok(mut rx) = self.rx.try_lock() {
+                // TCP delivered everything before the peer's move to the ring: the
+                // next bytes come on the ring, so that is what must be armed (the
+                // look below would enter the ring only after arming, and the wait
+                // would then sleep on a ring nobody was asked to wake us for).
+                if let RxPath::Tcp { until: Some(end) } = rx.path {
+                    if rx.tcp_in == end {
+                        let _ = self.enter_ring(&mut rx, end);
+                    }
+                }
                 if rx.path == RxPath::Shm {
                     if let Some(ring) = rx.ring.as_mut() {
                         ring.arm();

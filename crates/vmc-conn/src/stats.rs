@@ -109,16 +109,41 @@ struct Table {
 
 impl Table {
     fn slots(&self) -> &[Slot] {
-        // SAFETY: the mapping is page aligned and `table_len()` = `128 + SLOTS * 128`
-        // bytes long (the file was sized so); the slots start at offset 128, so each
-        // is 128-byte aligned as `Slot` requires, and they are all atomics, for which
-        // any bit pattern is valid (another process may write them at any time). The
-        // table lives in a static that is never dropped, so the mapping outlives
-        // every `&'static Slot` handed out.
-        unsafe {
-            std::slice::from_raw_parts(self.map.as_ptr().as_ptr().add(128).cast::<Slot>(), SLOTS)
-        }
+        // (The table lives in a static that is never dropped, so the mapping
+        // outlives every `&'static Slot` handed out.)
+        slots_of(&self.map)
     }
+}
+
+/// The slots of a table mapping of `table_len()` bytes (ours, or another
+/// process's mapped by `vmc stat` and `vmc migrate`).
+fn slots_of(map: &Mapping) -> &[Slot] {
+    assert!(map.len() >= table_len());
+    // SAFETY: the mapping is page aligned and at least `table_len()` = `128 + SLOTS *
+    // 128` bytes long (checked above); the slots start at offset 128, so each is
+    // 128-byte aligned as `Slot` requires, and they are all atomics, for which any
+    // bit pattern is valid (another process may write them at any time). The
+    // slice borrows `map`, so it cannot outlive the mapping.
+    unsafe { std::slice::from_raw_parts(map.as_ptr().as_ptr().add(128).cast::<Slot>(), SLOTS) }
+}
+
+/// Opens another process's table file for reading and writing, if it looks like
+/// one of ours (our uid, mode 0600, large enough).
+fn open_foreign_table(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if meta.uid() != vmc_os::euid()
+        || meta.mode() & 0o777 != 0o600
+        || meta.len() < table_len() as u64
+    {
+        return Err(io::Error::other("not a table of ours"));
+    }
+    Ok(file)
 }
 
 fn table_len() -> usize {
@@ -345,23 +370,18 @@ pub struct ConnStat {
 /// byte boundary, as [`crate::TcpStream::set_send_path`] does; a connection moved
 /// to TCP for good ignores a request for shm.
 pub fn request_path(c: &ConnStat, to: crate::Path) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&c.table)?;
-    let meta = file.metadata()?;
-    if meta.uid() != vmc_os::euid() || meta.len() < table_len() as u64 {
-        return Err(io::Error::other("not a table of ours"));
-    }
+    let file = open_foreign_table(&c.table)?;
     let map = Mapping::new(file.as_fd(), table_len())?;
-    // SAFETY: as in `read_table`.
-    let slots =
-        unsafe { std::slice::from_raw_parts(map.as_ptr().as_ptr().add(128).cast::<Slot>(), SLOTS) };
+    let slots = slots_of(&map);
+    let word = |a: &[AtomicU64; 3]| [0, 1, 2].map(|i| a[i].load(Ordering::Relaxed));
+    // Still that connection (its slot may have been freed and taken since).
     let s = slots
         .get(c.slot)
-        .filter(|s| s.used.load(Ordering::Acquire) == 1)
+        .filter(|s| {
+            s.used.load(Ordering::Acquire) == 1
+                && decode_addr(word(&s.local)) == c.local
+                && decode_addr(word(&s.peer)) == c.peer
+        })
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the connection is gone"))?;
     let code = match to {
         crate::Path::Tcp => REQUEST_TCP,
@@ -409,19 +429,7 @@ fn scan(mut out: Option<&mut Vec<ConnStat>>) -> io::Result<()> {
 /// Reads one table into `out`; removes it if its process is dead. With `out` `None`
 /// it only does the latter.
 fn read_table(path: &Path, pid: u32, out: Option<&mut Vec<ConnStat>>) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if meta.uid() != vmc_os::euid()
-        || meta.mode() & 0o777 != 0o600
-        || meta.len() < table_len() as u64
-    {
-        return Err(io::Error::other("not a table of ours"));
-    }
+    let file = open_foreign_table(path)?;
     if !vmc_os::segment::ofd_locked_by_other(file.as_fd(), 0)? {
         // Its process is dead.
         let _ = std::fs::remove_file(path);
@@ -429,10 +437,7 @@ fn read_table(path: &Path, pid: u32, out: Option<&mut Vec<ConnStat>>) -> io::Res
     }
     let Some(out) = out else { return Ok(()) };
     let map = Mapping::new(file.as_fd(), table_len())?;
-    // SAFETY: as in `Table::slots`: the mapping is `table_len()` bytes, page aligned,
-    // and slots are atomics; it lives until the end of this function.
-    let slots =
-        unsafe { std::slice::from_raw_parts(map.as_ptr().as_ptr().add(128).cast::<Slot>(), SLOTS) };
+    let slots = slots_of(&map);
     for (slot, s) in slots.iter().enumerate() {
         if s.used.load(Ordering::Acquire) != 1 {
             continue;

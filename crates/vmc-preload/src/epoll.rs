@@ -87,15 +87,11 @@ fn rx_mark(r: &Ready) -> u64 {
         .wrapping_add((r.error as u64) << 42)
 }
 
-/// The events a connection's entry reports now, before edge-triggered filtering.
-fn stream_events(e: &Entry, r: &Ready) -> u32 {
-    mask(r, e.events)
-}
-
-/// Whether an edge-triggered entry has an edge to report for `ev` (and `r`).
-fn is_edge(e: &Entry, r: &Ready, ev: u32) -> bool {
-    let fire_in = ev & (IN | RDNORM | RDHUP | HUP | ERR) != 0 && rx_mark(r) != e.last_rx;
-    let fire_out = ev & (OUT | WRNORM) != 0 && r.tx_mark != e.last_tx;
+/// Whether an edge-triggered entry whose last report carried the marks
+/// `(last_rx, last_tx)` has an edge to report for the events `ev` of `r`.
+fn is_edge((last_rx, last_tx): (u64, u64), r: &Ready, ev: u32) -> bool {
+    let fire_in = ev & (IN | RDNORM | RDHUP | HUP | ERR) != 0 && rx_mark(r) != last_rx;
+    let fire_out = ev & (OUT | WRNORM) != 0 && r.tx_mark != last_tx;
     fire_in || fire_out
 }
 
@@ -191,9 +187,9 @@ impl EpollSet {
                 continue;
             }
             let r = ready_of(s, interest(e.events), deep);
-            let mut ev = stream_events(e, &r);
+            let mut ev = mask(&r, e.events);
             if ev != 0 && e.events & ET != 0 {
-                if !is_edge(e, &r, ev) {
+                if !is_edge((e.last_rx, e.last_tx), &r, ev) {
                     ev = 0;
                 } else {
                     // An edge reports every flag that holds, as the kernel does.
@@ -279,17 +275,8 @@ impl EpollSet {
                 // (Ownership first: see `crate::poll::vmc_stream`.)
                 Sock::Stream(s) if !s.owner.check() || !s.is_plain() => {
                     let r = ready_of(s, interest(events), false);
-                    let probe = Entry {
-                        fd,
-                        sock: Weak::new(),
-                        events,
-                        data: 0,
-                        last_rx,
-                        last_tx,
-                        disabled: false,
-                    };
-                    let ev = stream_events(&probe, &r);
-                    if ev != 0 && (events & ET == 0 || is_edge(&probe, &r, ev)) {
+                    let ev = mask(&r, events);
+                    if ev != 0 && (events & ET == 0 || is_edge((last_rx, last_tx), &r, ev)) {
                         add(rx_mark(&r).wrapping_add(r.tx_mark << 20));
                     }
                 }

@@ -827,7 +827,7 @@ pub unsafe extern "C" fn recvmmsg(
     flags: c_int,
     timeout: *mut libc::timespec,
 ) -> c_int {
-    if table::any() && stream(fd).is_some() {
+    if table::any() && !msgs.is_null() && stream(fd).is_some() {
         let mut done: c_uint = 0;
         let mut f = flags & !libc::MSG_WAITFORONE;
         while done < n {
@@ -865,7 +865,7 @@ pub unsafe extern "C" fn sendmmsg(
     n: c_uint,
     flags: c_int,
 ) -> c_int {
-    if table::any() && stream(fd).is_some() {
+    if table::any() && !msgs.is_null() && stream(fd).is_some() {
         let mut done: c_uint = 0;
         while done < n {
             // SAFETY: the program's array of `n` entries.
