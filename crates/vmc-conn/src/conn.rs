@@ -182,6 +182,12 @@ pub(crate) struct Conn {
     waitset: OnceLock<WaitSet>,
     /// Event loops waiting on the wait set right now.
     waiters: AtomicU32,
+    /// Of those, the ones waiting to read and to write: a ring stays armed while
+    /// anyone waits for it, whoever disarms first.
+    armed_for: [AtomicU32; 2],
+    /// The waiters already there were kicked when a second one came (see
+    /// [`Conn::arm`]); cleared when the last one leaves.
+    shared_kicked: AtomicBool,
     /// Another process (a fork of this one) owns the connection: dropping it here
     /// must not touch what the processes share (see [`Conn::abandon`]).
     abandoned: AtomicBool,
@@ -328,6 +334,8 @@ impl Conn {
             tx_blocked: AtomicU64::new(0),
             waitset: OnceLock::new(),
             waiters: AtomicU32::new(0),
+            armed_for: [AtomicU32::new(0), AtomicU32::new(0)],
+            shared_kicked: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             rewind_asked: AtomicBool::new(false),
             rewound: AtomicBool::new(false),
@@ -1622,9 +1630,25 @@ impl Conn {
     /// (nothing stays armed then); otherwise the caller waits for
     /// [`Conn::wait_fd`] to turn readable, then calls [`Conn::disarm`] and looks
     /// again.
+    ///
+    /// Several event loops may wait at once (threads polling one socket, a reader
+    /// and a writer task): each ring stays armed while anyone waits for it, and the
+    /// first loop to find a second one beside it is woken to look again, as the
+    /// second one's arming may consume an edge meant for it. From then on
+    /// [`Conn::shared_wait`] tells them to look again now and then.
     pub(crate) fn arm(&self, want: Interest) -> io::Result<Option<Ready>> {
         let ws = self.waitset()?;
+        let others = self.waiters.fetch_add(1, Ordering::AcqRel);
+        if want.read {
+            self.armed_for[0].fetch_add(1, Ordering::AcqRel);
+        }
+        if want.write {
+            self.armed_for[1].fetch_add(1, Ordering::AcqRel);
+        }
         ws.drain();
+        if others > 0 && !self.shared_kicked.swap(true, Ordering::AcqRel) {
+            self.kick();
+        }
         let mut tcp_ev = EventFlags::IN | EventFlags::RDHUP;
         // TCP's writability matters only while sending goes (or is about to go)
         // there; watching it otherwise would report a stale edge at every change.
@@ -1688,31 +1712,38 @@ impl Conn {
                 }
             }
         }
-        self.waiters.fetch_add(1, Ordering::AcqRel);
         // A deep look: the edges drained above may have been the peer's death.
         let r = self.readiness(want, true);
         if r.meets(want) {
-            self.disarm();
+            self.disarm(want);
             return Ok(Some(r));
         }
         Ok(None)
     }
 
-    /// Ends a wait begun by [`Conn::arm`].
-    pub(crate) fn disarm(&self) {
-        if let Ok(mut rx) = self.rx.try_lock() {
-            if let Some(ring) = rx.ring.as_mut() {
-                ring.disarm();
+    /// Ends a wait begun by [`Conn::arm`] for `want`. A ring another waiter still
+    /// waits for stays armed.
+    pub(crate) fn disarm(&self, want: Interest) {
+        let last = |n: &AtomicU32| {
+            n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)) == Ok(1)
+        };
+        if want.read && last(&self.armed_for[0]) {
+            if let Ok(mut rx) = self.rx.try_lock() {
+                if let Some(ring) = rx.ring.as_mut() {
+                    ring.disarm();
+                }
             }
         }
-        if let Ok(mut tx) = self.tx.try_lock() {
-            if let Some(ring) = tx.ring.as_mut() {
-                ring.disarm();
+        if want.write && last(&self.armed_for[1]) {
+            if let Ok(mut tx) = self.tx.try_lock() {
+                if let Some(ring) = tx.ring.as_mut() {
+                    ring.disarm();
+                }
             }
         }
-        let _ = self
-            .waiters
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if last(&self.waiters) {
+            self.shared_kicked.store(false, Ordering::Release);
+        }
     }
 
     /// True if more than one event loop waits on this connection at once: they share

@@ -177,9 +177,9 @@ impl TcpStream {
         self.conn.arm(want)
     }
 
-    /// Ends a wait begun with [`TcpStream::arm`].
-    pub fn disarm(&self) {
-        self.conn.disarm()
+    /// Ends a wait begun with [`TcpStream::arm`] for `want` (what was armed).
+    pub fn disarm(&self, want: Interest) {
+        self.conn.disarm(want)
     }
 
     /// The descriptor that turns readable when an armed connection may be ready.

@@ -83,13 +83,6 @@ impl Dir {
             Dir::Write => Dir::Read,
         }
     }
-
-    fn met_by(self, r: &crate::Ready) -> bool {
-        match self {
-            Dir::Read => r.meets(Interest::READ),
-            Dir::Write => r.meets(Interest::WRITE),
-        }
-    }
 }
 
 fn interest(bits: u8) -> Interest {
@@ -136,8 +129,8 @@ impl Wake for Waiters {
 /// Arming state, changed only under its lock.
 #[derive(Default)]
 struct ArmState {
-    /// The connection is armed by us (and must be disarmed before arming again).
-    armed: bool,
+    /// What the connection is armed for by us (disarmed before arming again).
+    armed: Option<Interest>,
     /// Wakes us now and then while the wait set is shared with others.
     tick: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -189,7 +182,7 @@ impl Inner {
         } else {
             // The wait set exists once the connection was armed.
             if io.arm(Interest::READ)?.is_none() {
-                io.disarm();
+                io.disarm(Interest::READ);
             }
             let fd = io
                 .wait_fd()
@@ -357,26 +350,28 @@ impl VmcWait {
         let mut st = lock(&self.state);
         self.waiters.register(dir, cx.waker());
         let want = self.wanting.fetch_or(dir.bit(), Ordering::AcqRel) | dir.bit();
-        if std::mem::take(&mut st.armed) {
-            io.disarm();
+        if let Some(was) = st.armed.take() {
+            io.disarm(was);
         }
         match io.arm(interest(want)) {
             Err(e) => {
                 self.waiters.take(dir);
                 return Err(e);
             }
-            Ok(Some(r)) => {
-                // Ready already, for us or for the other direction (which is then
-                // told, and waits no more until it finds it would block again).
+            Ok(Some(_)) => {
+                // Ready already, for us or for the other direction. Finding it ready,
+                // `arm` disarmed the connection: a waiting other direction is armed
+                // for no longer, whether or not it is ready, so it must look again
+                // (and arm again if it would still block) or sleep forever.
                 self.waiters.take(dir);
                 let other = dir.other();
-                if want & other.bit() != 0 && other.met_by(&r) {
+                if want & other.bit() != 0 {
                     self.wanting.fetch_and(!other.bit(), Ordering::AcqRel);
                     *to_wake = self.waiters.take(other);
                 }
                 return Ok(Step::Retry);
             }
-            Ok(None) => st.armed = true,
+            Ok(None) => st.armed = Some(interest(want)),
         }
         let mut wcx = Context::from_waker(&self.waker);
         match self.fd.poll_read_ready(&mut wcx) {
@@ -401,8 +396,9 @@ impl VmcWait {
                 // The wait set fired (now or before): consume that, and let the other
                 // waiter, to which it may have been meant, look again too.
                 guard.clear_ready();
-                io.disarm();
-                st.armed = false;
+                if let Some(was) = st.armed.take() {
+                    io.disarm(was);
+                }
                 self.waiters.take(dir);
                 *to_wake = self.waiters.take(dir.other());
                 Ok(Step::Retry)
@@ -414,8 +410,8 @@ impl VmcWait {
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Wait::Vmc(w) = &self.wait {
-            if lock(&w.state).armed {
-                self.io.disarm();
+            if let Some(was) = lock(&w.state).armed.take() {
+                self.io.disarm(was);
             }
         }
     }

@@ -164,3 +164,58 @@ fn tables_of_dead_processes_are_removed() {
     vmc_conn::stats::connections().unwrap();
     assert!(!dead.exists(), "a dead process's table stayed behind");
 }
+
+/// Two event loops wait on one connection through the readiness API, as two threads
+/// polling one socket do: one for reading (it starts first and waits alone), one for
+/// writing (ready at once). The writer's quick look must not leave the reader asleep
+/// on a ring that no longer asks the peer for a wake-up.
+#[test]
+fn a_second_waiter_does_not_disarm_the_first() {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use vmc_conn::Interest;
+    private_registry();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut c = TcpStream::connect(addr).unwrap();
+    let (mut s, _) = listener.accept().unwrap();
+    // Both directions onto the rings.
+    c.write_all(b"x").unwrap();
+    s.read_exact(&mut [0u8; 1]).unwrap();
+    s.write_all(b"y").unwrap();
+    c.read_exact(&mut [0u8; 1]).unwrap();
+    assert!(c.is_accelerated() && c.send_path() == Path::Shm);
+
+    let reader = c.try_clone().unwrap();
+    let (armed_tx, armed_rx) = std::sync::mpsc::channel();
+    let waiter = thread::spawn(move || {
+        assert!(reader.arm(Interest::READ).unwrap().is_none());
+        armed_tx.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let fd = reader.wait_fd().unwrap();
+            let left = deadline.saturating_duration_since(Instant::now());
+            let t = Timespec::try_from(left.min(Duration::from_millis(500))).unwrap();
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            let _ = poll(&mut fds, Some(&t));
+            let woke = !fds[0].revents().is_empty();
+            reader.disarm(Interest::READ);
+            // Only a wake-up of the wait set counts: a timeout with the byte there
+            // says the wake-up was lost.
+            if !woke || Instant::now() >= deadline {
+                return false;
+            }
+            if reader.poll_ready(Interest::READ, true).readable {
+                return true;
+            }
+            if reader.arm(Interest::READ).unwrap().is_some() {
+                return true;
+            }
+        }
+    });
+    armed_rx.recv().unwrap();
+    // The second waiter: ready for writing at once.
+    assert!(c.arm(Interest::WRITE).unwrap().is_some());
+    thread::sleep(Duration::from_millis(20));
+    s.write_all(b"z").unwrap();
+    assert!(waiter.join().unwrap(), "the reader's wake-up was lost");
+}

@@ -513,8 +513,8 @@ fn wait(
             )
         };
         let err = io::Error::last_os_error();
-        for (s, _) in &live {
-            stream_of(s).disarm();
+        for (s, want) in &live {
+            stream_of(s).disarm(*want);
         }
         if r < 0 {
             return Err(err);

@@ -151,8 +151,8 @@ pub(crate) fn arm_all<'a>(
     for (k, (s, want)) in items.clone().enumerate() {
         if !s.owner.check() {
             // Owned by the other process of a fork: "ready" (with an error).
-            for (s, _) in items.take(k) {
-                s.disarm();
+            for (s, want) in items.take(k) {
+                s.disarm(want);
             }
             return true;
         }
@@ -160,8 +160,8 @@ pub(crate) fn arm_all<'a>(
             Ok(None) => {}
             // Ready now (or cannot arm): undo the others and look again.
             _ => {
-                for (s, _) in items.take(k) {
-                    s.disarm();
+                for (s, want) in items.take(k) {
+                    s.disarm(want);
                 }
                 return true;
             }
@@ -355,8 +355,8 @@ fn poll_mixed(
             )
         };
         let err = io::Error::last_os_error();
-        for (s, _) in armed {
-            s.disarm();
+        for (s, want) in armed {
+            s.disarm(want);
         }
         if r < 0 {
             return Err(err);
