@@ -64,11 +64,11 @@ fn protocol_error(msg: impl Into<String>) -> io::Error {
     )
 }
 
-fn set_handshake_timeout(sock: BorrowedFd<'_>, t: Option<Duration>) -> io::Result<()> {
-    use rustix::net::sockopt::{set_socket_timeout, Timeout};
-    set_socket_timeout(sock, Timeout::Recv, t)?;
-    set_socket_timeout(sock, Timeout::Send, t)?;
-    Ok(())
+/// When a handshake step begun now must be over. Each step waits through `poll`
+/// with this deadline, so the socket's own options and blocking mode stay as they
+/// are (no system calls to set and reset timeouts on every connection).
+fn handshake_deadline() -> Instant {
+    Instant::now() + HANDSHAKE_TIMEOUT
 }
 
 fn map_err_timeout(e: io::Error, what: &str) -> io::Error {
@@ -169,8 +169,9 @@ impl Offer {
     pub fn finish(self) -> io::Result<Channel> {
         let mut msg = [0u8; 8];
         let want = if self.mine.is_some() { 2 } else { 0 };
-        let (n, fds) = vmc_os::recv_with_fds(self.sock.as_fd(), &mut msg, want)
-            .map_err(|e| map_err_timeout(e, "ACK"))?;
+        let (n, fds) =
+            vmc_os::recv_with_fds_by(self.sock.as_fd(), &mut msg, want, handshake_deadline())
+                .map_err(|e| map_err_timeout(e, "ACK"))?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
@@ -197,7 +198,6 @@ impl Offer {
             None if fds.is_empty() => signals_without_fds(self.config.wake),
             None => return Err(protocol_error("unexpected descriptors with ACK")),
         };
-        set_handshake_timeout(self.sock.as_fd(), None)?;
         Ok(assemble(
             self.endpoint,
             self.segment,
@@ -246,7 +246,7 @@ impl Channel {
     /// creates the segment and sends `HELLO`. Finish with [`Offer::finish`].
     pub fn offer_over(sock: OwnedFd, config: &ChannelConfig) -> io::Result<Offer> {
         let layout = layout_for(config)?;
-        set_handshake_timeout(sock.as_fd(), Some(HANDSHAKE_TIMEOUT))?;
+        let deadline = handshake_deadline();
         let segment = Arc::new(Segment::create_memfd("vmc-channel", layout.segment_len)?);
         let endpoint = endpoint(&segment, Some(config), config.wake)?;
         let mine = match config.wake {
@@ -262,7 +262,8 @@ impl Channel {
         if let Some(m) = &mine {
             fds.extend(m.iter().map(|e| e.fd()));
         }
-        vmc_os::send_with_fds(sock.as_fd(), &hello, &fds)?;
+        vmc_os::send_with_fds_by(sock.as_fd(), &hello, &fds, deadline)
+            .map_err(|e| map_err_timeout(e, "room for HELLO"))?;
         Ok(Offer {
             sock,
             segment,
@@ -281,9 +282,9 @@ impl Channel {
     /// the segment, checks it, answers. `spin` is this end's spin limit (the other
     /// settings are the creator's).
     pub fn attach_over(sock: OwnedFd, spin: Duration) -> io::Result<Channel> {
-        set_handshake_timeout(sock.as_fd(), Some(HANDSHAKE_TIMEOUT))?;
+        let deadline = handshake_deadline();
         let mut hello = [0u8; 16];
-        let (n, mut fds) = vmc_os::recv_with_fds(sock.as_fd(), &mut hello, 3)
+        let (n, mut fds) = vmc_os::recv_with_fds_by(sock.as_fd(), &mut hello, 3, deadline)
             .map_err(|e| map_err_timeout(e, "HELLO"))?;
         if n != hello.len() || &hello[..4] != HELLO_MAGIC || hello[4] != KIND_MEMFD {
             return Err(protocol_error("malformed HELLO"));
@@ -314,7 +315,7 @@ impl Channel {
             Ok(ok) => ok,
             Err(e) => {
                 ack[4] = STATUS_REFUSED;
-                let _ = vmc_os::send_with_fds(sock.as_fd(), &ack, &[]);
+                let _ = vmc_os::send_with_fds_by(sock.as_fd(), &ack, &[], deadline);
                 return Err(e);
             }
         };
@@ -324,8 +325,8 @@ impl Channel {
             None
         };
         let my_fds: Vec<BorrowedFd<'_>> = mine.iter().flatten().map(|e| e.fd()).collect();
-        vmc_os::send_with_fds(sock.as_fd(), &ack, &my_fds)?;
-        set_handshake_timeout(sock.as_fd(), None)?;
+        vmc_os::send_with_fds_by(sock.as_fd(), &ack, &my_fds, deadline)
+            .map_err(|e| map_err_timeout(e, "room for ACK"))?;
         let signals = match (mine, peer) {
             (Some(mine), Some(peer)) => Signals::EventFd { mine, peer },
             _ => signals_without_fds(wake),

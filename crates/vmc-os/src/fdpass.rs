@@ -8,6 +8,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::time::Instant;
 
 use rustix::io::Errno;
 use rustix::net::{
@@ -28,6 +29,54 @@ pub const MAX_FDS: usize = 253;
 /// closed peer yields `EPIPE` instead of `SIGPIPE`. A non-blocking socket may
 /// fail with `WouldBlock` part-way through.
 pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    send_until(sock, data, fds, None)
+}
+
+/// [`send_with_fds`], waiting for room at most until `deadline` (then
+/// `TimedOut`), whether `sock` is blocking or not; no socket option is touched.
+pub fn send_with_fds_by(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    deadline: Instant,
+) -> io::Result<()> {
+    send_until(sock, data, fds, Some(deadline))
+}
+
+/// Waits until `sock` is ready for `events` or `deadline` passes (`TimedOut`).
+fn wait_until(
+    sock: BorrowedFd<'_>,
+    events: rustix::event::PollFlags,
+    deadline: Instant,
+) -> io::Result<()> {
+    use rustix::event::{poll, PollFd, Timespec};
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer did not answer in time",
+            ));
+        }
+        let t = Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut fds = [PollFd::from_borrowed_fd(sock, events)];
+        match poll(&mut fds, Some(&t)) {
+            Ok(0) | Err(Errno::INTR) => continue,
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn send_until(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    deadline: Option<Instant>,
+) -> io::Result<()> {
     if data.is_empty() && !fds.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -58,7 +107,11 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) 
         } else {
             &mut no_control
         };
-        match rustix::net::sendmsg(sock, &iov, ctl, SendFlags::NOSIGNAL) {
+        let flags = match deadline {
+            Some(_) => SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+            None => SendFlags::NOSIGNAL,
+        };
+        match rustix::net::sendmsg(sock, &iov, ctl, flags) {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
@@ -67,12 +120,15 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) 
             }
             Ok(n) => sent += n,
             Err(Errno::INTR) => continue,
-            Err(e) => {
-                return Err(io::Error::new(
-                    io::Error::from(e).kind(),
-                    format!("sendmsg with {} descriptors: {e}", fds.len()),
-                ))
-            }
+            Err(e) => match (e, deadline) {
+                (Errno::AGAIN, Some(d)) => wait_until(sock, rustix::event::PollFlags::OUT, d)?,
+                (e, _) => {
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("sendmsg with {} descriptors: {e}", fds.len()),
+                    ))
+                }
+            },
         }
     }
     Ok(())
@@ -91,21 +147,48 @@ pub fn recv_with_fds(
     buf: &mut [u8],
     max_fds: usize,
 ) -> io::Result<(usize, Vec<OwnedFd>)> {
+    recv_until(sock, buf, max_fds, None)
+}
+
+/// [`recv_with_fds`], waiting for data at most until `deadline` (then
+/// `TimedOut`), whether `sock` is blocking or not; no socket option is touched.
+pub fn recv_with_fds_by(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+    deadline: Instant,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    recv_until(sock, buf, max_fds, Some(deadline))
+}
+
+fn recv_until(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+    deadline: Option<Instant>,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
     let max_fds = max_fds.min(MAX_FDS);
     let mut space =
         vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(max_fds.max(1)))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let msg = loop {
         let mut iov = [IoSliceMut::new(buf)];
-        match rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+        let flags = match deadline {
+            Some(_) => RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+            None => RecvFlags::CMSG_CLOEXEC,
+        };
+        match rustix::net::recvmsg(sock, &mut iov, &mut control, flags) {
             Ok(msg) => break msg,
             Err(Errno::INTR) => continue,
-            Err(e) => {
-                return Err(io::Error::new(
-                    io::Error::from(e).kind(),
-                    format!("recvmsg: {e}"),
-                ))
-            }
+            Err(e) => match (e, deadline) {
+                (Errno::AGAIN, Some(d)) => wait_until(sock, rustix::event::PollFlags::IN, d)?,
+                (e, _) => {
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("recvmsg: {e}"),
+                    ))
+                }
+            },
         }
     };
     let mut fds = Vec::new();

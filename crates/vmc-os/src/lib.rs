@@ -46,7 +46,7 @@ pub mod segment;
 pub mod unix;
 pub mod wake;
 
-pub use fdpass::{recv_with_fds, send_with_fds};
+pub use fdpass::{recv_with_fds, recv_with_fds_by, send_with_fds, send_with_fds_by};
 pub use mapping::Mapping;
 pub use proc::{euid, pid};
 pub use segment::{Segment, SegmentDir, SegmentKind, MAX_SEGMENT_LEN};

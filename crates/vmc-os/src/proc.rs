@@ -16,6 +16,37 @@ pub fn pid() -> u32 {
     rustix::process::getpid().as_raw_nonzero().get() as u32
 }
 
+static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn count_fork() {
+    FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many times this process's ancestors, since the first call, forked into it:
+/// a value remembered from before a `fork` differs after it, in the child. For
+/// per-process state that must not be shared with a parent, checked without the
+/// system call `getpid` costs.
+pub fn fork_generation() -> u64 {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: `count_fork` is a plain function that only increments an atomic
+        // (async-signal-safe, as a child handler must be); it lives as long as the
+        // program. Failure (ENOMEM) leaves forks uncounted, which is why it is
+        // checked: then the generation is told by the process and thread ids.
+        if unsafe { libc::pthread_atfork(None, None, Some(count_fork)) } != 0 {
+            FORKS.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    match FORKS.load(std::sync::atomic::Ordering::Relaxed) {
+        // Not counted: never claim the same generation twice.
+        u64::MAX => {
+            let tid = rustix::thread::gettid().as_raw_nonzero().get() as u32;
+            (u64::from(pid()) << 32) | u64::from(tid)
+        }
+        n => n,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -25,5 +56,31 @@ mod tests {
         assert_eq!(pid(), std::process::id());
         // SAFETY: geteuid has no preconditions and cannot fail.
         assert_eq!(euid(), unsafe { libc::geteuid() });
+    }
+
+    #[test]
+    fn a_forked_child_sees_another_generation() {
+        let before = fork_generation();
+        assert_eq!(fork_generation(), before);
+        // SAFETY: the child only calls `fork_generation` (an atomic load, the Once
+        // being done already) and `_exit`, both fine in a forked child of a
+        // multi-threaded process.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            let code = if fork_generation() != before { 0 } else { 1 };
+            // SAFETY: ends the child at once, without running the parent's atexit
+            // handlers or destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out pointer.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        assert_eq!(
+            fork_generation(),
+            before,
+            "the parent's generation is unchanged"
+        );
     }
 }
