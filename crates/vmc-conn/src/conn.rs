@@ -49,6 +49,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::net::{recv, send, RecvFlags, SendFlags};
 use vmc_channel::{Channel, Offer, ReadHalf, WriteHalf};
 
+use crate::bell::{self, Bells, Nap};
 use crate::fallback::Fallback;
 use crate::listener::Rendezvous;
 use crate::ready::{Interest, Ready, WaitSet};
@@ -152,14 +153,14 @@ pub(crate) struct Conn {
     state: AtomicU8,
     setup: Mutex<Setup>,
     /// For waiting on the handshake while it is in flight.
-    setup_fd: Option<OwnedFd>,
+    setup_fd: Option<SetupFd>,
     /// Listener side: when the wait for the client's ATTACH ends.
     attach_deadline: Option<Instant>,
     /// One half may do what the other is waiting for: finish the handshake, or
     /// read a control frame meant for it from the shared socket. It then rings the
-    /// other's bell (`[rx, tx]`), which that half polls along with its sockets, so
-    /// nothing is ever waited for in vain. `None` for plain connections.
-    bells: Option<[vmc_os::EventFd; 2]>,
+    /// other's bell, which that half polls along with its sockets, so nothing is
+    /// ever waited for in vain (see [`crate::bell`]).
+    bells: Bells,
     parts: OnceLock<Parts>,
     fallback: OnceLock<Fallback>,
     rx: Mutex<Rx>,
@@ -246,6 +247,27 @@ fn lock_until<T>(m: &Mutex<T>, deadline: Instant) -> Option<MutexGuard<'_, T>> {
     }
 }
 
+/// What a pending connection polls for its handshake's progress.
+enum SetupFd {
+    /// Client: a duplicate of the handshake socket (the offer holding it goes away
+    /// when the handshake ends).
+    Offer(OwnedFd),
+    /// Listener: the rendezvous socket, where the client's ATTACH will come.
+    Rendezvous(Arc<Rendezvous>),
+}
+
+impl AsFd for SetupFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            SetupFd::Offer(fd) => fd.as_fd(),
+            SetupFd::Rendezvous(r) => r.fd(),
+        }
+    }
+}
+
+/// A connection's (local, peer) addresses, when the caller knows them already.
+pub(crate) type Addrs = Option<(SocketAddr, SocketAddr)>;
+
 fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     fd.try_clone_to_owned()
 }
@@ -286,22 +308,24 @@ fn protocol(msg: &str) -> io::Error {
 }
 
 impl Conn {
-    fn new(tcp: std::net::TcpStream, state: u8, setup: Setup, setup_fd: Option<OwnedFd>) -> Conn {
-        let home = Home::new(tcp.local_addr().ok(), tcp.peer_addr().ok());
+    fn new(
+        tcp: std::net::TcpStream,
+        state: u8,
+        setup: Setup,
+        setup_fd: Option<SetupFd>,
+        addrs: Addrs,
+    ) -> Conn {
+        let home = match addrs {
+            Some((local, peer)) => Home::new(Some(local), Some(peer)),
+            None => Home::new(tcp.local_addr().ok(), tcp.peer_addr().ok()),
+        };
         let c = Conn {
             tcp,
             state: AtomicU8::new(state),
             setup: Mutex::new(setup),
             setup_fd,
             attach_deadline: None,
-            bells: if state == PLAIN {
-                None
-            } else {
-                // Without bells, waits fall back to short polling slices.
-                vmc_os::EventFd::new()
-                    .and_then(|a| Ok([a, vmc_os::EventFd::new()?]))
-                    .ok()
-            },
+            bells: Bells::default(),
             parts: OnceLock::new(),
             fallback: OnceLock::new(),
             rx: Mutex::new(Rx {
@@ -365,15 +389,21 @@ impl Conn {
 
     /// A connection that stays plain TCP, for `reason`.
     pub(crate) fn plain(tcp: std::net::TcpStream, reason: Fallback) -> Conn {
-        let c = Conn::new(tcp, PLAIN, Setup::Done, None);
+        let c = Conn::new(tcp, PLAIN, Setup::Done, None, None);
         let _ = c.fallback.set(reason);
         c
     }
 
     /// Client side: the segment was offered to the listener's process.
-    pub(crate) fn offered(tcp: std::net::TcpStream, offer: Offer) -> Conn {
+    pub(crate) fn offered(tcp: std::net::TcpStream, offer: Offer, addrs: Addrs) -> Conn {
         match dup(offer.fd()) {
-            Ok(watch) => Conn::new(tcp, PENDING, Setup::Offered(Box::new(offer)), Some(watch)),
+            Ok(watch) => Conn::new(
+                tcp,
+                PENDING,
+                Setup::Offered(Box::new(offer)),
+                Some(SetupFd::Offer(watch)),
+                addrs,
+            ),
             Err(e) => Conn::plain(tcp, Fallback::Handshake(e.to_string())),
         }
     }
@@ -385,7 +415,7 @@ impl Conn {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> io::Result<Conn> {
-        let watch = dup(rendezvous.fd())?;
+        let watch = SetupFd::Rendezvous(rendezvous.clone());
         let deadline = Instant::now() + ATTACH_WINDOW;
         let setup = Setup::Awaiting {
             rendezvous,
@@ -393,23 +423,23 @@ impl Conn {
             local,
             deadline,
         };
-        let mut c = Conn::new(tcp, PENDING, setup, Some(watch));
+        let mut c = Conn::new(tcp, PENDING, setup, Some(watch), Some((local, peer)));
         c.attach_deadline = Some(deadline);
         Ok(c)
     }
 
     /// Rings half `i`'s bell (0: receiving, 1: sending).
-    fn ring_bell(&self, i: usize) {
-        if let Some(b) = &self.bells {
-            if let Err(e) = b[i].notify() {
-                tracing::debug!("vmc connection: bell: {e}");
-            }
-        }
+    fn ring_bell(&self, half: usize) {
+        self.bells.ring(half);
     }
 
     /// Listener side: the channel is attached already.
-    pub(crate) fn attached(tcp: std::net::TcpStream, channel: Channel) -> io::Result<Conn> {
-        let c = Conn::new(tcp, PENDING, Setup::Done, None);
+    pub(crate) fn attached(
+        tcp: std::net::TcpStream,
+        channel: Channel,
+        addrs: Addrs,
+    ) -> io::Result<Conn> {
+        let c = Conn::new(tcp, PENDING, Setup::Done, None, addrs);
         c.install(channel)?;
         Ok(c)
     }
@@ -438,7 +468,7 @@ impl Conn {
             .map_or(0, |i| i + 1);
         let _ = self.fallback.set(reason);
         self.state.store(PLAIN, Ordering::Release);
-        self.ring_bell(0);
+        self.ring_bell(bell::RX);
         self.publish((code as u32) << flag::FALLBACK_SHIFT, true);
         self.publish(flag::PENDING, false);
     }
@@ -459,7 +489,7 @@ impl Conn {
             return Err(protocol("channel attached twice"));
         }
         self.state.store(ACCELERATED, Ordering::Release);
-        self.ring_bell(0);
+        self.ring_bell(bell::RX);
         self.publish(flag::ACCELERATED, true);
         self.publish(flag::PENDING, false);
         Ok(())
@@ -523,7 +553,7 @@ impl Conn {
     /// socket if it attached; ignored otherwise) moves its sending direction to
     /// TCP for good, with everything it put on the ring.
     fn retract_offer(&self) {
-        if let Some(fd) = &self.setup_fd {
+        if let Some(SetupFd::Offer(fd)) = &self.setup_fd {
             let _ = send(
                 fd,
                 &wire::rewind(0),
@@ -578,6 +608,8 @@ impl Conn {
         // of a ring read).
         let mut started = None;
         loop {
+            // Before looking: a bell rung from here on ends the wait below at once.
+            let mark = self.bells.mark(bell::RX);
             self.advance();
             match rx.path {
                 RxPath::Shm => {
@@ -676,7 +708,7 @@ impl Conn {
                         continue;
                     }
                     let since = *started.get_or_insert_with(Instant::now);
-                    self.wait_rx(rx, nonblocking, since)?;
+                    self.wait_rx(rx, nonblocking, since, mark)?;
                 }
             }
         }
@@ -805,15 +837,15 @@ impl Conn {
                         match wire::parse_control(&ctl.frame) {
                             Some(Control::Switch(s)) => {
                                 ctl.switches.push_back(s);
-                                self.ring_bell(0);
+                                self.ring_bell(bell::RX);
                             }
                             Some(Control::LeftTcp(_)) => {
                                 self.peer_left[0].fetch_add(1, Ordering::AcqRel);
-                                self.ring_bell(1);
+                                self.ring_bell(bell::TX);
                             }
                             Some(Control::LeftRing(_)) => {
                                 self.peer_left[1].fetch_add(1, Ordering::AcqRel);
-                                self.ring_bell(1);
+                                self.ring_bell(bell::TX);
                             }
                             // One per connection: later ones (a confused peer) are
                             // ignored.
@@ -822,7 +854,7 @@ impl Conn {
                             {
                                 ctl.rewind = Some(offset);
                                 self.rewind_asked.store(true, Ordering::Release);
-                                self.ring_bell(1);
+                                self.ring_bell(bell::TX);
                             }
                             Some(Control::Rewind(_)) => {}
                             None => return Err(protocol("malformed control frame")),
@@ -847,7 +879,8 @@ impl Conn {
     }
 
     /// Waits until TCP, the control socket or the handshake may have news.
-    fn wait_rx(&self, rx: &Rx, nonblocking: bool, started: Instant) -> io::Result<()> {
+    /// `mark`: [`Bells::mark`] taken before the caller looked.
+    fn wait_rx(&self, rx: &Rx, nonblocking: bool, started: Instant, mark: u64) -> io::Result<()> {
         if nonblocking {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -865,14 +898,20 @@ impl Conn {
         if let Some(o) = other {
             fds.push(PollFd::from_borrowed_fd(o, PollFlags::IN));
         }
-        match &self.bells {
-            Some(b) => fds.push(PollFd::from_borrowed_fd(b[0].fd(), PollFlags::IN)),
-            // No bell: look again soon.
-            None if !self.is_plain() => {
-                let slice = Instant::now() + Duration::from_millis(50);
-                deadline = Some(deadline.map_or(slice, |d| d.min(slice)));
+        let mut nap = None;
+        if !self.is_plain() {
+            match self.bells.sleep(bell::RX, mark) {
+                Nap::Sleep(s) => nap = Some(s),
+                Nap::Rung => return Ok(()),
+                // No bell: look again soon.
+                Nap::NoBell => {
+                    let slice = Instant::now() + Duration::from_millis(50);
+                    deadline = Some(deadline.map_or(slice, |d| d.min(slice)));
+                }
             }
-            None => {}
+        }
+        if let Some(s) = &nap {
+            fds.push(PollFd::from_borrowed_fd(s.fd(), PollFlags::IN));
         }
         let timeout = deadline.map(|d| {
             let left = d.saturating_duration_since(Instant::now());
@@ -881,15 +920,19 @@ impl Conn {
                 tv_nsec: left.subsec_nanos() as i64,
             }
         });
-        match poll(&mut fds, timeout.as_ref()) {
+        let polled = poll(&mut fds, timeout.as_ref());
+        let fired = nap.is_some() && !fds[fds.len() - 1].revents().is_empty();
+        drop(fds);
+        if let Some(s) = &mut nap {
+            s.fired = fired;
+        }
+        drop(nap);
+        match polled {
             Err(rustix::io::Errno::INTR) if vmc_os::interrupt::pending() => {
                 return Err(vmc_os::interrupt::error())
             }
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
-        }
-        if let Some(b) = &self.bells {
-            b[0].drain()?;
         }
         if vmc_os::interrupt::pending() {
             return Err(vmc_os::interrupt::error());
@@ -1249,6 +1292,15 @@ impl Conn {
             match send(&parts.ctl, &frame[sent..], SendFlags::NOSIGNAL) {
                 Ok(n) => sent += n,
                 Err(rustix::io::Errno::INTR) => {}
+                // A listener's socket is non-blocking: wait for room as a blocking
+                // one would.
+                Err(rustix::io::Errno::AGAIN) => {
+                    let mut fds = [PollFd::new(&parts.ctl, PollFlags::OUT)];
+                    match poll(&mut fds, None) {
+                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -1307,6 +1359,7 @@ impl Conn {
         let i = path as usize;
         let started = Instant::now();
         loop {
+            let mark = self.bells.mark(bell::TX);
             self.pump_control()?;
             if self.peer_left[i].load(Ordering::Acquire) >= tx.left[i] {
                 return Ok(());
@@ -1321,25 +1374,34 @@ impl Conn {
                 ));
             }
             let parts = self.parts().ok_or_else(|| protocol("no control socket"))?;
+            let mut nap = match self.bells.sleep(bell::TX, mark) {
+                Nap::Rung => continue,
+                Nap::Sleep(s) => Some(s),
+                Nap::NoBell => None,
+            };
             let mut fds = vec![PollFd::new(&parts.ctl, PollFlags::IN | PollFlags::RDHUP)];
-            if let Some(b) = &self.bells {
-                fds.push(PollFd::from_borrowed_fd(b[1].fd(), PollFlags::IN));
+            if let Some(s) = &nap {
+                fds.push(PollFd::from_borrowed_fd(s.fd(), PollFlags::IN));
             }
             let slice = Timespec {
                 tv_sec: 0,
                 tv_nsec: 100_000_000,
             };
-            match poll(&mut fds, Some(&slice)) {
+            let polled = poll(&mut fds, Some(&slice));
+            let fired = fds.len() > 1 && !fds[1].revents().is_empty();
+            let ctl_gone = fds[0]
+                .revents()
+                .intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR);
+            drop(fds);
+            if let Some(s) = &mut nap {
+                s.fired = fired;
+            }
+            drop(nap);
+            match polled {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }
-            if let Some(b) = &self.bells {
-                b[1].drain()?;
-            }
-            if fds[0]
-                .revents()
-                .intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR)
-            {
+            if ctl_gone {
                 self.pump_control()?;
                 if self.peer_left[i].load(Ordering::Acquire) < tx.left[i] {
                     return Err(io::Error::new(
@@ -1663,9 +1725,12 @@ impl Conn {
             tcp_ev |= EventFlags::OUT;
         }
         ws.watch(self.tcp.as_fd(), tcp_ev)?;
-        if let Some(b) = &self.bells {
-            ws.watch(b[0].fd(), EventFlags::IN)?;
-            ws.watch(b[1].fd(), EventFlags::IN)?;
+        if !self.is_plain() {
+            // Made at the first wait of an event loop; the state is looked at below.
+            if let Ok(b) = self.bells.loop_fds() {
+                ws.watch(b[bell::RX].fd(), EventFlags::IN)?;
+                ws.watch(b[bell::TX].fd(), EventFlags::IN)?;
+            }
         }
         match (self.parts(), &self.setup_fd) {
             (Some(p), setup) => {
@@ -1783,9 +1848,8 @@ impl Conn {
     /// (after fork), that waits on it: each looks again, and ends its wait if
     /// `vmc_os::interrupt` says so.
     pub(crate) fn kick(&self) {
-        for i in 0..2 {
-            self.ring_bell(i);
-        }
+        self.ring_bell(bell::RX);
+        self.ring_bell(bell::TX);
         if let Some(p) = self.parts() {
             p.wake.kick();
         }

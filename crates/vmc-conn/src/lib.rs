@@ -11,10 +11,12 @@
 //! - [`TcpListener`] and [`TcpStream`]: the std-like API.
 //! - [`Fallback`]: why a connection stays on TCP.
 //! - `conn.rs`: the per-connection state machine (paths, boundaries, set-up).
+//! - `bell.rs`: how one thread wakes another waiting on the same connection.
 //! - [`wire`]: the messages on the Unix socket beside each connection.
 //! - [`stats`]: live connections of this user, for `vmc stat`.
 //! - `tokio` (feature `tokio`): async `TcpListener` and `TcpStream` for the tokio runtime.
 
+mod bell;
 mod conn;
 mod fallback;
 mod listener;

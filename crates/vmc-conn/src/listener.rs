@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustix::net::SocketFlags;
 use vmc_channel::Channel;
 
 use crate::conn::Conn;
@@ -76,10 +77,12 @@ impl Rendezvous {
     /// stalls the listener (its frame is completed at a later look).
     fn drain(&self, pending: &mut Vec<Pending>) {
         loop {
-            let sock = match self.unix.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // Non-blocking from the start: the handshake waits through `poll`.
+            let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+            let sock = match rustix::net::accept_with(&self.unix, flags) {
+                Ok(fd) => UnixStream::from(fd),
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
                     tracing::debug!("rendezvous accept: {e}");
                     break;
@@ -117,9 +120,7 @@ impl Rendezvous {
         self.drain(&mut pending);
         let key = (wire::canonical(peer), wire::canonical(local));
         let i = pending.iter().position(|p| p.client == Some(key))?;
-        let p = pending.swap_remove(i);
-        p.sock.set_nonblocking(false).ok()?;
-        Some(p.sock.into())
+        Some(pending.swap_remove(i).sock.into())
     }
 }
 
@@ -132,7 +133,7 @@ fn check_peer(sock: &UnixStream) -> io::Result<()> {
             "handshake from another user",
         ));
     }
-    sock.set_nonblocking(true)
+    Ok(())
 }
 
 /// Reads what has arrived of `p`'s ATTACH frame; parses it once whole.
@@ -220,7 +221,7 @@ impl TcpListener {
                     Some(sock) => {
                         let spin = vmc_channel::ChannelConfig::from_env().spin;
                         match Channel::attach_over(sock, spin) {
-                            Ok(ch) => Conn::attached(tcp, ch)?,
+                            Ok(ch) => Conn::attached(tcp, ch, Some((local, peer)))?,
                             Err(e) => Conn::plain(tcp, Fallback::Handshake(e.to_string())),
                         }
                     }

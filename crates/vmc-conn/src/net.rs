@@ -409,12 +409,17 @@ fn client(tcp: std::net::TcpStream) -> Conn {
 /// not known to the kernel yet).
 fn client_to(tcp: std::net::TcpStream, peer: SocketAddr) -> Conn {
     match offer(&tcp, peer) {
-        Ok(offer) => Conn::offered(tcp, offer),
+        Ok((offer, local)) => Conn::offered(tcp, offer, Some((local, peer))),
         Err(reason) => Conn::plain(tcp, reason),
     }
 }
 
-fn offer(tcp: &std::net::TcpStream, peer: SocketAddr) -> Result<vmc_channel::Offer, Fallback> {
+/// Offers a channel to the listener of `peer`; returns the offer and the
+/// connection's local address.
+fn offer(
+    tcp: &std::net::TcpStream,
+    peer: SocketAddr,
+) -> Result<(vmc_channel::Offer, SocketAddr), Fallback> {
     if vmc_disabled() {
         return Err(Fallback::Disabled);
     }
@@ -435,5 +440,7 @@ fn offer(tcp: &std::net::TcpStream, peer: SocketAddr) -> Result<vmc_channel::Off
         wake: WakeMode::EventFd,
         ..ChannelConfig::from_env()
     };
-    Channel::offer_over(sock.into(), &config).map_err(|e| Fallback::Handshake(e.to_string()))
+    let offer = Channel::offer_over(sock.into(), &config)
+        .map_err(|e| Fallback::Handshake(e.to_string()))?;
+    Ok((offer, local))
 }

@@ -44,6 +44,18 @@
 //! their rendezvous sockets, see [`Registry::lookup`]) as they find them.
 //! Dropping a [`Registration`] removes its file.
 //!
+//! # Cached lookups
+//!
+//! A process that connects often would read the directory and every entry of
+//! the port at each connection. Instead it keeps, per port, the live entries of
+//! its last look and their open files, and trusts them again while the
+//! directory's mtime is unchanged (any entry appearing or disappearing changes
+//! it) and each entry's lock is still held (a killed listener changes nothing in
+//! the directory): one `fstat` and one `F_OFD_GETLK` per candidate instead of a
+//! dozen system calls. An mtime is only as fine as the kernel's coarse clock, so
+//! a look is cached only if the mtime it saw was older than [`MTIME_SLACK`] when
+//! it began: a change after that would have moved the mtime.
+//!
 //! # Concurrency
 //!
 //! Files appear atomically (write, lock, then `rename` with
@@ -51,7 +63,7 @@
 //! and nobody ever blocks on a lock, so any number of processes can register,
 //! look up and reap at the same time.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
@@ -270,6 +282,8 @@ pub struct Registry {
     /// Entry files opened so far (lets tests check lookups skip files of
     /// other ports by name).
     opened: AtomicU64,
+    /// Lookups, per port (see "Cached lookups" in the module documentation).
+    cache: Mutex<HashMap<u16, PortCache>>,
 }
 
 impl fmt::Debug for Registry {
@@ -280,10 +294,24 @@ impl fmt::Debug for Registry {
     }
 }
 
+/// How old a directory mtime must be for a look at the directory to be cached:
+/// more than the kernel's coarse clock can lag behind the real time.
+pub const MTIME_SLACK: Duration = Duration::from_millis(50);
+
+/// Most ports whose lookups are cached (each keeps its entries' files open).
+const CACHED_PORTS: usize = 64;
+
+/// The live entries of one port at the last look, with their open files.
+struct PortCache {
+    /// The directory's mtime then.
+    mtime: (i64, u32),
+    entries: Vec<(ListenerEntry, File)>,
+}
+
 /// What reading one entry file gave.
 enum Inspected {
-    /// A live, valid entry.
-    Live(ListenerEntry),
+    /// A live, valid entry, and its open file.
+    Live(ListenerEntry, File),
     /// A dead entry, now removed.
     Reaped,
     /// Anything else: vanished, foreign, corrupt, of another version, …
@@ -344,6 +372,7 @@ impl Registry {
             dir: Mutex::new(Arc::new(dir)),
             warned: Mutex::new(HashSet::new()),
             opened: AtomicU64::new(0),
+            cache: Mutex::new(HashMap::new()),
         })
     }
 
@@ -458,8 +487,8 @@ impl Registry {
                 None
             }
         };
-        let entries = match self.scan(Some(dst.port())) {
-            Ok((entries, _)) => entries,
+        let entries = match self.entries_of(dst.port()) {
+            Ok(entries) => entries,
             Err(e) => {
                 tracing::debug!("vmc registry: lookup {dst}: {e}");
                 return Vec::new();
@@ -468,11 +497,44 @@ impl Registry {
         rank_candidates(dst, own, entries)
     }
 
+    /// The live entries of `port`: the cached ones if still valid, else a new
+    /// look at the directory (cached if it can be trusted later).
+    fn entries_of(&self, port: u16) -> io::Result<Vec<ListenerEntry>> {
+        let (dir, mtime) = self.dir_and_mtime()?;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(&port) {
+            let alive = |f: &File| ofd_locked_by_other(f.as_fd(), LIVENESS_BYTE).unwrap_or(false);
+            if c.mtime == mtime && c.entries.iter().all(|(_, f)| alive(f)) {
+                return Ok(c.entries.iter().map(|(e, _)| e.clone()).collect());
+            }
+        }
+        cache.remove(&port);
+        let began = SystemTime::now();
+        let (live, _) = self.scan_in(&dir, Some(port))?;
+        let entries = live.iter().map(|(e, _)| e.clone()).collect();
+        let settled =
+            SystemTime::UNIX_EPOCH + Duration::new(mtime.0.max(0) as u64, mtime.1) + MTIME_SLACK;
+        if settled < began {
+            if cache.len() >= CACHED_PORTS {
+                cache.clear();
+            }
+            cache.insert(
+                port,
+                PortCache {
+                    mtime,
+                    entries: live,
+                },
+            );
+        }
+        Ok(entries)
+    }
+
     /// Every live entry, sorted by port then age (oldest first), for
     /// reporting. Dead entries are removed on the way, as by
     /// [`Registry::reap`]. Fails only if the directory cannot be read.
     pub fn listeners(&self) -> io::Result<Vec<ListenerEntry>> {
-        let (mut entries, _) = self.scan(None)?;
+        let (entries, _) = self.scan(None)?;
+        let mut entries: Vec<ListenerEntry> = entries.into_iter().map(|(e, _)| e).collect();
         entries.sort_by(|a, b| {
             (a.addr.port(), a.created_unix_ms, a.pid, a.addr).cmp(&(
                 b.addr.port(),
@@ -507,26 +569,42 @@ impl Registry {
 
     /// The open registry directory, opened again if it was removed.
     fn dir(&self) -> io::Result<Arc<SegmentDir>> {
+        self.dir_and_mtime().map(|(dir, _)| dir)
+    }
+
+    /// [`Registry::dir`] and the directory's mtime (seconds, nanoseconds), read
+    /// before looking into it.
+    fn dir_and_mtime(&self) -> io::Result<(Arc<SegmentDir>, (i64, u32))> {
+        let mtime = |st: &rustix::fs::Stat| (st.st_mtime, st.st_mtime_nsec as u32);
         let mut guard = self.dir.lock().unwrap_or_else(|e| e.into_inner());
-        let gone = match rustix::fs::fstat(guard.fd()) {
-            Ok(st) => st.st_nlink == 0,
-            Err(_) => true,
-        };
-        if gone {
-            tracing::debug!(
-                "vmc registry: {} was removed; creating it again",
-                self.path.display()
-            );
-            *guard = Arc::new(open_dirs(&self.path, &self.root)?);
+        if let Ok(st) = rustix::fs::fstat(guard.fd()) {
+            if st.st_nlink != 0 {
+                return Ok((Arc::clone(&guard), mtime(&st)));
+            }
         }
-        Ok(Arc::clone(&guard))
+        tracing::debug!(
+            "vmc registry: {} was removed; creating it again",
+            self.path.display()
+        );
+        *guard = Arc::new(open_dirs(&self.path, &self.root)?);
+        let st = rustix::fs::fstat(guard.fd())?;
+        Ok((Arc::clone(&guard), mtime(&st)))
     }
 
     /// Reads the directory: the live entries of `port` (or of every port,
     /// also reaping stale temporary files, if `None`) and how many files
     /// were removed.
-    fn scan(&self, port: Option<u16>) -> io::Result<(Vec<ListenerEntry>, usize)> {
+    fn scan(&self, port: Option<u16>) -> io::Result<(Vec<(ListenerEntry, File)>, usize)> {
         let dir = self.dir()?;
+        self.scan_in(&dir, port)
+    }
+
+    /// [`Registry::scan`] of `dir`, with the live entries' open files.
+    fn scan_in(
+        &self,
+        dir: &SegmentDir,
+        port: Option<u16>,
+    ) -> io::Result<(Vec<(ListenerEntry, File)>, usize)> {
         let prefix = port.map(|p| format!("{ENTRY_PREFIX}{p}-"));
         let read_err = |e: rustix::io::Errno| {
             io::Error::new(
@@ -567,14 +645,14 @@ impl Registry {
         let mut live = Vec::new();
         let mut reaped = 0;
         for (name, name_port) in names {
-            match self.inspect(&dir, &name, name_port) {
-                Inspected::Live(entry) => live.push(entry),
+            match self.inspect(dir, &name, name_port) {
+                Inspected::Live(entry, file) => live.push((entry, file)),
                 Inspected::Reaped => reaped += 1,
                 Inspected::Skipped => {}
             }
         }
         for tmp in tmps {
-            if reap_stale_tmp(&dir, &tmp) {
+            if reap_stale_tmp(dir, &tmp) {
                 reaped += 1;
             }
         }
@@ -653,7 +731,7 @@ impl Registry {
             return Inspected::Reaped;
         }
         match parsed {
-            Ok(entry) => Inspected::Live(entry),
+            Ok(entry) => Inspected::Live(entry, file),
             Err(why) => {
                 self.warn_once(name, &why);
                 Inspected::Skipped
@@ -1360,6 +1438,54 @@ mod tests {
         ] {
             assert!(std::fs::symlink_metadata(reg.path().join(n)).is_ok(), "{n}");
         }
+    }
+
+    #[test]
+    fn lookups_are_cached_until_the_directory_or_a_lock_changes() {
+        let (_tmp, reg) = test_registry();
+        let ns = own_ns();
+        let first = reg.register(&entry(ns, "127.0.0.1:6100")).unwrap();
+        let want = vec![first.entry().clone()];
+        // Fresh: the directory's mtime is too recent to trust, every look reads.
+        assert_eq!(reg.lookup(sa("127.0.0.1:6100")), want);
+        std::thread::sleep(MTIME_SLACK + Duration::from_millis(20));
+        // Once settled: one more read, then the cache, files unopened.
+        assert_eq!(reg.lookup(sa("127.0.0.1:6100")), want);
+        let before = reg.files_opened();
+        for _ in 0..3 {
+            assert_eq!(reg.lookup(sa("127.0.0.1:6100")), want);
+        }
+        assert_eq!(reg.files_opened(), before, "served from the cache");
+
+        // A listener that appears is found at once.
+        let second = reg.register(&entry(ns, "0.0.0.0:6100")).unwrap();
+        let both = vec![first.entry().clone(), second.entry().clone()];
+        assert_eq!(reg.lookup(sa("127.0.0.1:6100")), both);
+
+        // One that dies without a word (its lock just goes, as at kill -9, and
+        // nothing in the directory changes) is no longer used, and is reaped.
+        drop(second);
+        let dying = entry(ns, "[::]:6100");
+        let path = plant(
+            &reg,
+            "l-6100-42-dying.json",
+            &serde_json::to_vec(&dying).unwrap(),
+            0o600,
+        );
+        let lock = hold_lock(&path);
+        std::thread::sleep(MTIME_SLACK + Duration::from_millis(20));
+        let with_dying = reg.lookup(sa("127.0.0.1:6100"));
+        assert!(with_dying.contains(&dying), "{with_dying:?}");
+        let before = reg.files_opened();
+        assert_eq!(reg.lookup(sa("127.0.0.1:6100")), with_dying);
+        assert_eq!(reg.files_opened(), before, "served from the cache");
+        drop(lock);
+        assert_eq!(reg.lookup(sa("127.0.0.1:6100")), want);
+        assert!(!path.exists(), "the dead entry was reaped");
+
+        // One that stops is no longer used.
+        drop(first);
+        assert!(reg.lookup(sa("127.0.0.1:6100")).is_empty());
     }
 
     #[test]

@@ -1,0 +1,249 @@
+//! Bells: how one thread tells another that waits on the same connection to look
+//! again.
+//!
+//! Both halves of a connection share its control socket and its handshake, so one
+//! thread may do what another waits for: finish the handshake, or read a control
+//! frame meant for the other half. A reader waiting in `poll` on the TCP socket and
+//! the control socket would then sleep on although its news has come. So whoever
+//! changes such state rings the half's bell (half 0: receiving, 1: sending).
+//!
+//! A bell costs no descriptor of the connection's own unless an event loop waits on
+//! it ([`Bells::loop_fds`], made at the first such wait). A thread that sleeps in a
+//! blocking call instead lends its own eventfd, made once per thread and used for
+//! every connection it ever waits on, so a short connection creates none. At most
+//! one thread sleeps per half (it holds that half's lock), and whether the state
+//! changed between its look and its sleep is told by a counter (an eventcount):
+//!
+//! ```text
+//!   sleeper                              ringer
+//!   mark = rung                          change the state
+//!   look at the state: nothing           rung += 1
+//!   register its eventfd                 if a sleeper is registered: notify it
+//!   rung != mark? look again
+//!   poll(TCP, control socket, eventfd)
+//! ```
+//!
+//! Registering and reading `rung` on one side, incrementing it and reading the
+//! registration on the other, each with a sequentially consistent fence between,
+//! means at least one of the two sees the other: the sleeper sees the new count, or
+//! the ringer sees the sleeper and wakes it.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use vmc_os::EventFd;
+
+/// The receiving half's bell.
+pub(crate) const RX: usize = 0;
+/// The sending half's bell.
+pub(crate) const TX: usize = 1;
+
+/// A connection's two bells.
+#[derive(Default)]
+pub(crate) struct Bells {
+    /// Times each bell was rung.
+    rung: [AtomicU64; 2],
+    /// A thread sleeps on this half and lent its eventfd (in `sleeper`).
+    sleeping: [AtomicBool; 2],
+    sleeper: [Mutex<Option<Arc<EventFd>>>; 2],
+    /// For event loops, which watch a descriptor of the connection's own.
+    loops: OnceLock<[EventFd; 2]>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Bells {
+    /// The count to pass to [`Bells::sleep`]: take it before looking at the state.
+    pub(crate) fn mark(&self, half: usize) -> u64 {
+        self.rung[half].load(Ordering::SeqCst)
+    }
+
+    /// Tells whoever waits on `half` to look again. Call after changing the state.
+    pub(crate) fn ring(&self, half: usize) {
+        self.rung[half].fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if let Some(b) = self.loops.get() {
+            notify(&b[half]);
+        }
+        if self.sleeping[half].load(Ordering::SeqCst) {
+            if let Some(b) = lock(&self.sleeper[half]).as_ref() {
+                notify(b);
+            }
+        }
+    }
+
+    /// Registers the calling thread's eventfd as `half`'s sleeper. `Rung` if the bell
+    /// rang since `mark` (look again instead of sleeping); `NoBell` if this thread
+    /// has no eventfd (out of descriptors): then sleep only briefly.
+    pub(crate) fn sleep(&self, half: usize, mark: u64) -> Nap<'_> {
+        let Some(bell) = thread_bell() else {
+            return Nap::NoBell;
+        };
+        *lock(&self.sleeper[half]) = Some(bell.clone());
+        self.sleeping[half].store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        let sleep = Sleep {
+            bells: self,
+            half,
+            bell,
+            fired: false,
+        };
+        if self.rung[half].load(Ordering::SeqCst) != mark {
+            return Nap::Rung;
+        }
+        Nap::Sleep(sleep)
+    }
+
+    /// The connection's own bell descriptors, for event loops (made at the first
+    /// call). A caller looks at the state after this (see the module's protocol).
+    pub(crate) fn loop_fds(&self) -> io::Result<&[EventFd; 2]> {
+        if let Some(b) = self.loops.get() {
+            return Ok(b);
+        }
+        let made = [EventFd::new()?, EventFd::new()?];
+        let b = self.loops.get_or_init(|| made);
+        fence(Ordering::SeqCst);
+        Ok(b)
+    }
+}
+
+fn notify(b: &EventFd) {
+    if let Err(e) = b.notify() {
+        tracing::debug!("vmc connection: bell: {e}");
+    }
+}
+
+/// What [`Bells::sleep`] came to.
+pub(crate) enum Nap<'a> {
+    /// Registered: poll [`Sleep::fd`] along with the rest.
+    Sleep(Sleep<'a>),
+    /// The bell rang since the mark: look again.
+    Rung,
+    /// No eventfd for this thread: sleep in short slices.
+    NoBell,
+}
+
+/// A registered sleeper; unregisters when dropped.
+pub(crate) struct Sleep<'a> {
+    bells: &'a Bells,
+    half: usize,
+    bell: Arc<EventFd>,
+    /// The poll said the eventfd is readable: drain it when done.
+    pub(crate) fired: bool,
+}
+
+impl Sleep<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.bell.fd()
+    }
+}
+
+impl Drop for Sleep<'_> {
+    fn drop(&mut self) {
+        self.bells.sleeping[self.half].store(false, Ordering::SeqCst);
+        *lock(&self.bells.sleeper[self.half]) = None;
+        // A notification that came after the poll returned is left for this
+        // thread's next sleep, which then looks once more for nothing: harmless.
+        if self.fired {
+            let _ = self.bell.drain();
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's eventfd for sleeping on bells, with the fork generation that
+    /// made it (a forked child must not share its parent's: a drain there would
+    /// take a notification meant here).
+    static THREAD_BELL: RefCell<Option<(u64, Arc<EventFd>)>> = const { RefCell::new(None) };
+}
+
+fn thread_bell() -> Option<Arc<EventFd>> {
+    let generation = vmc_os::proc::fork_generation();
+    THREAD_BELL
+        .try_with(|cell| {
+            let mut cell = cell.borrow_mut();
+            match &*cell {
+                Some((g, b)) if *g == generation => Some(b.clone()),
+                _ => match EventFd::new() {
+                    Ok(b) => {
+                        let b = Arc::new(b);
+                        *cell = Some((generation, b.clone()));
+                        Some(b)
+                    }
+                    Err(e) => {
+                        tracing::debug!("vmc connection: no bell for this thread: {e}");
+                        None
+                    }
+                },
+            }
+        })
+        .ok()
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use std::time::Duration;
+
+    fn readable(fd: BorrowedFd<'_>, ms: i64) -> bool {
+        let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+        let t = Timespec {
+            tv_sec: 0,
+            tv_nsec: ms * 1_000_000,
+        };
+        poll(&mut fds, Some(&t)).unwrap() == 1
+    }
+
+    #[test]
+    fn a_ring_after_the_mark_says_look_again() {
+        let b = Bells::default();
+        let mark = b.mark(RX);
+        b.ring(RX);
+        assert!(matches!(b.sleep(RX, mark), Nap::Rung));
+        // The other half's bell is another bell.
+        assert!(matches!(b.sleep(TX, b.mark(TX)), Nap::Sleep(_)));
+    }
+
+    #[test]
+    fn a_registered_sleeper_is_woken() {
+        let b = Arc::new(Bells::default());
+        let Nap::Sleep(mut s) = b.sleep(TX, b.mark(TX)) else {
+            panic!("nothing rang");
+        };
+        assert!(!readable(s.fd(), 0));
+        let ringer = {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(10));
+                b.ring(TX);
+            })
+        };
+        assert!(readable(s.fd(), 900), "the ring did not wake the sleeper");
+        s.fired = true;
+        drop(s);
+        ringer.join().unwrap();
+        // Drained: the thread's next sleep starts quiet.
+        let Nap::Sleep(s) = b.sleep(TX, b.mark(TX)) else {
+            panic!("nothing rang since");
+        };
+        assert!(!readable(s.fd(), 0));
+    }
+
+    #[test]
+    fn event_loops_get_descriptors_of_the_connection() {
+        let b = Bells::default();
+        b.ring(RX); // no loop bells yet: nothing to notify, nothing made
+        assert!(b.loops.get().is_none());
+        let fds = b.loop_fds().unwrap();
+        b.ring(RX);
+        assert!(readable(fds[RX].fd(), 0));
+        assert!(!readable(fds[TX].fd(), 0));
+    }
+}
