@@ -428,7 +428,7 @@ fn offer(
         .map_err(|e| Fallback::Handshake(e.to_string()))?;
     let reg = registry().map_err(|e| Fallback::Registry(e.to_string()))?;
     let entry = reg
-        .lookup(peer)
+        .lookup_for(std::os::fd::AsFd::as_fd(tcp), peer)
         .into_iter()
         .next()
         .ok_or(Fallback::NoListener)?;

@@ -143,6 +143,38 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// The network namespace socket `sock` lives in. Known namespaces are
+    /// remembered by their cookie (see [`vmc_os::proc::socket_netns_cookie`]),
+    /// so this costs one `getsockopt`; a namespace seen for the first time is
+    /// taken to be the calling thread's ([`NetNs::current`]), which it is for a
+    /// socket the thread just made. Kernels without cookies: always
+    /// [`NetNs::current`].
+    pub fn of_socket(sock: std::os::fd::BorrowedFd<'_>) -> io::Result<NetNs> {
+        /// Namespaces remembered at most (each is 24 bytes).
+        const KNOWN: usize = 256;
+        static BY_COOKIE: Mutex<Option<HashMap<u64, NetNs>>> = Mutex::new(None);
+        let Ok(cookie) = vmc_os::proc::socket_netns_cookie(sock) else {
+            return NetNs::current();
+        };
+        let known = |c| {
+            let map = BY_COOKIE.lock().unwrap_or_else(|e| e.into_inner());
+            map.as_ref().and_then(|m| m.get(&c).copied())
+        };
+        if let Some(ns) = known(cookie) {
+            return Ok(ns);
+        }
+        let ns = NetNs::current()?;
+        let mut map = BY_COOKIE.lock().unwrap_or_else(|e| e.into_inner());
+        let map = map.get_or_insert_with(HashMap::new);
+        if map.len() >= KNOWN {
+            map.clear();
+        }
+        map.insert(cookie, ns);
+        Ok(ns)
+    }
+}
+
 impl fmt::Display for NetNs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The same form as the `readlink` of the namespace file.
@@ -477,10 +509,24 @@ impl Registry {
     /// This never fails and never blocks: any error means no candidates
     /// (logged at debug level).
     pub fn lookup(&self, dst: SocketAddr) -> Vec<ListenerEntry> {
+        self.lookup_in(dst, NetNs::current())
+    }
+
+    /// [`Registry::lookup`] for a connection of socket `sock`, whose network
+    /// namespace is ours ([`NetNs::of_socket`]).
+    pub fn lookup_for(
+        &self,
+        sock: std::os::fd::BorrowedFd<'_>,
+        dst: SocketAddr,
+    ) -> Vec<ListenerEntry> {
+        self.lookup_in(dst, NetNs::of_socket(sock))
+    }
+
+    fn lookup_in(&self, dst: SocketAddr, own: io::Result<NetNs>) -> Vec<ListenerEntry> {
         if dst.port() == 0 {
             return Vec::new();
         }
-        let own = match NetNs::current() {
+        let own = match own {
             Ok(ns) => Some(ns),
             Err(e) => {
                 tracing::debug!("vmc registry: lookup {dst}: {e}");
