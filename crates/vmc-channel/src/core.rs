@@ -11,6 +11,7 @@ use vmc_os::{Backoff, EventFd, Segment};
 use vmc_ring::{SharedHeader, SideState};
 
 use crate::config::{WakeMode, LIVENESS_INTERVAL};
+use crate::pool::{self, Reuse, Spare};
 
 /// Which half of the channel is sleeping or being woken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +54,9 @@ pub(crate) struct Core {
     pub(crate) link: Link,
     pub(crate) segment: Arc<Segment>,
     pub(crate) spin: Duration,
+    /// Set up for reuse: where the segment and eventfds go when the channel is
+    /// dropped (see [`crate::pool`]).
+    pub(crate) reuse: Option<Reuse>,
 }
 
 impl Core {
@@ -156,10 +160,59 @@ impl Core {
     }
 }
 
+impl Core {
+    /// Leaves the segment and eventfds as a spare (see [`crate::pool`]) and marks
+    /// our side Closed, in the order the pool's protocol needs. False if this
+    /// channel cannot be kept (then nothing was done).
+    fn keep_spare(&mut self, reuse: Reuse) -> bool {
+        if !matches!(self.signals, Signals::EventFd { .. }) {
+            return false;
+        }
+        let inode = match &reuse {
+            Reuse::Offered { inode: Some(i), .. } => *i,
+            Reuse::Attached { inode } => *inode,
+            Reuse::Offered { inode: None, .. } => match self.segment.inode() {
+                Ok(i) => i,
+                Err(_) => return false,
+            },
+        };
+        let Signals::EventFd { mine, peer } = std::mem::replace(&mut self.signals, Signals::Poll)
+        else {
+            unreachable!("checked above");
+        };
+        let spare = Spare {
+            segment: self.segment.clone(),
+            header: self.header.clone(),
+            mine,
+            peer,
+            inode,
+        };
+        match reuse {
+            Reuse::Offered { key, .. } => {
+                self.header.set_state(SideState::Closed);
+                pool::put_offered(key, spare);
+            }
+            Reuse::Attached { .. } => {
+                // Kept before Closed shows: the creator reuses a segment only once
+                // it sees Closed, and its REUSE must then find the spare here.
+                pool::put_attached(spare);
+                self.header.set_state(SideState::Closed);
+            }
+        }
+        true
+    }
+}
+
 impl Drop for Core {
     fn drop(&mut self) {
-        if !self.is_abandoned() {
-            self.header.set_state(SideState::Closed);
+        if self.is_abandoned() {
+            return;
         }
+        if let Some(reuse) = self.reuse.take() {
+            if self.keep_spare(reuse) {
+                return;
+            }
+        }
+        self.header.set_state(SideState::Closed);
     }
 }

@@ -10,6 +10,8 @@
 //!   ([`vmc_ring::wait`]); an idle channel uses no CPU.
 //! - **Set-up** (`setup.rs`): a sealed memfd passed over a Unix socket, or a file in a
 //!   private directory; each end checks what the other wrote before using it.
+//!   Channels between the same two processes can reuse the segments and wake-up
+//!   descriptors of closed ones ([`pool`]).
 //! - **Closing and failure**: each direction shuts down on its own (EOF after the last
 //!   byte); a peer that dies without closing turns a blocked read or write into
 //!   `ConnectionReset` within [`config::LIVENESS_INTERVAL`]; a peer that corrupts the
@@ -39,6 +41,7 @@
 mod channel;
 pub mod config;
 mod core;
+pub mod pool;
 mod setup;
 pub mod spin;
 

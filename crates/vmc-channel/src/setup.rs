@@ -14,6 +14,11 @@
 //!                                fds: memfd [+ eventfd read, eventfd write]
 //!   ACK    attacher -> creator   "VMCA" status:u8 0:u8 0:u16
 //!                                fds: [eventfd read, eventfd write]
+//!
+//!   HELLO  (reuse, kind 2)       "VMC1" 2:u8 wake:u8 0:u16 segment_inode:u64
+//!                                no fds: a spare both sides kept (see [`crate::pool`])
+//!   ACK                          status 0 (no fds), or 2 (UNKNOWN: no such spare;
+//!                                the creator then sends a kind 1 HELLO)
 //! ```
 //!
 //! # Over a directory
@@ -35,12 +40,17 @@ use vmc_ring::{ChannelLayout, Endpoint, SideState};
 use crate::channel::{ring_error, Channel};
 use crate::config::{ChannelConfig, WakeMode};
 use crate::core::{Core, Link, Signals};
+use crate::pool::{self, Reuse};
 
 const HELLO_MAGIC: &[u8; 4] = b"VMC1";
 const ACK_MAGIC: &[u8; 4] = b"VMCA";
 const KIND_MEMFD: u8 = 1;
+/// A `HELLO` that names a spare segment instead of passing one (see [`crate::pool`]).
+const KIND_REUSE: u8 = 2;
 const STATUS_OK: u8 = 0;
 const STATUS_REFUSED: u8 = 1;
+/// The answer to a REUSE `HELLO` naming a segment the attacher no longer keeps.
+const STATUS_UNKNOWN: u8 = 2;
 
 /// How long a handshake may wait for the other side before giving up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,6 +129,17 @@ fn assemble(
     link: Link,
     spin: Duration,
 ) -> Channel {
+    assemble_reusable(ep, segment, signals, link, spin, None)
+}
+
+fn assemble_reusable(
+    ep: Endpoint,
+    segment: Arc<Segment>,
+    signals: Signals,
+    link: Link,
+    spin: Duration,
+    reuse: Option<Reuse>,
+) -> Channel {
     let core = Core {
         abandoned: std::sync::atomic::AtomicBool::new(false),
         header: ep.header,
@@ -126,6 +147,7 @@ fn assemble(
         link,
         segment,
         spin,
+        reuse,
     };
     Channel::from_parts(core, ep.tx, ep.rx)
 }
@@ -136,7 +158,12 @@ pub struct Offer {
     segment: Arc<Segment>,
     endpoint: Endpoint,
     mine: Option<[EventFd; 2]>,
+    /// A reused spare's eventfds of the peer (the ACK then carries none).
+    peer: Option<[EventFd; 2]>,
     config: ChannelConfig,
+    /// Offered with reuse in mind: the peer's key in the pool, and the inode of
+    /// the reused segment.
+    reuse: Option<(Arc<str>, Option<u64>)>,
 }
 
 impl Offer {
@@ -168,7 +195,11 @@ impl Offer {
     /// Waits for the attacher's `ACK` and returns the creator's end of the channel.
     pub fn finish(self) -> io::Result<Channel> {
         let mut msg = [0u8; 8];
-        let want = if self.mine.is_some() { 2 } else { 0 };
+        let want = if self.mine.is_some() && self.peer.is_none() {
+            2
+        } else {
+            0
+        };
         let (n, fds) =
             vmc_os::recv_with_fds_by(self.sock.as_fd(), &mut msg, want, handshake_deadline())
                 .map_err(|e| map_err_timeout(e, "ACK"))?;
@@ -181,6 +212,19 @@ impl Offer {
         if n != msg.len() || &msg[..4] != ACK_MAGIC {
             return Err(protocol_error("malformed ACK"));
         }
+        if msg[4] == STATUS_UNKNOWN && self.peer.is_some() && fds.is_empty() {
+            // The attacher no longer keeps that segment: offer a new one on the same
+            // socket (the spare is dropped).
+            let Offer {
+                sock,
+                config,
+                reuse,
+                ..
+            } = self;
+            let mut fresh = Channel::offer_over(sock, &config)?;
+            fresh.reuse = reuse.map(|(key, _)| (key, None));
+            return fresh.finish();
+        }
         if msg[4] != STATUS_OK {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
@@ -190,20 +234,23 @@ impl Offer {
         if !peer_attached(&self.endpoint) {
             return Err(protocol_error("ACK without attaching to the segment"));
         }
-        let signals = match self.mine {
-            Some(mine) => {
+        let signals = match (self.mine, self.peer) {
+            (Some(mine), Some(peer)) if fds.is_empty() => Signals::EventFd { mine, peer },
+            (Some(mine), None) => {
                 let peer = two_eventfds(fds)?;
                 Signals::EventFd { mine, peer }
             }
-            None if fds.is_empty() => signals_without_fds(self.config.wake),
-            None => return Err(protocol_error("unexpected descriptors with ACK")),
+            (None, _) if fds.is_empty() => signals_without_fds(self.config.wake),
+            _ => return Err(protocol_error("unexpected descriptors with ACK")),
         };
-        Ok(assemble(
+        let reuse = self.reuse.map(|(key, inode)| Reuse::Offered { key, inode });
+        Ok(assemble_reusable(
             self.endpoint,
             self.segment,
             signals,
             Link::Socket(self.sock),
             self.config.spin,
+            reuse,
         ))
     }
 }
@@ -269,7 +316,50 @@ impl Channel {
             segment,
             endpoint,
             mine,
+            peer: None,
             config: config.clone(),
+            reuse: None,
+        })
+    }
+
+    /// [`Channel::offer_over`] between processes that set channels up often: the
+    /// segment and eventfds of an earlier channel to the same peer (named by
+    /// `peer_key`, any string that tells peers apart) are used again if the peer
+    /// left it, and this channel's are kept for the next one (see [`crate::pool`]).
+    /// Eventfd channels only (others are offered as by [`Channel::offer_over`]).
+    /// The peer must use [`Channel::attach_over_reusing`].
+    pub fn offer_over_reusing(
+        sock: OwnedFd,
+        config: &ChannelConfig,
+        peer_key: &str,
+    ) -> io::Result<Offer> {
+        if config.wake != WakeMode::EventFd || !pool::enabled() {
+            return Channel::offer_over(sock, config);
+        }
+        let layout = layout_for(config)?;
+        let Some(spare) = pool::take_offered(peer_key, layout.segment_len) else {
+            let mut offer = Channel::offer_over(sock, config)?;
+            offer.reuse = Some((Arc::from(peer_key), None));
+            return Ok(offer);
+        };
+        let deadline = handshake_deadline();
+        // Laid out again from scratch: indices, states, the attacher's slot.
+        let endpoint = endpoint(&spare.segment, Some(config), config.wake)?;
+        let mut hello = [0u8; 16];
+        hello[..4].copy_from_slice(HELLO_MAGIC);
+        hello[4] = KIND_REUSE;
+        hello[5] = wake_code(config.wake);
+        hello[8..].copy_from_slice(&spare.inode.to_le_bytes());
+        vmc_os::send_with_fds_by(sock.as_fd(), &hello, &[], deadline)
+            .map_err(|e| map_err_timeout(e, "room for HELLO"))?;
+        Ok(Offer {
+            sock,
+            segment: spare.segment,
+            endpoint,
+            mine: Some(spare.mine),
+            peer: Some(spare.peer),
+            config: config.clone(),
+            reuse: Some((Arc::from(peer_key), Some(spare.inode))),
         })
     }
 
@@ -282,10 +372,80 @@ impl Channel {
     /// the segment, checks it, answers. `spin` is this end's spin limit (the other
     /// settings are the creator's).
     pub fn attach_over(sock: OwnedFd, spin: Duration) -> io::Result<Channel> {
+        Channel::attach(sock, spin, false)
+    }
+
+    /// [`Channel::attach_over`] for a creator using [`Channel::offer_over_reusing`]:
+    /// attaches to a spare segment of an earlier channel with that creator if it
+    /// asks to, and keeps this channel's for the next one (see [`crate::pool`]).
+    pub fn attach_over_reusing(sock: OwnedFd, spin: Duration) -> io::Result<Channel> {
+        Channel::attach(sock, spin, pool::enabled())
+    }
+
+    fn attach(sock: OwnedFd, spin: Duration, reusing: bool) -> io::Result<Channel> {
         let deadline = handshake_deadline();
         let mut hello = [0u8; 16];
-        let (n, mut fds) = vmc_os::recv_with_fds_by(sock.as_fd(), &mut hello, 3, deadline)
+        let (mut n, mut fds) = vmc_os::recv_with_fds_by(sock.as_fd(), &mut hello, 3, deadline)
             .map_err(|e| map_err_timeout(e, "HELLO"))?;
+        if n == hello.len() && &hello[..4] == HELLO_MAGIC && hello[4] == KIND_REUSE {
+            if !fds.is_empty() {
+                return Err(protocol_error("descriptors with a REUSE HELLO"));
+            }
+            let inode = u64::from_le_bytes(hello[8..].try_into().expect("8 bytes"));
+            let spare = if reusing && wake_from_code(hello[5]) == Some(WakeMode::EventFd) {
+                pool::take_attached(inode)
+            } else {
+                None
+            };
+            let mut ack = [0u8; 8];
+            ack[..4].copy_from_slice(ACK_MAGIC);
+            let Some(spare) = spare else {
+                // Not (or no longer) kept: the creator offers a new segment next.
+                ack[4] = STATUS_UNKNOWN;
+                vmc_os::send_with_fds_by(sock.as_fd(), &ack, &[], deadline)
+                    .map_err(|e| map_err_timeout(e, "room for ACK"))?;
+                (n, fds) = vmc_os::recv_with_fds_by(sock.as_fd(), &mut hello, 3, deadline)
+                    .map_err(|e| map_err_timeout(e, "HELLO"))?;
+                return Channel::attach_fresh(sock, spin, reusing, deadline, hello, n, fds);
+            };
+            // Checked as any segment a peer hands us.
+            let ep = match endpoint(&spare.segment, None, WakeMode::EventFd) {
+                Ok(ep) => ep,
+                Err(e) => {
+                    ack[4] = STATUS_REFUSED;
+                    let _ = vmc_os::send_with_fds_by(sock.as_fd(), &ack, &[], deadline);
+                    return Err(e);
+                }
+            };
+            vmc_os::send_with_fds_by(sock.as_fd(), &ack, &[], deadline)
+                .map_err(|e| map_err_timeout(e, "room for ACK"))?;
+            let signals = Signals::EventFd {
+                mine: spare.mine,
+                peer: spare.peer,
+            };
+            let reuse = Some(Reuse::Attached { inode });
+            return Ok(assemble_reusable(
+                ep,
+                spare.segment,
+                signals,
+                Link::Socket(sock),
+                spin,
+                reuse,
+            ));
+        }
+        Channel::attach_fresh(sock, spin, reusing, deadline, hello, n, fds)
+    }
+
+    /// The attacher's side of a `HELLO` with a new segment (already received).
+    fn attach_fresh(
+        sock: OwnedFd,
+        spin: Duration,
+        reusing: bool,
+        deadline: Instant,
+        hello: [u8; 16],
+        n: usize,
+        mut fds: Vec<OwnedFd>,
+    ) -> io::Result<Channel> {
         if n != hello.len() || &hello[..4] != HELLO_MAGIC || hello[4] != KIND_MEMFD {
             return Err(protocol_error("malformed HELLO"));
         }
@@ -327,11 +487,24 @@ impl Channel {
         let my_fds: Vec<BorrowedFd<'_>> = mine.iter().flatten().map(|e| e.fd()).collect();
         vmc_os::send_with_fds_by(sock.as_fd(), &ack, &my_fds, deadline)
             .map_err(|e| map_err_timeout(e, "room for ACK"))?;
-        let signals = match (mine, peer) {
-            (Some(mine), Some(peer)) => Signals::EventFd { mine, peer },
-            _ => signals_without_fds(wake),
+        let (signals, reuse) = match (mine, peer) {
+            (Some(mine), Some(peer)) => {
+                let reuse = match segment.inode() {
+                    Ok(inode) if reusing => Some(Reuse::Attached { inode }),
+                    _ => None,
+                };
+                (Signals::EventFd { mine, peer }, reuse)
+            }
+            _ => (signals_without_fds(wake), None),
         };
-        Ok(assemble(ep, segment, signals, Link::Socket(sock), spin))
+        Ok(assemble_reusable(
+            ep,
+            segment,
+            signals,
+            Link::Socket(sock),
+            spin,
+            reuse,
+        ))
     }
 
     /// Both ends of a new channel in this process (over a socketpair), e.g. to hand

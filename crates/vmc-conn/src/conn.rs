@@ -525,8 +525,11 @@ impl Conn {
                 deadline,
             } => match rendezvous.take(peer, local) {
                 Some(sock) => {
-                    match Channel::attach_over(sock, vmc_channel::ChannelConfig::from_env().spin)
-                        .and_then(|ch| self.install(ch))
+                    match Channel::attach_over_reusing(
+                        sock,
+                        vmc_channel::ChannelConfig::from_env().spin,
+                    )
+                    .and_then(|ch| self.install(ch))
                     {
                         Ok(()) => {}
                         Err(e) => self.give_up(Fallback::Handshake(e.to_string())),

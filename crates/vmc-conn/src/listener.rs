@@ -220,7 +220,7 @@ impl TcpListener {
                 match r.take(peer, local) {
                     Some(sock) => {
                         let spin = vmc_channel::ChannelConfig::from_env().spin;
-                        match Channel::attach_over(sock, spin) {
+                        match Channel::attach_over_reusing(sock, spin) {
                             Ok(ch) => Conn::attached(tcp, ch, Some((local, peer)))?,
                             Err(e) => Conn::plain(tcp, Fallback::Handshake(e.to_string())),
                         }

@@ -440,7 +440,9 @@ fn offer(
         wake: WakeMode::EventFd,
         ..ChannelConfig::from_env()
     };
-    let offer = Channel::offer_over(sock.into(), &config)
+    // Segments of earlier channels to this listener's process are used again.
+    let key = format!("{}:{}", entry.pid, entry.rendezvous.display());
+    let offer = Channel::offer_over_reusing(sock.into(), &config, &key)
         .map_err(|e| Fallback::Handshake(e.to_string()))?;
     Ok((offer, local))
 }

@@ -53,12 +53,18 @@ fn child_role() {
             // One connection first: what the library opens once per process (its
             // statistics table) is part of the baseline, not a leak.
             echo_server(&l, 1);
+            // Spare channels kept for reuse are not leaks either: give them back
+            // before each count (and check they stay few).
+            vmc_channel::pool::clear();
             let before = fd_count();
             let fds_before = fd_list();
             say("WARM", before);
             let (accel, bytes) = echo_server(&l, conns);
             say("ACCEL", accel);
             say("BYTES", bytes);
+            let (_, spares) = vmc_channel::pool::count();
+            assert!(spares <= vmc_channel::pool::MAX_SPARES, "{spares} spares");
+            vmc_channel::pool::clear();
             let after = fd_count();
             if after != before {
                 eprintln!(
@@ -81,6 +87,7 @@ fn child_role() {
                 warm_up(addr);
                 server.join().unwrap();
             });
+            vmc_channel::pool::clear();
             let before = fd_count();
             let fds_before = fd_list();
             let (accel, server_accel) = thread::scope(|sc| {
@@ -89,6 +96,9 @@ fn child_role() {
                 (accel, server.join().unwrap().0)
             });
             say("ACCEL", format!("{accel} {server_accel}"));
+            let (offered, attached) = vmc_channel::pool::count();
+            assert!(offered.max(attached) <= vmc_channel::pool::MAX_SPARES);
+            vmc_channel::pool::clear();
             let after = fd_count();
             if after != before {
                 eprintln!(

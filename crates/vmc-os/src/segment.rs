@@ -373,6 +373,12 @@ impl Segment {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+
+    /// The inode number of the segment's file: names it, to both processes that
+    /// map it, for as long as one keeps it open (`fstat`).
+    pub fn inode(&self) -> io::Result<u64> {
+        Ok(rustix::fs::fstat(&self.fd)?.st_ino)
+    }
 }
 
 impl Drop for Segment {

@@ -288,7 +288,9 @@ impl Producer {
     /// Fails with [`RingError::ReaderClosed`] once the consumer has closed its end.
     #[inline]
     fn check_reader(&self) -> Result<(), RingError> {
-        if self.mem.ctl().state.0.reader_closed.load(Ordering::Acquire) != 0 {
+        // A poisoned ring stays poisoned, whatever the (peer-written) flag says.
+        self.check()?;
+        if self.is_reader_closed() {
             return Err(RingError::ReaderClosed);
         }
         Ok(())
@@ -408,7 +410,7 @@ impl Producer {
 
     /// True once the consumer has closed its end.
     pub fn is_reader_closed(&self) -> bool {
-        self.check_reader().is_err()
+        self.mem.ctl().state.0.reader_closed.load(Ordering::Acquire) != 0
     }
 
     /// Announces that the producer will sleep until space frees, then re-checks.
