@@ -88,13 +88,17 @@ impl Pool {
         }
     }
 
-    /// The pool, emptied first if it was filled before a fork (the parent keeps
-    /// using those; dropping them here only closes and unmaps our copies).
+    /// The pool, emptied first if it was filled before a fork: the parent keeps
+    /// using those. They are forgotten, not dropped: the child may have closed the
+    /// descriptors it inherited and opened others under the same numbers (a
+    /// program closing everything before exec does), which dropping would close.
     fn of_this_process(m: &Mutex<Pool>) -> std::sync::MutexGuard<'_, Pool> {
         let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
         let generation = vmc_os::proc::fork_generation();
         if p.generation != generation {
-            p.spares.clear();
+            for spare in p.spares.drain(..) {
+                std::mem::forget(spare);
+            }
             p.bytes = 0;
             p.generation = generation;
         }

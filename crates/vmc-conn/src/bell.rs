@@ -172,7 +172,11 @@ fn thread_bell() -> Option<Arc<EventFd>> {
                 _ => match EventFd::new() {
                     Ok(b) => {
                         let b = Arc::new(b);
-                        *cell = Some((generation, b.clone()));
+                        // The parent's, inherited by a fork: forgotten, not closed
+                        // (its number may be one of the child's files by now).
+                        if let Some(inherited) = cell.replace((generation, b.clone())) {
+                            std::mem::forget(inherited);
+                        }
                         Some(b)
                     }
                     Err(e) => {

@@ -314,8 +314,9 @@ pub struct Registry {
     /// Entry files opened so far (lets tests check lookups skip files of
     /// other ports by name).
     opened: AtomicU64,
-    /// Lookups, per port (see "Cached lookups" in the module documentation).
-    cache: Mutex<HashMap<u16, PortCache>>,
+    /// Lookups, per port (see "Cached lookups" in the module documentation),
+    /// with the fork generation of the process that made them.
+    cache: Mutex<(u64, HashMap<u16, PortCache>)>,
 }
 
 impl fmt::Debug for Registry {
@@ -404,7 +405,7 @@ impl Registry {
             dir: Mutex::new(Arc::new(dir)),
             warned: Mutex::new(HashSet::new()),
             opened: AtomicU64::new(0),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new((vmc_os::proc::fork_generation(), HashMap::new())),
         })
     }
 
@@ -547,7 +548,17 @@ impl Registry {
     /// look at the directory (cached if it can be trusted later).
     fn entries_of(&self, port: u16) -> io::Result<Vec<ListenerEntry>> {
         let (dir, mtime) = self.dir_and_mtime()?;
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let (generation, cache) = &mut *guard;
+        let now = vmc_os::proc::fork_generation();
+        if *generation != now {
+            // Inherited through fork: forgotten, not closed (the child may have
+            // closed those descriptors and opened its own files under the numbers).
+            for (_, c) in cache.drain() {
+                std::mem::forget(c);
+            }
+            *generation = now;
+        }
         if let Some(c) = cache.get(&port) {
             let alive = |f: &File| ofd_locked_by_other(f.as_fd(), LIVENESS_BYTE).unwrap_or(false);
             if c.mtime == mtime && c.entries.iter().all(|(_, f)| alive(f)) {

@@ -32,8 +32,8 @@ fn raise_fd_limit() {
 }
 
 /// Descriptors one idle pair holds in this process (both ends: TCP sockets, the
-/// handshake socket, eventfds, wait sets; measured: about 21).
-const FDS_PER_PAIR: u64 = 22;
+/// handshake socket and its duplicates, the memfd, eventfds; measured: 17).
+const FDS_PER_PAIR: u64 = 18;
 
 /// Opens `n` idle vmc connection pairs.
 pub fn open(n: usize) -> Result<IdleSet> {
