@@ -105,19 +105,28 @@ impl Pool {
         p
     }
 
-    fn put(&mut self, key: Arc<str>, spare: Spare) {
+    /// Keeps `spare`, returning what must be dropped instead (it, or the oldest
+    /// spares it pushes out). The caller drops those after letting go of the
+    /// lock: dropping closes descriptors, and a `close` hook of the preload
+    /// library takes this lock too.
+    fn put(&mut self, key: Arc<str>, spare: Spare) -> Vec<Spare> {
         let len = spare.segment.len();
         if len > MAX_SPARE_SEGMENT {
-            return;
+            return vec![spare];
         }
+        let mut out = Vec::new();
         while self.bytes + len > MAX_SPARE_BYTES || self.spares.len() >= MAX_SPARES {
             match self.spares.pop_front() {
-                Some((_, old)) => self.bytes -= old.segment.len(),
-                None => return,
+                Some((_, old)) => {
+                    self.bytes -= old.segment.len();
+                    out.push(old);
+                }
+                None => return vec![spare],
             }
         }
         self.bytes += len;
         self.spares.push_back((key, spare));
+        out
     }
 
     fn take(&mut self, pick: impl Fn(&str, &Spare) -> bool) -> Option<Spare> {
@@ -130,7 +139,8 @@ impl Pool {
 
 /// Keeps a creator's spare for peer `key`.
 pub(crate) fn put_offered(key: Arc<str>, spare: Spare) {
-    Pool::of_this_process(&OFFERED).put(key, spare);
+    let dropped = Pool::of_this_process(&OFFERED).put(key, spare);
+    drop(dropped);
 }
 
 /// A creator's spare for peer `key` of `len` bytes whose attacher has left it.
@@ -142,7 +152,8 @@ pub(crate) fn take_offered(key: &str, len: usize) -> Option<Spare> {
 
 /// Keeps an attacher's spare (the caller marks its side Closed after this).
 pub(crate) fn put_attached(spare: Spare) {
-    Pool::of_this_process(&ATTACHED).put(Arc::from(""), spare);
+    let dropped = Pool::of_this_process(&ATTACHED).put(Arc::from(""), spare);
+    drop(dropped);
 }
 
 /// The attacher's spare of segment `inode`, if it still has it.
@@ -150,13 +161,46 @@ pub(crate) fn take_attached(inode: u64) -> Option<Spare> {
     Pool::of_this_process(&ATTACHED).take(|_, s| s.inode == inode)
 }
 
+/// Forgets (never closes) every spare holding a descriptor number in
+/// `first..=last`: the program closed those numbers behind our back (a `close`,
+/// `close_range` or `dup2` onto them), and may already have opened files of its own
+/// under them, which using or dropping the spare would write to or close. The
+/// mappings stay until the process ends. Returns how many spares were forgotten.
+pub fn forget_fds(first: i32, last: i32) -> usize {
+    use std::os::fd::AsRawFd;
+    let holds = |s: &Spare| {
+        std::iter::once(s.segment.fd().as_raw_fd())
+            .chain(s.mine.iter().chain(&s.peer).map(|e| e.fd().as_raw_fd()))
+            .any(|fd| (first..=last).contains(&fd))
+    };
+    let mut n = 0;
+    for m in [&OFFERED, &ATTACHED] {
+        let mut p = Pool::of_this_process(m);
+        let mut i = 0;
+        while i < p.spares.len() {
+            if holds(&p.spares[i].1) {
+                let (_, spare) = p.spares.remove(i).expect("index checked");
+                p.bytes -= spare.segment.len();
+                std::mem::forget(spare);
+                n += 1;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    n
+}
+
 /// Drops every spare of this process (closing and unmapping them); for tests that
 /// count descriptors, and for programs that want the memory back.
 pub fn clear() {
     for m in [&OFFERED, &ATTACHED] {
-        let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
-        p.spares.clear();
-        p.bytes = 0;
+        let spares: Vec<_> = {
+            let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
+            p.bytes = 0;
+            p.spares.drain(..).collect()
+        };
+        drop(spares);
     }
 }
 
@@ -269,6 +313,23 @@ mod tests {
         echo(&mut c, &mut a, b"still works");
         drop((c, a));
         assert_eq!(count(), (1, 1));
+    }
+
+    #[test]
+    fn spares_whose_descriptors_were_closed_are_forgotten() {
+        use std::os::fd::AsRawFd;
+        let _g = lock();
+        let (c, a) = reusing_pair("peer-1");
+        drop((c, a));
+        assert_eq!(count(), (1, 1));
+        let fd = {
+            let p = Pool::of_this_process(&OFFERED);
+            p.spares[0].1.mine[0].fd().as_raw_fd()
+        };
+        assert_eq!(forget_fds(fd, fd), 1);
+        assert_eq!(count(), (0, 1));
+        assert_eq!(forget_fds(0, -1), 0, "an empty range");
+        clear();
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub(crate) struct Bells {
     rung: [AtomicU64; 2],
     /// A thread sleeps on this half and lent its eventfd (in `sleeper`).
     sleeping: [AtomicBool; 2],
-    sleeper: [Mutex<Option<Arc<EventFd>>>; 2],
+    sleeper: [Mutex<Option<Arc<ThreadBell>>>; 2],
     /// For event loops, which watch a descriptor of the connection's own.
     loops: OnceLock<[EventFd; 2]>,
 }
@@ -72,7 +72,9 @@ impl Bells {
         }
         if self.sleeping[half].load(Ordering::SeqCst) {
             if let Some(b) = lock(&self.sleeper[half]).as_ref() {
-                notify(b);
+                if let Some(fd) = b.get() {
+                    notify(fd);
+                }
             }
         }
     }
@@ -132,14 +134,14 @@ pub(crate) enum Nap<'a> {
 pub(crate) struct Sleep<'a> {
     bells: &'a Bells,
     half: usize,
-    bell: Arc<EventFd>,
+    bell: Arc<ThreadBell>,
     /// The poll said the eventfd is readable: drain it when done.
     pub(crate) fired: bool,
 }
 
 impl Sleep<'_> {
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.bell.fd()
+        self.bell.fd.fd()
     }
 }
 
@@ -150,32 +152,97 @@ impl Drop for Sleep<'_> {
         // A notification that came after the poll returned is left for this
         // thread's next sleep, which then looks once more for nothing: harmless.
         if self.fired {
-            let _ = self.bell.drain();
+            if let Some(fd) = self.bell.get() {
+                let _ = fd.drain();
+            }
         }
     }
 }
 
-thread_local! {
-    /// This thread's eventfd for sleeping on bells, with the fork generation that
-    /// made it (a forked child must not share its parent's: a drain there would
-    /// take a notification meant here).
-    static THREAD_BELL: RefCell<Option<(u64, Arc<EventFd>)>> = const { RefCell::new(None) };
+/// A thread's eventfd for sleeping on bells. It outlives connections, so a program
+/// that closes descriptors it does not own (`close_range`, a loop of `close`) may
+/// close it and open a file under its number: then it is marked lost
+/// ([`forget_fds`]) and never written, read or closed again.
+pub(crate) struct ThreadBell {
+    fd: std::mem::ManuallyDrop<EventFd>,
+    lost: AtomicBool,
 }
 
-fn thread_bell() -> Option<Arc<EventFd>> {
+/// Every thread's bell, by descriptor number, for [`forget_fds`].
+static THREAD_BELLS: Mutex<Vec<(i32, std::sync::Weak<ThreadBell>)>> = Mutex::new(Vec::new());
+
+impl ThreadBell {
+    fn new() -> io::Result<Arc<ThreadBell>> {
+        use std::os::fd::AsRawFd;
+        let b = Arc::new(ThreadBell {
+            fd: std::mem::ManuallyDrop::new(EventFd::new()?),
+            lost: AtomicBool::new(false),
+        });
+        let raw = b.fd.fd().as_raw_fd();
+        lock(&THREAD_BELLS).push((raw, Arc::downgrade(&b)));
+        Ok(b)
+    }
+
+    /// The eventfd, unless the program closed its number.
+    fn get(&self) -> Option<&EventFd> {
+        (!self.lost.load(Ordering::Acquire)).then_some(&*self.fd)
+    }
+}
+
+impl Drop for ThreadBell {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        let raw = self.fd.fd().as_raw_fd();
+        lock(&THREAD_BELLS).retain(|(fd, w)| !(*fd == raw && w.strong_count() == 0));
+        if !self.lost.load(Ordering::Acquire) {
+            // SAFETY: dropped once, here, and never used again.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.fd) };
+        }
+    }
+}
+
+/// The program closed descriptors `first..=last`: threads' bells among them are
+/// lost (each thread makes a new one at its next sleep). Returns how many.
+pub(crate) fn forget_fds(first: i32, last: i32) -> usize {
+    let mut lost = Vec::new();
+    lock(&THREAD_BELLS).retain(|(fd, w)| {
+        if !(first..=last).contains(fd) {
+            return true;
+        }
+        if let Some(b) = w.upgrade() {
+            b.lost.store(true, Ordering::Release);
+            lost.push(b);
+        }
+        false
+    });
+    // Dropped after the lock: a bell whose thread ended meanwhile is dropped here,
+    // and its drop takes the lock (it closes nothing: it is lost).
+    lost.len()
+}
+
+thread_local! {
+    /// This thread's bell, with the fork generation that made it (a forked child
+    /// must not share its parent's: a drain there would take a notification meant
+    /// here).
+    static THREAD_BELL: RefCell<Option<(u64, Arc<ThreadBell>)>> = const { RefCell::new(None) };
+}
+
+fn thread_bell() -> Option<Arc<ThreadBell>> {
     let generation = vmc_os::proc::fork_generation();
     THREAD_BELL
         .try_with(|cell| {
             let mut cell = cell.borrow_mut();
             match &*cell {
-                Some((g, b)) if *g == generation => Some(b.clone()),
-                _ => match EventFd::new() {
+                Some((g, b)) if *g == generation && b.get().is_some() => Some(b.clone()),
+                _ => match ThreadBell::new() {
                     Ok(b) => {
-                        let b = Arc::new(b);
                         // The parent's, inherited by a fork: forgotten, not closed
-                        // (its number may be one of the child's files by now).
-                        if let Some(inherited) = cell.replace((generation, b.clone())) {
-                            std::mem::forget(inherited);
+                        // (its number may be one of the child's files by now). A
+                        // lost one closes nothing when dropped.
+                        if let Some((g, old)) = cell.replace((generation, b.clone())) {
+                            if g != generation {
+                                std::mem::forget(old);
+                            }
                         }
                         Some(b)
                     }
@@ -222,6 +289,7 @@ mod tests {
             panic!("nothing rang");
         };
         assert!(!readable(s.fd(), 0));
+        let first = std::os::fd::AsRawFd::as_raw_fd(&s.fd());
         let ringer = {
             let b = b.clone();
             std::thread::spawn(move || {
@@ -238,6 +306,21 @@ mod tests {
             panic!("nothing rang since");
         };
         assert!(!readable(s.fd(), 0));
+        drop(s);
+
+        // The program closed the bell's number (and may use it for a file): the
+        // bell is lost, never touched again; the thread gets a new one.
+        assert_eq!(forget_fds(first, first), 1);
+        let Nap::Sleep(s) = b.sleep(TX, b.mark(TX)) else {
+            panic!("nothing rang since");
+        };
+        assert_ne!(std::os::fd::AsRawFd::as_raw_fd(&s.fd()), first);
+        drop(s);
+        // The lost one is not closed: its number still works (here it is still
+        // the eventfd, as nobody closed it for real).
+        // SAFETY: `first` is open (leaked by the lost bell) for the whole test.
+        let still = unsafe { BorrowedFd::borrow_raw(first) };
+        assert!(rustix::io::fcntl_getfd(still).is_ok());
     }
 
     #[test]

@@ -28,9 +28,13 @@ pub mod stats;
 pub mod tokio;
 pub mod wire;
 
+/// Spare channels kept for reuse between the same two processes (see
+/// [`vmc_channel::pool`]).
+pub use vmc_channel::pool as spares;
+
 pub use conn::ATTACH_WINDOW;
 pub use fallback::Fallback;
 pub use listener::TcpListener;
-pub use net::{prepare_fork, RecvOpts, TcpStream, Traffic};
+pub use net::{forget_closed_fds, prepare_fork, RecvOpts, TcpStream, Traffic};
 pub use ready::{Interest, Ready};
 pub use wire::Path;

@@ -47,6 +47,22 @@ pub(crate) fn registry() -> io::Result<&'static Registry> {
         .map_err(|e| io::Error::other(e.clone()))
 }
 
+/// Tells vmc that the program closed descriptors `first..=last` it did not open
+/// itself (`close_range`, a loop of `close`, `dup2` onto them): what vmc keeps
+/// between connections under those numbers (spare channels, threads' bells, cached
+/// registry files) is forgotten, never used or closed again, since the numbers may
+/// name the program's own files by now. The preload library calls this from its
+/// `close`, `close_range` and `dup2` hooks. Returns how many things were forgotten.
+pub fn forget_closed_fds(first: i32, last: i32) -> usize {
+    let mut n = vmc_channel::pool::forget_fds(first, last) + crate::bell::forget_fds(first, last);
+    if REGISTRY_STARTED.load(std::sync::atomic::Ordering::Acquire) {
+        if let Ok(reg) = registry() {
+            n += reg.forget_fds(first, last);
+        }
+    }
+    n
+}
+
 /// Call before `fork` in a process that may be setting vmc up on another thread
 /// (a `pthread_atfork` prepare handler): waits until the process-wide state that
 /// is opened once (the registry, the statistics table) is either untouched or

@@ -629,6 +629,39 @@ impl Registry {
         self.dir_and_mtime().map(|(dir, _)| dir)
     }
 
+    /// The program closed descriptors `first..=last` behind our back (and may have
+    /// opened files of its own under those numbers): cached lookups holding one are
+    /// forgotten, never closed, and so is the directory if its descriptor was one
+    /// (it is opened again at the next look). Returns how many were forgotten.
+    pub fn forget_fds(&self, first: i32, last: i32) -> usize {
+        use std::os::fd::AsRawFd;
+        let within = |fd: i32| (first..=last).contains(&fd);
+        let mut n = 0;
+        {
+            let mut guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let lost: Vec<u16> = guard
+                .1
+                .iter()
+                .filter(|(_, c)| c.entries.iter().any(|(_, f)| within(f.as_raw_fd())))
+                .map(|(port, _)| *port)
+                .collect();
+            for port in lost {
+                if let Some(c) = guard.1.remove(&port) {
+                    std::mem::forget(c);
+                    n += 1;
+                }
+            }
+        }
+        let mut dir = self.dir.lock().unwrap_or_else(|e| e.into_inner());
+        if within(dir.fd().as_raw_fd()) {
+            if let Ok(fresh) = open_dirs(&self.path, &self.root) {
+                std::mem::forget(std::mem::replace(&mut *dir, Arc::new(fresh)));
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// [`Registry::dir`] and the directory's mtime (seconds, nanoseconds), read
     /// before looking into it.
     fn dir_and_mtime(&self) -> io::Result<(Arc<SegmentDir>, (i64, u32))> {

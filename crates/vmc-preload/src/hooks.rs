@@ -516,6 +516,9 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     alias::forget(fd);
     // SAFETY: forwarding the program's argument.
     let r = unsafe { real::close(fd) };
+    if r == 0 {
+        closed_behind_our_back(fd, fd);
+    }
     if let Some(old) = old {
         let saved = errno();
         // Inside vmc already or not, the last reference closes vmc's own
@@ -533,6 +536,10 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
     // SAFETY: forwarding the program's arguments.
     let r = unsafe { real::close_range(first, last, flags) };
+    if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
+        let clamp = |n: c_uint| n.min(c_int::MAX as c_uint) as c_int;
+        closed_behind_our_back(clamp(first), clamp(last));
+    }
     if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 && table::any() {
         let saved = errno();
         let last = last.min(table::MAX_FDS as c_uint - 1);
@@ -548,8 +555,24 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
     r
 }
 
+/// The program closed descriptors `first..=last` (or replaced one with `dup2`): what
+/// vmc keeps between connections under those numbers is forgotten, never used or
+/// closed again (see `vmc_conn::forget_closed_fds`). Not for vmc's own closes, which
+/// never close what it keeps while kept (and may hold the locks involved).
+fn closed_behind_our_back(first: c_int, last: c_int) {
+    if let Some(_g) = enter() {
+        let saved = errno();
+        let n = vmc_conn::forget_closed_fds(first, last);
+        if n > 0 {
+            tracing::debug!("the program closed {n} of vmc's kept descriptors: forgotten");
+        }
+        set_errno(saved);
+    }
+}
+
 /// Gives `new` what `old` is to vmc (after a successful dup of any kind).
 fn copy_entry(old: c_int, new: c_int) {
+    closed_behind_our_back(new, new);
     alias::forget(new);
     let Some(sock) = table::get(old) else {
         // `new` may have been a vmc descriptor that dup2 just closed.
