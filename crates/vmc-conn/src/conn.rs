@@ -50,6 +50,7 @@ use rustix::net::{recv, send, RecvFlags, SendFlags};
 use vmc_channel::{Channel, Offer, ReadHalf, WriteHalf};
 
 use crate::bell::{self, Bells, Nap};
+use crate::dirlock::{DirGuard, DirLock};
 use crate::fallback::Fallback;
 use crate::listener::Rendezvous;
 use crate::ready::{Interest, Ready, WaitSet};
@@ -163,8 +164,8 @@ pub(crate) struct Conn {
     bells: Bells,
     parts: OnceLock<Parts>,
     fallback: OnceLock<Fallback>,
-    rx: Mutex<Rx>,
-    tx: Mutex<Tx>,
+    rx: DirLock<Rx>,
+    tx: DirLock<Tx>,
     ctl_in: Mutex<CtlIn>,
     /// Serialises control frames we send (both halves send).
     ctl_out: Mutex<()>,
@@ -234,15 +235,12 @@ fn busy() -> io::Error {
 
 /// Locks `m`, trying until `deadline` (another thread may hold it for a blocking
 /// call that never ends).
-fn lock_until<T>(m: &Mutex<T>, deadline: Instant) -> Option<MutexGuard<'_, T>> {
+fn lock_until<T>(m: &DirLock<T>, deadline: Instant) -> Option<DirGuard<'_, T>> {
     loop {
         match m.try_lock() {
-            Ok(g) => return Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_micros(200))
-            }
-            Err(std::sync::TryLockError::WouldBlock) => return None,
+            Some(g) => return Some(g),
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_micros(200)),
+            None => return None,
         }
     }
 }
@@ -328,14 +326,14 @@ impl Conn {
             bells: Bells::default(),
             parts: OnceLock::new(),
             fallback: OnceLock::new(),
-            rx: Mutex::new(Rx {
+            rx: DirLock::new(Rx {
                 path: RxPath::Tcp { until: None },
                 tcp_in: 0,
                 ring: None,
                 nonblocking: false,
                 timeout: None,
             }),
-            tx: Mutex::new(Tx {
+            tx: DirLock::new(Tx {
                 path: Path::Tcp,
                 left: [0, 0],
                 want: Path::Shm,
@@ -585,7 +583,7 @@ impl Conn {
         if buf.is_empty() {
             return Ok(0);
         }
-        let mut rx = lock(&self.rx);
+        let mut rx = self.rx.lock();
         let r = match self.read_locked(&mut rx, buf, opts) {
             // The peer's process is gone and every byte it sent was read. TCP would
             // show a FIN here (the kernel closes a dead process's sockets), unless the
@@ -734,11 +732,11 @@ impl Conn {
     /// empty, or we never used it). Unknown (a writer busy) counts as false.
     fn peer_left_nothing_unread(&self) -> bool {
         match self.tx.try_lock() {
-            Ok(mut tx) => match tx.ring.as_mut() {
+            Some(mut tx) => match tx.ring.as_mut() {
                 Some(w) => w.queued() == 0,
                 None => true,
             },
-            Err(_) => false,
+            None => false,
         }
     }
 
@@ -806,7 +804,7 @@ impl Conn {
     fn pump_control(&self) -> io::Result<()> {
         self.read_control()?;
         if self.rewind_asked.load(Ordering::Acquire) {
-            if let Ok(mut tx) = self.tx.try_lock() {
+            if let Some(mut tx) = self.tx.try_lock() {
                 if let Err(e) = self.serve_rewind(&mut tx) {
                     tracing::debug!("vmc connection: serving a rewind: {e}");
                 }
@@ -961,7 +959,7 @@ impl Conn {
     /// closed peer is a `BrokenPipe` error.
     pub(crate) fn write_opts(&self, buf: &[u8], dontwait: bool) -> io::Result<usize> {
         self.advance();
-        let mut tx = lock(&self.tx);
+        let mut tx = self.tx.lock();
         let r = self.write_locked(&mut tx, buf, dontwait);
         if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
             self.tx_blocked.fetch_add(1, Ordering::Relaxed);
@@ -1420,7 +1418,7 @@ impl Conn {
     /// channel is attached, else as soon as it is.
     pub(crate) fn set_tx_path(&self, to: Path) -> io::Result<()> {
         self.advance();
-        let mut tx = lock(&self.tx);
+        let mut tx = self.tx.lock();
         if tx.for_good && to == Path::Shm {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -1435,11 +1433,11 @@ impl Conn {
     }
 
     pub(crate) fn tx_path(&self) -> Path {
-        lock(&self.tx).path
+        self.tx.lock().path
     }
 
     pub(crate) fn rx_path(&self) -> Path {
-        match lock(&self.rx).path {
+        match self.rx.lock().path {
             RxPath::Shm => Path::Shm,
             RxPath::Tcp { .. } => Path::Tcp,
         }
@@ -1448,7 +1446,7 @@ impl Conn {
     pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         let mut how = how;
         if matches!(how, Shutdown::Write | Shutdown::Both) {
-            let mut tx = lock(&self.tx);
+            let mut tx = self.tx.lock();
             if !tx.shut {
                 tx.shut = true;
                 self.tx_shut.store(true, Ordering::Release);
@@ -1473,13 +1471,13 @@ impl Conn {
 
     pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         self.tcp.set_nonblocking(on)?;
-        let mut rx = lock(&self.rx);
+        let mut rx = self.rx.lock();
         rx.nonblocking = on;
         if let Some(r) = rx.ring.as_mut() {
             r.set_nonblocking(on);
         }
         drop(rx);
-        let mut tx = lock(&self.tx);
+        let mut tx = self.tx.lock();
         tx.nonblocking = on;
         if let Some(w) = tx.ring.as_mut() {
             w.set_nonblocking(on);
@@ -1489,7 +1487,7 @@ impl Conn {
 
     pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.tcp.set_read_timeout(t)?;
-        let mut rx = lock(&self.rx);
+        let mut rx = self.rx.lock();
         rx.timeout = t;
         if let Some(r) = rx.ring.as_mut() {
             r.set_timeout(t)?;
@@ -1499,7 +1497,7 @@ impl Conn {
 
     pub(crate) fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.tcp.set_write_timeout(t)?;
-        let mut tx = lock(&self.tx);
+        let mut tx = self.tx.lock();
         tx.timeout = t;
         if let Some(w) = tx.ring.as_mut() {
             w.set_timeout(t)?;
@@ -1508,11 +1506,11 @@ impl Conn {
     }
 
     pub(crate) fn read_timeout(&self) -> Option<Duration> {
-        lock(&self.rx).timeout
+        self.rx.lock().timeout
     }
 
     pub(crate) fn write_timeout(&self) -> Option<Duration> {
-        lock(&self.tx).timeout
+        self.tx.lock().timeout
     }
 
     // ---- readiness, for event loops (see `ready`) ------------------------------
@@ -1541,7 +1539,7 @@ impl Conn {
         let mut r = Ready::default();
         let mut tcp: Option<PollFlags> = None;
         if want.read {
-            if let Ok(mut rx) = self.rx.try_lock() {
+            if let Some(mut rx) = self.rx.try_lock() {
                 // A reader holding the lock takes whatever comes; otherwise look.
                 let ended;
                 (r.readable, ended) = match self.rx_ready(&mut rx, deep, &mut tcp) {
@@ -1573,7 +1571,7 @@ impl Conn {
         // resets): look there whenever the rings say an end is closed.
         let mut closing = r.read_closed;
         if want.write {
-            if let Ok(mut tx) = self.tx.try_lock() {
+            if let Some(mut tx) = self.tx.try_lock() {
                 r.writable = self.tx_ready(&mut tx, deep, &mut tcp).unwrap_or(true);
                 closing |= tx.ring.as_ref().is_some_and(|w| w.reader_closed());
                 // Like the kernel (SOCK_NOSPACE), a fresh "writable" edge is owed only
@@ -1754,7 +1752,7 @@ impl Conn {
             _ => {}
         }
         if want.read {
-            if let Ok(mut rx) = self.rx.try_lock() {
+            if let Some(mut rx) = self.rx.try_lock() {
                 // TCP delivered everything before the peer's move to the ring: the
                 // next bytes come on the ring, so that is what must be armed (the
                 // look below would enter the ring only after arming, and the wait
@@ -1772,7 +1770,7 @@ impl Conn {
             }
         }
         if want.write {
-            if let Ok(mut tx) = self.tx.try_lock() {
+            if let Some(mut tx) = self.tx.try_lock() {
                 if tx.path == Path::Shm {
                     if let Some(ring) = tx.ring.as_mut() {
                         ring.arm();
@@ -1796,14 +1794,14 @@ impl Conn {
             n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)) == Ok(1)
         };
         if want.read && last(&self.armed_for[0]) {
-            if let Ok(mut rx) = self.rx.try_lock() {
+            if let Some(mut rx) = self.rx.try_lock() {
                 if let Some(ring) = rx.ring.as_mut() {
                     ring.disarm();
                 }
             }
         }
         if want.write && last(&self.armed_for[1]) {
-            if let Ok(mut tx) = self.tx.try_lock() {
+            if let Some(mut tx) = self.tx.try_lock() {
                 if let Some(ring) = tx.ring.as_mut() {
                     ring.disarm();
                 }
@@ -1827,7 +1825,7 @@ impl Conn {
 
     /// Bytes a read could take now without waiting (`FIONREAD`).
     pub(crate) fn available(&self) -> io::Result<usize> {
-        let mut rx = lock(&self.rx);
+        let mut rx = self.rx.lock();
         match rx.path {
             RxPath::Shm => rx.ring.as_mut().map_or(Ok(0), |r| r.available()),
             RxPath::Tcp { until } => {
@@ -1886,8 +1884,8 @@ impl Drop for Conn {
         }
         // Close the rings before the TCP socket, so that the peer, woken by the FIN,
         // finds the end of the stream on the ring too.
-        drop(lock(&self.tx).ring.take());
-        drop(lock(&self.rx).ring.take());
+        drop(self.tx.lock().ring.take());
+        drop(self.rx.lock().ring.take());
         drop(self.parts.take());
     }
 }

@@ -18,6 +18,7 @@
 
 mod bell;
 mod conn;
+mod dirlock;
 mod fallback;
 mod listener;
 mod net;
