@@ -194,6 +194,12 @@ impl WakeFds {
         self.core.wake_fd(Dir::Write)
     }
 
+    /// The Unix socket the channel was set up over (its liveness link), for as long
+    /// as this handle lives; `None` for channels set up otherwise.
+    pub fn control_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.core.control_fd()
+    }
+
     /// Wakes every thread, of this process or another sharing the channel (after
     /// fork), that sleeps on one of our halves; each looks again (and ends its wait
     /// if `vmc_os::interrupt` says so).

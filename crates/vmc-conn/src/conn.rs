@@ -86,10 +86,18 @@ enum Setup {
 struct Parts {
     reader: Mutex<Option<ReadHalf>>,
     writer: Mutex<Option<WriteHalf>>,
-    /// The control socket (a duplicate of the channel's handshake socket).
-    ctl: OwnedFd,
-    /// The rings' wake-up eventfds, for event loops.
+    /// The rings' wake-up eventfds, for event loops, and the control socket (the
+    /// channel's handshake socket), both alive as long as this handle.
     wake: vmc_channel::WakeFds,
+}
+
+impl Parts {
+    /// The control socket.
+    fn ctl(&self) -> BorrowedFd<'_> {
+        self.wake
+            .control_fd()
+            .expect("a channel without a control socket is refused at install")
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -472,15 +480,14 @@ impl Conn {
     }
 
     fn install(&self, channel: Channel) -> io::Result<()> {
-        let ctl = dup(channel
-            .control_fd()
-            .ok_or_else(|| protocol("channel without a control socket"))?)?;
+        if channel.control_fd().is_none() {
+            return Err(protocol("channel without a control socket"));
+        }
         let wake = channel.wake_fds();
         let (r, w) = channel.split();
         let parts = Parts {
             reader: Mutex::new(Some(r)),
             writer: Mutex::new(Some(w)),
-            ctl,
             wake,
         };
         if self.parts.set(parts).is_err() {
@@ -823,7 +830,7 @@ impl Conn {
         let mut ctl = lock(&self.ctl_in);
         loop {
             let at = ctl.frame_len;
-            match recv(&parts.ctl, &mut ctl.frame[at..], RecvFlags::DONTWAIT) {
+            match recv(parts.ctl(), &mut ctl.frame[at..], RecvFlags::DONTWAIT) {
                 // The peer is gone (or exec'd): the data paths report it (as EOF
                 // after its last byte, or as a reset), the control socket has
                 // nothing more to say.
@@ -891,7 +898,7 @@ impl Conn {
         }
         let other = match (self.parts(), &self.setup_fd) {
             (Some(_), _) if self.ctl_eof.load(Ordering::Acquire) => None,
-            (Some(p), _) => Some(p.ctl.as_fd()),
+            (Some(p), _) => Some(p.ctl()),
             (None, Some(fd)) if self.is_pending() => Some(fd.as_fd()),
             _ => None,
         };
@@ -1268,7 +1275,7 @@ impl Conn {
                 tv_sec: 0,
                 tv_nsec: slice.as_nanos() as i64,
             };
-            let mut fds = [PollFd::new(&parts.ctl, PollFlags::IN)];
+            let mut fds = [PollFd::from_borrowed_fd(parts.ctl(), PollFlags::IN)];
             match poll(&mut fds, Some(&ts)) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
@@ -1290,13 +1297,13 @@ impl Conn {
         let _serial = lock(&self.ctl_out);
         let mut sent = 0;
         while sent < frame.len() {
-            match send(&parts.ctl, &frame[sent..], SendFlags::NOSIGNAL) {
+            match send(parts.ctl(), &frame[sent..], SendFlags::NOSIGNAL) {
                 Ok(n) => sent += n,
                 Err(rustix::io::Errno::INTR) => {}
                 // A listener's socket is non-blocking: wait for room as a blocking
                 // one would.
                 Err(rustix::io::Errno::AGAIN) => {
-                    let mut fds = [PollFd::new(&parts.ctl, PollFlags::OUT)];
+                    let mut fds = [PollFd::from_borrowed_fd(parts.ctl(), PollFlags::OUT)];
                     match poll(&mut fds, None) {
                         Ok(_) | Err(rustix::io::Errno::INTR) => {}
                         Err(e) => return Err(e.into()),
@@ -1380,7 +1387,10 @@ impl Conn {
                 Nap::Sleep(s) => Some(s),
                 Nap::NoBell => None,
             };
-            let mut fds = vec![PollFd::new(&parts.ctl, PollFlags::IN | PollFlags::RDHUP)];
+            let mut fds = vec![PollFd::from_borrowed_fd(
+                parts.ctl(),
+                PollFlags::IN | PollFlags::RDHUP,
+            )];
             if let Some(s) = &nap {
                 fds.push(PollFd::from_borrowed_fd(s.fd(), PollFlags::IN));
             }
@@ -1735,7 +1745,7 @@ impl Conn {
         }
         match (self.parts(), &self.setup_fd) {
             (Some(p), setup) => {
-                ws.watch(p.ctl.as_fd(), EventFlags::IN | EventFlags::RDHUP)?;
+                ws.watch(p.ctl(), EventFlags::IN | EventFlags::RDHUP)?;
                 if let Some(fd) = p.wake.read() {
                     ws.watch(fd, EventFlags::IN)?;
                 }

@@ -32,8 +32,9 @@ fn raise_fd_limit() {
 }
 
 /// Descriptors one idle pair holds in this process (both ends: TCP sockets, the
-/// handshake socket and its duplicates, the memfd, eventfds; measured: 17).
-const FDS_PER_PAIR: u64 = 18;
+/// handshake socket (and the client's duplicate of it), the memfd, eventfds;
+/// measured: 15).
+const FDS_PER_PAIR: u64 = 16;
 
 /// Opens `n` idle vmc connection pairs.
 pub fn open(n: usize) -> Result<IdleSet> {
