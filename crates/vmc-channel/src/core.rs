@@ -57,6 +57,10 @@ pub(crate) struct Core {
     /// Set up for reuse: where the segment and eventfds go when the channel is
     /// dropped (see [`crate::pool`]).
     pub(crate) reuse: Option<Reuse>,
+    /// [`vmc_os::proc::forks_seen`] when the channel was set up: a channel that
+    /// lived through a fork may be held by the other process too, and is never
+    /// kept as a spare.
+    pub(crate) forks_seen: u64,
 }
 
 impl Core {
@@ -165,7 +169,9 @@ impl Core {
     /// our side Closed, in the order the pool's protocol needs. False if this
     /// channel cannot be kept (then nothing was done).
     fn keep_spare(&mut self, reuse: Reuse) -> bool {
-        if !matches!(self.signals, Signals::EventFd { .. }) {
+        if !matches!(self.signals, Signals::EventFd { .. })
+            || vmc_os::proc::forks_seen() != self.forks_seen
+        {
             return false;
         }
         let inode = match &reuse {

@@ -333,6 +333,26 @@ mod tests {
     }
 
     #[test]
+    fn a_channel_that_lived_through_a_fork_is_not_kept() {
+        let _g = lock();
+        let (c, a) = reusing_pair("peer-1");
+        // SAFETY: the child exits at once, touching nothing.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            // SAFETY: ends the child at once, running nothing of the parent's.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out pointer.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        // The child could have kept (and reused) its copy of the segment: neither
+        // side keeps it.
+        drop((c, a));
+        assert_eq!(count(), (0, 0));
+    }
+
+    #[test]
     fn spares_are_bounded() {
         let _g = lock();
         let pairs: Vec<_> = (0..MAX_SPARES + 3)

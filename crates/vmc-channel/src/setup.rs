@@ -148,6 +148,7 @@ fn assemble_reusable(
         segment,
         spin,
         reuse,
+        forks_seen: vmc_os::proc::forks_seen(),
     };
     Channel::from_parts(core, ep.tx, ep.rx)
 }

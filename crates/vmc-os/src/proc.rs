@@ -47,10 +47,36 @@ pub fn socket_netns_cookie(sock: std::os::fd::BorrowedFd<'_>) -> std::io::Result
     Ok(cookie)
 }
 
-static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-extern "C" fn count_fork() {
-    FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+/// Forks into this process (child side), for [`fork_generation`].
+static FORKS: AtomicU64 = AtomicU64::new(0);
+/// Forks on either side, for [`forks_seen`].
+static FORKS_SEEN: AtomicU64 = AtomicU64::new(0);
+/// The handlers could not be registered: forks are not counted.
+static UNCOUNTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn count_in_child() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
+    FORKS_SEEN.fetch_add(1, Ordering::Relaxed);
+}
+
+extern "C" fn count_in_parent() {
+    FORKS_SEEN.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Registers the fork counters, once.
+fn count_forks() {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: both handlers are plain functions that only increment atomics
+        // (async-signal-safe, as fork handlers must be) and live as long as the
+        // program. Failure (ENOMEM) leaves forks uncounted, which is why it is
+        // checked.
+        if unsafe { libc::pthread_atfork(None, Some(count_in_parent), Some(count_in_child)) } != 0 {
+            UNCOUNTED.store(true, Ordering::Relaxed);
+        }
+    });
 }
 
 /// How many times this process's ancestors, since the first call, forked into it:
@@ -58,24 +84,25 @@ extern "C" fn count_fork() {
 /// per-process state that must not be shared with a parent, checked without the
 /// system call `getpid` costs.
 pub fn fork_generation() -> u64 {
-    static REGISTER: std::sync::Once = std::sync::Once::new();
-    REGISTER.call_once(|| {
-        // SAFETY: `count_fork` is a plain function that only increments an atomic
-        // (async-signal-safe, as a child handler must be); it lives as long as the
-        // program. Failure (ENOMEM) leaves forks uncounted, which is why it is
-        // checked: then the generation is told by the process and thread ids.
-        if unsafe { libc::pthread_atfork(None, None, Some(count_fork)) } != 0 {
-            FORKS.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
-        }
-    });
-    match FORKS.load(std::sync::atomic::Ordering::Relaxed) {
-        // Not counted: never claim the same generation twice.
-        u64::MAX => {
-            let tid = rustix::thread::gettid().as_raw_nonzero().get() as u32;
-            (u64::from(pid()) << 32) | u64::from(tid)
-        }
-        n => n,
+    count_forks();
+    if UNCOUNTED.load(Ordering::Relaxed) {
+        // Told by the process and thread ids instead.
+        let tid = rustix::thread::gettid().as_raw_nonzero().get() as u32;
+        return (u64::from(pid()) << 32) | u64::from(tid);
     }
+    FORKS.load(Ordering::Relaxed)
+}
+
+/// Forks this process took part in since the first call, as parent or child: a
+/// value remembered from before a `fork` differs after it on both sides. For
+/// state that another process may share from then on.
+pub fn forks_seen() -> u64 {
+    count_forks();
+    if UNCOUNTED.load(Ordering::Relaxed) {
+        // Every call looks like a fork happened.
+        return FORKS_SEEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    }
+    FORKS_SEEN.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]
@@ -113,6 +140,24 @@ mod tests {
             before,
             "the parent's generation is unchanged"
         );
+    }
+
+    #[test]
+    fn a_fork_is_seen_on_both_sides() {
+        let before = forks_seen();
+        // SAFETY: as in `a_forked_child_sees_another_generation`.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            let code = if forks_seen() != before { 0 } else { 1 };
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out pointer.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        assert_ne!(forks_seen(), before, "the parent saw it too");
     }
 
     #[test]
