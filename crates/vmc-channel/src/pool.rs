@@ -22,8 +22,10 @@
 //!                                           the creator then offers a new segment)
 //! ```
 //!
-//! A spare is reused only by the process that kept it (a forked child drops what
-//! it inherited: parent and child must never both reuse one segment), and only
+//! A spare is reused only by the process that kept it (a forked child forgets what
+//! it inherited: parent and child must never both reuse one segment; and a channel
+//! that was open across a fork is never kept, since both processes may drop it),
+//! and only
 //! once both sides left it: the creator takes a spare only when the attacher's side
 //! is Closed, and the attacher keeps its spare *before* it marks its side Closed, so
 //! the spare is there when the creator's REUSE comes. Bytes of the earlier
