@@ -334,20 +334,29 @@ mod tests {
         clear();
     }
 
-    #[test]
-    fn a_channel_that_lived_through_a_fork_is_not_kept() {
-        let _g = lock();
-        let (c, a) = reusing_pair("peer-1");
-        // SAFETY: the child exits at once, touching nothing.
+    /// Forks; the child runs `check` and exits with 0 if it said true. True if it did.
+    /// `check` may only take locks no other thread can hold at the fork: the pools'
+    /// (every test that uses them holds SERIAL).
+    fn in_child(check: impl FnOnce() -> bool) -> bool {
+        // SAFETY: the child runs `check` (see above) and `_exit`, nothing else.
         let child = unsafe { libc::fork() };
         assert!(child >= 0, "fork failed");
         if child == 0 {
+            let code = if check() { 0 } else { 1 };
             // SAFETY: ends the child at once, running nothing of the parent's.
-            unsafe { libc::_exit(0) };
+            unsafe { libc::_exit(code) };
         }
         let mut status = 0;
         // SAFETY: waits for our own child; `status` is a valid out pointer.
         assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+
+    #[test]
+    fn a_channel_that_lived_through_a_fork_is_not_kept() {
+        let _g = lock();
+        let (c, a) = reusing_pair("peer-1");
+        assert!(in_child(|| true));
         // The child could have kept (and reused) its copy of the segment: neither
         // side keeps it.
         drop((c, a));
@@ -371,19 +380,7 @@ mod tests {
         let (c, a) = reusing_pair("peer-1");
         drop((c, a));
         assert_eq!(count(), (1, 1));
-        // SAFETY: the child only looks at the pools (a lock no other thread holds:
-        // we hold SERIAL, and every pool user takes it) and exits.
-        let child = unsafe { libc::fork() };
-        assert!(child >= 0, "fork failed");
-        if child == 0 {
-            let code = if count() == (0, 0) { 0 } else { 1 };
-            // SAFETY: ends the child at once, running nothing of the parent's.
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        // SAFETY: waits for our own child; `status` is a valid out pointer.
-        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
-        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        assert!(in_child(|| count() == (0, 0)));
         assert_eq!(count(), (1, 1), "the parent keeps its spares");
         clear();
     }

@@ -434,11 +434,6 @@ impl Conn {
         Ok(c)
     }
 
-    /// Rings half `i`'s bell (0: receiving, 1: sending).
-    fn ring_bell(&self, half: usize) {
-        self.bells.ring(half);
-    }
-
     /// Listener side: the channel is attached already.
     pub(crate) fn attached(
         tcp: std::net::TcpStream,
@@ -474,7 +469,7 @@ impl Conn {
             .map_or(0, |i| i + 1);
         let _ = self.fallback.set(reason);
         self.state.store(PLAIN, Ordering::Release);
-        self.ring_bell(bell::RX);
+        self.bells.ring(bell::RX);
         self.publish((code as u32) << flag::FALLBACK_SHIFT, true);
         self.publish(flag::PENDING, false);
     }
@@ -494,7 +489,7 @@ impl Conn {
             return Err(protocol("channel attached twice"));
         }
         self.state.store(ACCELERATED, Ordering::Release);
-        self.ring_bell(bell::RX);
+        self.bells.ring(bell::RX);
         self.publish(flag::ACCELERATED, true);
         self.publish(flag::PENDING, false);
         Ok(())
@@ -616,8 +611,12 @@ impl Conn {
         // of a ring read).
         let mut started = None;
         loop {
-            // Before looking: a bell rung from here on ends the wait below at once.
-            let mark = self.bells.mark(bell::RX);
+            // Before looking: a bell rung from here on ends the wait below (TCP
+            // paths only) at once.
+            let mark = match rx.path {
+                RxPath::Tcp { .. } => self.bells.mark(bell::RX),
+                RxPath::Shm => 0,
+            };
             self.advance();
             match rx.path {
                 RxPath::Shm => {
@@ -845,15 +844,15 @@ impl Conn {
                         match wire::parse_control(&ctl.frame) {
                             Some(Control::Switch(s)) => {
                                 ctl.switches.push_back(s);
-                                self.ring_bell(bell::RX);
+                                self.bells.ring(bell::RX);
                             }
                             Some(Control::LeftTcp(_)) => {
                                 self.peer_left[0].fetch_add(1, Ordering::AcqRel);
-                                self.ring_bell(bell::TX);
+                                self.bells.ring(bell::TX);
                             }
                             Some(Control::LeftRing(_)) => {
                                 self.peer_left[1].fetch_add(1, Ordering::AcqRel);
-                                self.ring_bell(bell::TX);
+                                self.bells.ring(bell::TX);
                             }
                             // One per connection: later ones (a confused peer) are
                             // ignored.
@@ -862,7 +861,7 @@ impl Conn {
                             {
                                 ctl.rewind = Some(offset);
                                 self.rewind_asked.store(true, Ordering::Release);
-                                self.ring_bell(bell::TX);
+                                self.bells.ring(bell::TX);
                             }
                             Some(Control::Rewind(_)) => {}
                             None => return Err(protocol("malformed control frame")),
@@ -1859,8 +1858,8 @@ impl Conn {
     /// (after fork), that waits on it: each looks again, and ends its wait if
     /// `vmc_os::interrupt` says so.
     pub(crate) fn kick(&self) {
-        self.ring_bell(bell::RX);
-        self.ring_bell(bell::TX);
+        self.bells.ring(bell::RX);
+        self.bells.ring(bell::TX);
         if let Some(p) = self.parts() {
             p.wake.kick();
         }

@@ -316,7 +316,8 @@ pub struct Registry {
     opened: AtomicU64,
     /// Lookups, per port (see "Cached lookups" in the module documentation),
     /// with the fork generation of the process that made them.
-    cache: Mutex<(u64, HashMap<u16, PortCache>)>,
+    /// Shared so that a look checks a cached port's locks outside the lock.
+    cache: Mutex<(u64, HashMap<u16, Arc<PortCache>>)>,
 }
 
 impl fmt::Debug for Registry {
@@ -548,41 +549,57 @@ impl Registry {
     /// look at the directory (cached if it can be trusted later).
     fn entries_of(&self, port: u16) -> io::Result<Vec<ListenerEntry>> {
         let (dir, mtime) = self.dir_and_mtime()?;
-        let mut guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let (generation, cache) = &mut *guard;
-        let now = vmc_os::proc::fork_generation();
-        if *generation != now {
-            // Inherited through fork: forgotten, not closed (the child may have
-            // closed those descriptors and opened its own files under the numbers).
-            for (_, c) in cache.drain() {
-                std::mem::forget(c);
+        // The lock is held only to find or replace a port's look: threads that
+        // connect at once check locks and read the directory in parallel.
+        let cached = {
+            let mut guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let (generation, cache) = &mut *guard;
+            let now = vmc_os::proc::fork_generation();
+            if *generation != now {
+                // Inherited through fork: forgotten, not closed (the child may
+                // have closed those descriptors and opened its own files under
+                // the numbers).
+                for (_, c) in cache.drain() {
+                    std::mem::forget(c);
+                }
+                *generation = now;
             }
-            *generation = now;
-        }
-        if let Some(c) = cache.get(&port) {
+            cache.get(&port).cloned()
+        };
+        if let Some(c) = cached {
             let alive = |f: &File| ofd_locked_by_other(f.as_fd(), LIVENESS_BYTE).unwrap_or(false);
             if c.mtime == mtime && c.entries.iter().all(|(_, f)| alive(f)) {
                 return Ok(c.entries.iter().map(|(e, _)| e.clone()).collect());
             }
         }
-        cache.remove(&port);
         let began = SystemTime::now();
         let (live, _) = self.scan_in(&dir, Some(port))?;
         let entries = live.iter().map(|(e, _)| e.clone()).collect();
         let settled =
             SystemTime::UNIX_EPOCH + Duration::new(mtime.0.max(0) as u64, mtime.1) + MTIME_SLACK;
-        if settled < began {
-            if cache.len() >= CACHED_PORTS {
-                cache.clear();
+        let look = Arc::new(PortCache {
+            mtime,
+            entries: live,
+        });
+        // Replaced (or removed, if this look cannot be trusted later); the old one
+        // is dropped outside the lock (dropping closes files, and the preload's
+        // `close` hook may come here).
+        let old = {
+            let mut guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let cache = &mut guard.1;
+            if settled < began {
+                if cache.len() >= CACHED_PORTS && !cache.contains_key(&port) {
+                    let all: Vec<_> = cache.drain().map(|(_, c)| c).collect();
+                    drop(guard);
+                    drop(all);
+                    guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                }
+                guard.1.insert(port, look)
+            } else {
+                cache.remove(&port)
             }
-            cache.insert(
-                port,
-                PortCache {
-                    mtime,
-                    entries: live,
-                },
-            );
-        }
+        };
+        drop(old);
         Ok(entries)
     }
 
