@@ -47,7 +47,7 @@ pub fn socket_netns_cookie(sock: std::os::fd::BorrowedFd<'_>) -> std::io::Result
     Ok(cookie)
 }
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Forks into this process (child side), for [`fork_generation`].
 static FORKS: AtomicU64 = AtomicU64::new(0);
@@ -55,10 +55,15 @@ static FORKS: AtomicU64 = AtomicU64::new(0);
 static FORKS_SEEN: AtomicU64 = AtomicU64::new(0);
 /// The handlers could not be registered: forks are not counted.
 static UNCOUNTED: AtomicBool = AtomicBool::new(false);
+/// The process this memory belongs to, for [`in_vfork_child`]: recorded at the
+/// first call, and again by every fork's child handler.
+static OWNER: AtomicU32 = AtomicU32::new(0);
 
 extern "C" fn count_in_child() {
     FORKS.fetch_add(1, Ordering::Relaxed);
     FORKS_SEEN.fetch_add(1, Ordering::Relaxed);
+    // getpid is async-signal-safe, as a fork handler's work must be.
+    OWNER.store(pid(), Ordering::Relaxed);
 }
 
 extern "C" fn count_in_parent() {
@@ -69,6 +74,7 @@ extern "C" fn count_in_parent() {
 fn count_forks() {
     static REGISTER: std::sync::Once = std::sync::Once::new();
     REGISTER.call_once(|| {
+        OWNER.store(pid(), Ordering::Relaxed);
         // SAFETY: both handlers are plain functions that only increment atomics
         // (async-signal-safe, as fork handlers must be) and live as long as the
         // program. Failure (ENOMEM) leaves forks uncounted, which is why it is
@@ -103,6 +109,28 @@ pub fn forks_seen() -> u64 {
         return FORKS_SEEN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
     }
     FORKS_SEEN.load(Ordering::Relaxed)
+}
+
+/// Registers the fork handlers and records this process as the owner of its
+/// memory, so that [`in_vfork_child`] can tell. Call it early (a library's
+/// first entry), before the program may `vfork`.
+pub fn note_owner() {
+    count_forks();
+}
+
+/// True in the child of a `vfork` (or a `clone` with `CLONE_VM` that ran no fork
+/// handler) between the call and its `exec` or `_exit`: a process that runs on
+/// its parent's memory, and so on the parent's copy of every table vmc keeps.
+/// Whatever such a child changes there changes for the parent (CPython's
+/// subprocess resets every signal handler in a vfork child, then closes every
+/// descriptor above 2), so vmc must keep out of its way and pass its calls
+/// straight to the kernel. Costs a `getpid` system call: for rare calls only.
+///
+/// False, too, when [`note_owner`] (or another function of this module) was
+/// never called before the `vfork`.
+pub fn in_vfork_child() -> bool {
+    let owner = OWNER.load(Ordering::Relaxed);
+    owner != 0 && owner != pid()
 }
 
 #[cfg(test)]
@@ -145,6 +173,30 @@ mod tests {
             before,
             "the parent's generation is unchanged"
         );
+    }
+
+    #[test]
+    fn a_vfork_child_is_told_from_a_forked_one() {
+        note_owner();
+        assert!(!in_vfork_child());
+        assert!(
+            in_child(|| !in_vfork_child()),
+            "a forked child owns its memory"
+        );
+        // SAFETY: the child only makes system calls (getpid) and atomic loads on
+        // the shared memory, then `_exit`s; the parent is suspended meanwhile.
+        let child = unsafe { libc::vfork() };
+        assert!(child >= 0, "vfork failed");
+        if child == 0 {
+            let code = if in_vfork_child() { 0 } else { 1 };
+            // SAFETY: ends the vfork child without touching the parent's state.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out pointer.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        assert!(!in_vfork_child(), "the parent still owns its memory");
     }
 
     #[test]

@@ -512,6 +512,10 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 /// last descriptor is closed (as a socket does).
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if crate::hands_off() {
+        // SAFETY: forwarding the program's argument.
+        return unsafe { real::close(fd) };
+    }
     let old = table::take(fd);
     alias::forget(fd);
     // SAFETY: forwarding the program's argument.
@@ -536,6 +540,9 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
     // SAFETY: forwarding the program's arguments.
     let r = unsafe { real::close_range(first, last, flags) };
+    if crate::hands_off() {
+        return r;
+    }
     if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
         let clamp = |n: c_uint| n.min(c_int::MAX as c_uint) as c_int;
         closed_behind_our_back(clamp(first), clamp(last));
@@ -572,6 +579,9 @@ fn closed_behind_our_back(first: c_int, last: c_int) {
 
 /// Gives `new` what `old` is to vmc (after a successful dup of any kind).
 fn copy_entry(old: c_int, new: c_int) {
+    if crate::hands_off() {
+        return;
+    }
     closed_behind_our_back(new, new);
     alias::forget(new);
     let Some(sock) = table::get(old) else {
@@ -1233,7 +1243,9 @@ pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
 /// kernel socket reaches the peer after everything sent on the ring, and the peer
 /// sends again, on TCP, whatever we had not read from its ring.
 fn before_exec() {
-    if !table::any() {
+    // A vfork child's exec (after it may have closed everything, the connections'
+    // control sockets included) must not move the parent's connections.
+    if !table::any() || crate::hands_off() {
         return;
     }
     let Some(_g) = enter() else { return };

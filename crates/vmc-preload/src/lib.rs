@@ -122,6 +122,35 @@ pub(crate) fn enabled() -> bool {
     }
 }
 
+/// [`init`]'s progress: 0, the pid of the process whose thread runs it, or [`DONE`].
+static STATE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+const DONE: u32 = u32::MAX;
+
+/// vmc has set up in this process (or the one it was forked from): it may keep
+/// state that a call must keep current.
+pub(crate) fn started() -> bool {
+    STATE.load(std::sync::atomic::Ordering::Relaxed) != 0
+}
+
+/// True when this call comes from the child of a `vfork` (which runs on our
+/// memory until it execs) of a process where vmc keeps state: the hook must then
+/// do the real call and nothing else, or it would change the parent's tables
+/// (see [`vmc_os::proc::in_vfork_child`]). Costs a system call once vmc has
+/// started, none before.
+pub(crate) fn hands_off() -> bool {
+    started() && vmc_os::proc::in_vfork_child()
+}
+
+/// Runs when the library is loaded, before the program's `main`: records which
+/// process owns this memory, so that a later `vfork` child is told apart.
+extern "C" fn at_load() {
+    vmc_os::proc::note_owner();
+}
+
+#[used]
+#[link_section = ".init_array"]
+static AT_LOAD: extern "C" fn() = at_load;
+
 /// One-time set-up, at the first socket vmc takes over: logging, the fork handler,
 /// the exit report.
 ///
@@ -131,9 +160,7 @@ pub(crate) fn enabled() -> bool {
 /// names the process whose thread runs the set-up, so a child takes it over; each
 /// step that must happen once per process image is guarded on its own.
 pub(crate) fn init() {
-    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-    const DONE: u32 = u32::MAX;
-    static STATE: AtomicU32 = AtomicU32::new(0);
+    use std::sync::atomic::{AtomicBool, Ordering};
     static HANDLERS: AtomicBool = AtomicBool::new(false);
     let me = std::process::id();
     loop {

@@ -116,7 +116,9 @@ pub unsafe extern "C" fn sigaction(
     old: *mut libc::sigaction,
 ) -> c_int {
     let i = sig as usize;
-    if !(1..NSIG).contains(&i) || !crate::enabled() {
+    // A vfork child (CPython's subprocess resets every handler in one) shares our
+    // memory: recording its handlers would take the parent's from the trampoline.
+    if !(1..NSIG).contains(&i) || !crate::enabled() || vmc_os::proc::in_vfork_child() {
         // SAFETY: forwarding the program's arguments.
         return unsafe { real::sigaction(sig, act, old) };
     }

@@ -29,7 +29,9 @@
 //! (poll/ppoll/select/pselect), `epoll` (LT, ET, ONESHOT, the full-send-side
 //! EPOLLOUT edge, RDHUP, HUP, nesting), `dup`, `fork`, `exec`, `threads`,
 //! `signals` (EINTR, SA_RESTART, SO_RCVTIMEO/SO_SNDTIMEO), `sendfile`
-//! (sendfile and splice). Each file's head comment says what it covers.
+//! (sendfile and splice), `exit`, `spawn` (vfork and posix_spawn as language
+//! runtimes use them, with a SIGCHLD handler waking a poll through a self-pipe).
+//! Each file's head comment says what it covers.
 //!
 //! Every run gets a fresh directory (mode 0700) holding its `VMC_REGISTRY_DIR`
 //! (`<dir>/vmc/listeners`), its `VMC_REPORT` file, the port file and control
@@ -828,5 +830,6 @@ cases!(
     threads,
     signals,
     sendfile,
-    exit
+    exit,
+    spawn
 );
