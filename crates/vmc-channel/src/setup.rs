@@ -688,7 +688,7 @@ impl ChannelListener {
     /// Waits for a peer and sets up a channel with it.
     pub fn accept(&self) -> io::Result<Channel> {
         let (sock, _) = self.listener.accept()?;
-        Channel::create_over(sock.into(), &self.config)
+        Channel::create_over(vmc_os::fdspace::lift(sock.into())?, &self.config)
     }
 
     /// The socket path.

@@ -275,7 +275,7 @@ impl AsFd for SetupFd {
 pub(crate) type Addrs = Option<(SocketAddr, SocketAddr)>;
 
 fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    fd.try_clone_to_owned()
+    vmc_os::fdspace::dup(fd)
 }
 
 /// As std reports a read timeout on Linux.

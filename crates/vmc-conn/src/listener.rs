@@ -80,7 +80,13 @@ impl Rendezvous {
             // Non-blocking from the start: the handshake waits through `poll`.
             let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
             let sock = match rustix::net::accept_with(&self.unix, flags) {
-                Ok(fd) => UnixStream::from(fd),
+                Ok(fd) => match vmc_os::fdspace::lift(fd) {
+                    Ok(fd) => UnixStream::from(fd),
+                    Err(e) => {
+                        tracing::debug!("rendezvous accept: {e}");
+                        continue;
+                    }
+                },
                 Err(rustix::io::Errno::AGAIN) => break,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {

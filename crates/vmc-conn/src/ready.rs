@@ -89,7 +89,7 @@ pub(crate) struct WaitSet {
 impl WaitSet {
     pub(crate) fn new() -> io::Result<WaitSet> {
         Ok(WaitSet {
-            epfd: epoll::create(epoll::CreateFlags::CLOEXEC)?,
+            epfd: vmc_os::fdspace::lift(epoll::create(epoll::CreateFlags::CLOEXEC)?)?,
             regs: Mutex::new(Vec::new()),
         })
     }

@@ -776,11 +776,14 @@ impl Registry {
             // us.
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
             Mode::empty(),
-        ) {
+        )
+        .map_err(io::Error::from)
+        .and_then(vmc_os::fdspace::lift)
+        {
             Ok(fd) => fd,
             // Removed meanwhile (unregistered or reaped by somebody else).
-            Err(rustix::io::Errno::NOENT) => return Inspected::Skipped,
-            Err(rustix::io::Errno::LOOP) => {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Inspected::Skipped,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
                 self.warn_once(name, "is a symlink");
                 return Inspected::Skipped;
             }
@@ -961,7 +964,7 @@ fn write_entry(dir: &SegmentDir, tmp: &str, name: &str, json: &[u8]) -> io::Resu
         Mode::from_raw_mode(0o600),
     )
     .map_err(|e| errno("creating", e))?;
-    let mut file = File::from(fd);
+    let mut file = File::from(vmc_os::fdspace::lift(fd)?);
     let setup = |file: &mut File| -> io::Result<()> {
         // The umask may have removed bits; readers insist on exactly 0600.
         rustix::fs::fchmod(file.as_fd(), Mode::from_raw_mode(0o600))

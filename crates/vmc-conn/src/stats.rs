@@ -181,6 +181,7 @@ fn open_table() -> io::Result<Table> {
         .mode(0o600)
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(&path)?;
+    let file = File::from(vmc_os::fdspace::lift(file.into())?);
     if !vmc_os::segment::ofd_try_lock(file.as_fd(), 0)? {
         return Err(io::Error::other("stats table locked by someone else"));
     }

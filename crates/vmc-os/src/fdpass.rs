@@ -207,6 +207,11 @@ fn recv_until(
             ),
         ));
     }
+    // Received descriptors arrive at the lowest free numbers, the program's.
+    let fds = fds
+        .into_iter()
+        .map(crate::fdspace::lift)
+        .collect::<io::Result<Vec<_>>>()?;
     Ok((msg.bytes, fds))
 }
 

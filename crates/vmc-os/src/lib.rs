@@ -39,6 +39,7 @@
 //!   behind by dead processes.
 
 pub mod fdpass;
+pub mod fdspace;
 pub mod interrupt;
 pub mod mapping;
 pub mod proc;

@@ -120,6 +120,7 @@ impl Segment {
             |what: &str, e: rustix::io::Errno| io_err(e, format!("memfd segment {name:?}: {what}"));
         let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
             .map_err(|e| ctx("memfd_create", e))?;
+        let fd = crate::fdspace::lift(fd)?;
         rustix::fs::ftruncate(&fd, len as u64).map_err(|e| ctx("ftruncate", e))?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .map_err(|e| ctx("adding seals", e))?;
@@ -185,6 +186,7 @@ impl Segment {
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| io_err(e, format!("{}: creating {tmp}", what())))?;
+        let fd = crate::fdspace::lift(fd)?;
 
         // Until the rename succeeds, failures remove the temporary name.
         let setup = || -> io::Result<()> {
@@ -253,6 +255,7 @@ impl Segment {
             Mode::empty(),
         )
         .map_err(|e| io_err(e, format!("{}: open", what())))?;
+        let fd = crate::fdspace::lift(fd)?;
         let st = rustix::fs::fstat(&fd).map_err(|e| io_err(e, format!("{}: fstat", what())))?;
         check_private_file(&st, 0o600, &what)?;
         let len = size_of_stat(&st, what)?;
@@ -294,6 +297,7 @@ impl Segment {
         }
         let fd = rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
             .map_err(|e| io_err(e, format!("{}: open", what())))?;
+        let fd = crate::fdspace::lift(fd)?;
         let st = rustix::fs::fstat(&fd).map_err(|e| io_err(e, format!("{}: fstat", what())))?;
         let size = u64::try_from(st.st_size).unwrap_or(0);
         if size < len as u64 {
@@ -440,6 +444,7 @@ impl SegmentDir {
                 (e, _) => io_err(e, format!("{}: open", what())),
             }
         })?;
+        let fd = crate::fdspace::lift(fd)?;
         if created {
             // mkdir's mode was reduced by the umask; make it exactly 0700.
             // Done through the descriptor, so no symlink can be followed.

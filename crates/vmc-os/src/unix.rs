@@ -18,14 +18,18 @@ use rustix::fs::{Mode, OFlags};
 /// The longest path a `sockaddr_un` holds (108 bytes with the NUL).
 const SUN_PATH_MAX: usize = 107;
 
-/// `UnixListener::bind(path)`, for a path of any length.
+/// `UnixListener::bind(path)`, for a path of any length; the socket is one of
+/// vmc's own descriptors ([`crate::fdspace`]).
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    with_short_path(path, |p| UnixListener::bind(p))
+    let l = with_short_path(path, |p| UnixListener::bind(p))?;
+    Ok(UnixListener::from(crate::fdspace::lift(l.into())?))
 }
 
-/// `UnixStream::connect(path)`, for a path of any length.
+/// `UnixStream::connect(path)`, for a path of any length; the socket is one of
+/// vmc's own descriptors ([`crate::fdspace`]).
 pub fn connect(path: &Path) -> io::Result<UnixStream> {
-    with_short_path(path, |p| UnixStream::connect(p))
+    let s = with_short_path(path, |p| UnixStream::connect(p))?;
+    Ok(UnixStream::from(crate::fdspace::lift(s.into())?))
 }
 
 /// Calls `f` with `path`, or with a short name for it that stays valid during

@@ -89,6 +89,7 @@ impl EventFd {
     pub fn new() -> io::Result<EventFd> {
         let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
             .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("eventfd: {e}")))?;
+        let fd = crate::fdspace::lift(fd)?;
         Ok(EventFd { fd })
     }
 

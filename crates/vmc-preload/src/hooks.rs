@@ -36,11 +36,12 @@ unsafe fn borrow(fd: c_int) -> BorrowedFd<'static> {
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
-/// The program's socket `fd` as a std stream of our own: a duplicate, so that the
-/// program may close its number whenever it likes.
+/// The program's socket `fd` as a std stream of our own: a duplicate (among vmc's
+/// descriptors, out of the program's numbering), so that the program may close its
+/// number whenever it likes.
 fn dup_stream(fd: c_int) -> io::Result<std::net::TcpStream> {
     // SAFETY: `fd` is the descriptor of the hooked call in progress.
-    let own: OwnedFd = rustix::io::fcntl_dupfd_cloexec(unsafe { borrow(fd) }, 0)?;
+    let own: OwnedFd = vmc_os::fdspace::dup(unsafe { borrow(fd) })?;
     Ok(std::net::TcpStream::from(own))
 }
 
@@ -409,11 +410,8 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     let saved = errno();
     let res = shield(|| {
         crate::init();
-        let dup = rustix::io::fcntl_dupfd_cloexec(
-            // SAFETY: `fd` is the descriptor of the call in progress.
-            unsafe { borrow(fd) },
-            0,
-        )?;
+        // SAFETY: `fd` is the descriptor of the call in progress.
+        let dup = vmc_os::fdspace::dup(unsafe { borrow(fd) })?;
         let l = vmc_conn::TcpListener::from_std(std::net::TcpListener::from(dup))?;
         match l.fallback_reason() {
             Some(why) => tracing::debug!(fd, %why, "listener not registered; stays plain"),
@@ -534,15 +532,50 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     r
 }
 
+/// `close_range(2)` of the program, around vmc's own descriptors in the range
+/// ([`vmc_os::fdspace`]): vmc itself never calls `close_range`, so every call is the
+/// program's, which would not have had those numbers without vmc.
+///
+/// (`close` cannot do the same: vmc's own closes come through the same hook, from
+/// threads and destructors the hook cannot tell from the program's.)
+///
+/// # Safety
+/// As `close_range(2)`.
+unsafe fn close_range_around_ours(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    let clamp = |n: c_uint| n.min(c_int::MAX as c_uint) as c_int;
+    if clamp(last) < vmc_os::fdspace::base() || crate::inside() {
+        // SAFETY: forwarding the program's arguments.
+        return unsafe { real::close_range(first, last, flags) };
+    }
+    let mut from = first;
+    for ours in vmc_os::fdspace::ours_in(clamp(first), clamp(last)) {
+        let ours = ours as c_uint;
+        if ours > from {
+            // SAFETY: as the program's call, on a part of its range.
+            let r = unsafe { real::close_range(from, ours - 1, flags) };
+            if r != 0 {
+                return r;
+            }
+        }
+        from = ours + 1;
+    }
+    if from > last || from == 0 {
+        return 0;
+    }
+    // SAFETY: as the program's call, on the rest of its range.
+    unsafe { real::close_range(from, last, flags) }
+}
+
 /// `close_range(2)`: as `close` for every descriptor of the range (unless the call
-/// only marks them close-on-exec).
+/// only marks them close-on-exec); vmc's own descriptors stay open.
 #[no_mangle]
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
-    // SAFETY: forwarding the program's arguments.
-    let r = unsafe { real::close_range(first, last, flags) };
     if crate::hands_off() {
-        return r;
+        // SAFETY: forwarding the program's arguments.
+        return unsafe { real::close_range(first, last, flags) };
     }
+    // SAFETY: the program's arguments.
+    let r = unsafe { close_range_around_ours(first, last, flags) };
     if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
         let clamp = |n: c_uint| n.min(c_int::MAX as c_uint) as c_int;
         closed_behind_our_back(clamp(first), clamp(last));

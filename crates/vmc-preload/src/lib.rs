@@ -30,6 +30,7 @@ mod alias;
 pub mod epoll;
 pub mod fork;
 pub mod hooks;
+pub mod limits;
 pub mod poll;
 mod real;
 pub mod report;
@@ -66,6 +67,12 @@ pub(crate) fn enter() -> Option<Inside> {
             Some(Inside(()))
         }
     })
+}
+
+/// True while this thread runs vmc code (in a hook).
+#[inline]
+pub(crate) fn inside() -> bool {
+    INSIDE.with(|c| c.get())
 }
 
 /// Runs `f`, turning a panic into an I/O error instead of unwinding into C.
@@ -208,6 +215,8 @@ fn init_logging() {
             .append(true)
             .open(p)
             .ok()
+            .and_then(|f| vmc_os::fdspace::lift(f.into()).ok())
+            .map(std::fs::File::from)
     }) {
         Some(file) => builder
             .with_writer(std::sync::Mutex::new(file))

@@ -86,6 +86,12 @@ reals! {
     fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int;
     fn close(fd: c_int) -> c_int;
     fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int;
+    fn getrlimit(resource: c_int, rlim: *mut libc::rlimit) -> c_int;
+    fn getrlimit64(resource: c_int, rlim: *mut libc::rlimit64) -> c_int;
+    fn setrlimit(resource: c_int, rlim: *const libc::rlimit) -> c_int;
+    fn setrlimit64(resource: c_int, rlim: *const libc::rlimit64) -> c_int;
+    fn prlimit(pid: libc::pid_t, resource: c_int, new: *const libc::rlimit, old: *mut libc::rlimit) -> c_int;
+    fn prlimit64(pid: libc::pid_t, resource: c_int, new: *const libc::rlimit64, old: *mut libc::rlimit64) -> c_int;
     fn shutdown(fd: c_int, how: c_int) -> c_int;
     fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t;
     fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t;
