@@ -9,7 +9,7 @@
 //!
 //! Descriptors at or above [`MAX_FDS`] are never taken over (they stay plain TCP).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::epoll::EpollSet;
@@ -71,6 +71,36 @@ type Slot = Mutex<Option<Arc<Sock>>>;
 static TABLE: [Slot; MAX_FDS] = [const { Mutex::new(None) }; MAX_FDS];
 /// Occupied slots; zero means no lookup is needed at all.
 static USED: AtomicUsize = AtomicUsize::new(0);
+/// One bit per slot that may be occupied, so that a walk over the table (at every
+/// fork, in the child, and at exit) looks at those slots only. Walking all 65536
+/// locks wrote to every page of the table, which a forked child then had to copy:
+/// that was most of what a fork-per-connection server paid for vmc.
+static OCCUPIED: [AtomicU64; MAX_FDS / 64] = [const { AtomicU64::new(0) }; MAX_FDS / 64];
+
+fn mark(i: usize, on: bool) {
+    let bit = 1u64 << (i % 64);
+    if on {
+        OCCUPIED[i / 64].fetch_or(bit, Ordering::Relaxed);
+    } else {
+        OCCUPIED[i / 64].fetch_and(!bit, Ordering::Relaxed);
+    }
+}
+
+/// The slots whose bit is set, in increasing order (the bits are read as they
+/// are; a slot set concurrently may or may not be included, as before).
+fn marked() -> impl Iterator<Item = usize> {
+    OCCUPIED.iter().enumerate().flat_map(|(w, word)| {
+        let mut bits = word.load(Ordering::Relaxed);
+        std::iter::from_fn(move || {
+            if bits == 0 {
+                return None;
+            }
+            let b = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            Some(w * 64 + b)
+        })
+    })
+}
 
 fn slot(fd: i32) -> Option<MutexGuard<'static, Option<Arc<Sock>>>> {
     let i = usize::try_from(fd).ok().filter(|&i| i < MAX_FDS)?;
@@ -100,6 +130,7 @@ pub(crate) fn set(fd: i32, sock: Arc<Sock>) -> bool {
     };
     if s.replace(sock).is_none() {
         USED.fetch_add(1, Ordering::Relaxed);
+        mark(fd as usize, true);
     }
     true
 }
@@ -109,9 +140,11 @@ pub(crate) fn take(fd: i32) -> Option<Arc<Sock>> {
     if !any() {
         return None;
     }
-    let old = slot(fd)?.take();
+    let mut s = slot(fd)?;
+    let old = s.take();
     if old.is_some() {
         USED.fetch_sub(1, Ordering::Relaxed);
+        mark(fd as usize, false);
     }
     old
 }
@@ -124,7 +157,8 @@ pub(crate) fn for_each_waiting(mut f: impl FnMut(i32, &Arc<Sock>)) {
     if !any() {
         return;
     }
-    for (i, s) in TABLE.iter().enumerate() {
+    for i in marked() {
+        let s = &TABLE[i];
         let mut tries = 0;
         let g = loop {
             match s.try_lock() {
@@ -150,13 +184,13 @@ pub(crate) fn for_each(mut f: impl FnMut(i32, &mut Option<Arc<Sock>>)) {
     if !any() {
         return;
     }
-    for (i, s) in TABLE.iter().enumerate() {
-        if let Ok(mut g) = s.try_lock() {
+    for i in marked() {
+        if let Ok(mut g) = TABLE[i].try_lock() {
             if g.is_some() {
-                let before = g.is_some();
                 f(i as i32, &mut g);
-                if before && g.is_none() {
+                if g.is_none() {
                     USED.fetch_sub(1, Ordering::Relaxed);
+                    mark(i, false);
                 }
             }
         }
