@@ -1953,3 +1953,75 @@ fn wrk_with_200_connections_sees_no_socket_errors() {
     case.stop(&mut server, Signal::TERM);
     case.expect_accelerated(&[run.who()]);
 }
+
+/// socketserver.ForkingTCPServer echo: a process forked per connection, which
+/// serves it and ends with `os._exit`.
+const FORKING_ECHO_SERVER_PY: &str = r#"
+import socketserver, sys
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        while True:
+            d = self.request.recv(65536)
+            if not d:
+                return
+            self.request.sendall(d)
+class Server(socketserver.ForkingTCPServer):
+    allow_reuse_address = True
+    request_queue_size = 64
+Server(("127.0.0.1", int(sys.argv[1])), Echo).serve_forever()
+"#;
+
+/// `argv[2]` connections, each with `argv[3]` random messages of 1 to 4000 bytes,
+/// every echo checked.
+const ECHO_ROUNDS_CLIENT_PY: &str = r#"
+import os, random, socket, sys
+port, conns, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(9)
+checked = 0
+for c in range(conns):
+    s = socket.create_connection(("127.0.0.1", port))
+    for r in range(rounds):
+        msg = rng.randbytes(rng.randint(1, 4000))
+        s.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            part = s.recv(65536)
+            assert part, "EOF before the echo"
+            got += part
+        assert got == msg, "echo differs"
+        checked += 1
+    s.close()
+print("%d echoes checked" % checked)
+"#;
+
+/// A fork-per-connection server under vmc: its forked children serve accelerated
+/// connections to clients under vmc, and plain ones to plain clients, every echo
+/// checked.
+#[test]
+fn forking_tcp_server_serves_vmc_and_plain_clients() {
+    python3();
+    let case = Case::new("forking");
+    let server_py = case.write_file("server.py", FORKING_ECHO_SERVER_PY.as_bytes());
+    let client_py = case.write_file("client.py", ECHO_ROUNDS_CLIENT_PY.as_bytes());
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut server = case.spawn(
+        Side::Vmc,
+        "python3 ForkingTCPServer",
+        &python3(),
+        &[server_py.to_str().unwrap(), &port_s],
+        None,
+    );
+    case.wait_listening(&mut server, port);
+    let args = [client_py.to_str().unwrap(), &port_s, "50", "20"];
+    let vmc = case.run_ok(Side::Vmc, "client under vmc", &python3(), &args, None);
+    let plain = case.run_ok(Side::Plain, "plain client", &python3(), &args, None);
+    for (who, d) in [("vmc", &vmc), ("plain", &plain)] {
+        let out = d.out();
+        case.check(out.trim() == "1000 echoes checked", || {
+            format!("the {who} client's echoes: {out:?}")
+        });
+    }
+    case.stop(&mut server, Signal::TERM);
+    case.expect_accelerated(&[vmc.who()]);
+}
