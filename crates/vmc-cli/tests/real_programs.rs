@@ -2025,3 +2025,67 @@ fn forking_tcp_server_serves_vmc_and_plain_clients() {
     case.stop(&mut server, Signal::TERM);
     case.expect_accelerated(&[vmc.who()]);
 }
+
+/// A pre-forking server: the master listens, forks `argv[2]` workers that each
+/// accept and echo, and waits for SIGTERM, then ends them.
+const PREFORK_ECHO_SERVER_PY: &str = r#"
+import os, signal, socket, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(sys.argv[1])))
+l.listen(128)
+kids = []
+for w in range(int(sys.argv[2])):
+    pid = os.fork()
+    if pid == 0:
+        while True:
+            c, _ = l.accept()
+            while True:
+                d = c.recv(65536)
+                if not d:
+                    break
+                c.sendall(d)
+            c.close()
+    kids.append(pid)
+signal.sigwait([signal.SIGTERM])
+for k in kids:
+    os.kill(k, signal.SIGKILL)
+    os.waitpid(k, 0)
+"#;
+
+/// The master/worker model: the master registered the listener, its forked workers
+/// accept, and the worker that accepted a connection completes its handshake (the
+/// workers share the listener's rendezvous socket). One client at a time, so that
+/// no worker takes another's handshake (see the README: with clients in parallel,
+/// about a third are accelerated for now).
+#[test]
+fn preforked_workers_accept_accelerated_connections() {
+    python3();
+    let case = Case::new("prefork");
+    let server_py = case.write_file("server.py", PREFORK_ECHO_SERVER_PY.as_bytes());
+    let client_py = case.write_file("client.py", ECHO_ROUNDS_CLIENT_PY.as_bytes());
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut server = case.spawn(
+        Side::Vmc,
+        "python3 pre-forking server, 3 workers",
+        &python3(),
+        &[server_py.to_str().unwrap(), &port_s, "3"],
+        None,
+    );
+    case.wait_listening(&mut server, port);
+    let args = [client_py.to_str().unwrap(), &port_s, "40", "10"];
+    let vmc = case.run_ok(Side::Vmc, "client under vmc", &python3(), &args, None);
+    let out = vmc.out();
+    case.check(out.trim() == "400 echoes checked", || {
+        format!("the client's echoes: {out:?}")
+    });
+    let st = case.stop(&mut server, Signal::TERM);
+    case.check(st.success(), || format!("the server exited with {st}"));
+    case.expect_accelerated(&[vmc.who()]);
+    let report = case.report_of(vmc.pid).ok().flatten().unwrap_or_default();
+    case.check(field(&report, "plain") == 0, || {
+        format!("some connections stayed plain: {report}")
+    });
+}

@@ -45,6 +45,8 @@ pub(crate) struct Rendezvous {
     /// before the listener was dropped still wait for their clients' handshakes,
     /// which the clients send after finding the entry.
     registration: std::sync::OnceLock<Registration>,
+    /// The process that bound the socket: only it removes the socket's file.
+    owner: u32,
 }
 
 static RENDEZVOUS_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -65,6 +67,7 @@ impl Rendezvous {
             path,
             pending: Mutex::new(Vec::new()),
             registration: std::sync::OnceLock::new(),
+            owner: vmc_os::pid(),
         }))
     }
 
@@ -161,7 +164,10 @@ fn read_attach(p: &mut Pending) -> io::Result<()> {
 
 impl Drop for Rendezvous {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // Processes forked from the owner share the socket: theirs is a copy.
+        if vmc_os::pid() == self.owner {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

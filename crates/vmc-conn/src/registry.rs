@@ -250,6 +250,10 @@ pub struct Registration {
     name: String,
     file: File,
     entry: ListenerEntry,
+    /// The process that registered: only it removes the entry. A process forked
+    /// from it holds the same listening socket, rendezvous socket and locked entry
+    /// file, and serves the listener's clients as well (pre-forked workers).
+    owner: u32,
 }
 
 impl Registration {
@@ -283,6 +287,11 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        if vmc_os::pid() != self.owner {
+            // A forked copy: the entry is the registrant's (and stays valid while
+            // any process holds the locked file).
+            return;
+        }
         // Unlink first, then close (when `file` is dropped after this): a
         // reader racing with us then finds either a locked file or none.
         match rustix::fs::unlinkat(self.dir.fd(), self.name.as_str(), AtFlags::empty()) {
@@ -476,6 +485,7 @@ impl Registry {
                         name,
                         file,
                         entry: entry.clone(),
+                        owner: vmc_os::pid(),
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 4 => continue,

@@ -39,17 +39,11 @@ pub(crate) fn account(s: &vmc_conn::TcpStream) {
 }
 
 /// The fork handler, in the child. Connections stay (which process keeps each is
-/// settled at first use, see `crate::fork`). Listeners are the parent's: their
-/// registration and rendezvous must outlive the child's copies (a child closing its
-/// inherited listening socket must not unregister the parent's listener), so the
-/// child forgets them and accepts on them as plain TCP. The child starts its own
-/// totals.
+/// settled at first use, see `crate::fork`). Listeners stay too: the child shares
+/// the listening socket, the rendezvous socket and the registry entry's locked
+/// file, and a child closing its copy removes nothing (only the registrant
+/// unregisters). The child starts its own totals.
 pub(crate) extern "C" fn in_child() {
-    table::for_each(|_, slot| {
-        if matches!(slot.as_deref(), Some(Sock::Listener(_))) {
-            std::mem::forget(slot.take());
-        }
-    });
     for c in [&ACCELERATED, &PLAIN, &SHM_IN, &SHM_OUT, &TCP_IN, &TCP_OUT] {
         c.store(0, Ordering::Relaxed);
     }
