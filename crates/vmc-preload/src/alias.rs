@@ -40,6 +40,12 @@ pub(crate) fn record(old: i32, new: i32) {
     ANY.store(true, Ordering::Relaxed);
 }
 
+/// True once any pair was recorded.
+#[inline]
+pub(crate) fn any() -> bool {
+    ANY.load(Ordering::Relaxed)
+}
+
 /// `fd` was closed (or replaced).
 pub(crate) fn forget(fd: i32) {
     if !ANY.load(Ordering::Relaxed) {

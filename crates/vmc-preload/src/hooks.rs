@@ -510,6 +510,13 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 /// last descriptor is closed (as a socket does).
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    // Everything vmc keeps lives at or above its base (`vmc_os::fdspace`): a lower
+    // number that vmc does not carry is the program's business alone, and its
+    // close costs nothing more (no vfork check, no look at what vmc keeps).
+    if fd < vmc_os::fdspace::base() && !alias::any() && table::get(fd).is_none() {
+        // SAFETY: forwarding the program's argument.
+        return unsafe { real::close(fd) };
+    }
     if crate::hands_off() {
         // SAFETY: forwarding the program's argument.
         return unsafe { real::close(fd) };
@@ -518,7 +525,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     alias::forget(fd);
     // SAFETY: forwarding the program's argument.
     let r = unsafe { real::close(fd) };
-    if r == 0 {
+    if r == 0 && fd >= vmc_os::fdspace::base() {
         closed_behind_our_back(fd, fd);
     }
     if let Some(old) = old {
@@ -578,7 +585,10 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
     let r = unsafe { close_range_around_ours(first, last, flags) };
     if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
         let clamp = |n: c_uint| n.min(c_int::MAX as c_uint) as c_int;
-        closed_behind_our_back(clamp(first), clamp(last));
+        let first = clamp(first).max(vmc_os::fdspace::base());
+        if first <= clamp(last) {
+            closed_behind_our_back(first, clamp(last));
+        }
     }
     if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 && table::any() {
         let saved = errno();
@@ -615,7 +625,9 @@ fn copy_entry(old: c_int, new: c_int) {
     if crate::hands_off() {
         return;
     }
-    closed_behind_our_back(new, new);
+    if new >= vmc_os::fdspace::base() {
+        closed_behind_our_back(new, new);
+    }
     alias::forget(new);
     let Some(sock) = table::get(old) else {
         // `new` may have been a vmc descriptor that dup2 just closed.
