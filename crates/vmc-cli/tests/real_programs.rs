@@ -1744,6 +1744,60 @@ fn closing_descriptors_it_does_not_own() {
     case.expect_accelerated(&[server.who(), client.who()]);
 }
 
+/// A process whose hard open-files limit is below vmc's base cannot hide vmc's
+/// descriptors: its connections stay plain TCP, counted as such, with every echo
+/// and every descriptor number as without vmc.
+#[test]
+fn a_hard_limit_below_the_base_falls_back_to_plain_tcp() {
+    python3();
+    let case = Case::new("hardlimit");
+    let server_py = case.write_file("server.py", ECHO_MANY_SERVER_PY.as_bytes());
+    let client_py = case.write_file("client.py", DESCRIPTOR_CLIENT_PY.as_bytes());
+    let n = 50;
+    let port = free_port();
+    let mut server = case.spawn(
+        Side::Vmc,
+        "python3 epoll echo server",
+        &python3(),
+        &[
+            server_py.to_str().unwrap(),
+            &port.to_string(),
+            &(2 * n).to_string(),
+        ],
+        None,
+    );
+    case.wait_listening(&mut server, port);
+    let script = format!(
+        "ulimit -n 900 && exec {} {} {port} {n}",
+        python3().display(),
+        client_py.display()
+    );
+    let args = ["-c", script.as_str()];
+    let sh = Path::new("/bin/sh");
+    let plain = case.run_ok(Side::Plain, "plain client", sh, &args, None);
+    let vmc = case.run_ok(
+        Side::Vmc,
+        "client under vmc, hard limit 900",
+        sh,
+        &args,
+        None,
+    );
+    let (plain, vmc_out) = (plain.out(), vmc.out());
+    case.check(plain.contains(&format!("{n} echoes checked")), || {
+        format!("the plain client did not finish: {plain:?}")
+    });
+    case.check(plain == vmc_out, || {
+        format!("output differs:\n plain: {plain}\n vmc:   {vmc_out}")
+    });
+    let st = case.wait(&mut server, SERVER_WAIT);
+    case.check(st.success(), || format!("the server exited with {st}"));
+    let report = case.report_of(vmc.pid).ok().flatten().unwrap_or_default();
+    case.check(
+        field(&report, "accelerated") == 0 && field(&report, "plain") == n,
+        || format!("expected {n} plain connections and none accelerated: {report}"),
+    );
+}
+
 /// A server for [`DESCRIPTOR_CLIENT_PY`]: accepts every connection on one epoll
 /// loop, echoes, and exits once `argv[2]` connections have come and gone.
 const ECHO_MANY_SERVER_PY: &str = r#"

@@ -49,9 +49,9 @@ static HIGH: AtomicUsize = AtomicUsize::new(0);
 /// The base, once read from the environment (0: not yet).
 static BASE: AtomicI32 = AtomicI32::new(0);
 
-/// Serialises changes of `RLIMIT_NOFILE`: 0 free, else the holder's
-/// fork generation + 1 (a lock held across a fork by another thread is stale in
-/// the child, whose holder does not exist, and is taken over).
+/// Serialises changes of `RLIMIT_NOFILE`: 0 free, else the holder's pid (a lock
+/// held across a fork by another thread is stale in the child, whose pid differs
+/// and whose copy of the holder does not exist, and is taken over).
 static LIMITS: AtomicU32 = AtomicU32::new(0);
 
 /// The lowest number vmc places its descriptors at.
@@ -123,9 +123,7 @@ fn dup_raised(fd: BorrowedFd<'_>, base: RawFd) -> io::Result<OwnedFd> {
 /// vmc (the preload wraps the program's `setrlimit` and `prlimit` in this too, so
 /// that restoring the limit after a move never undoes the program's change).
 pub fn with_limits_locked<T>(f: impl FnOnce() -> T) -> T {
-    let me = (crate::proc::fork_generation() as u32)
-        .wrapping_add(1)
-        .max(1);
+    let me = crate::proc::pid();
     loop {
         match LIMITS.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
             Ok(_) => break,
@@ -197,13 +195,6 @@ pub fn ours_in(first: RawFd, last: RawFd) -> Vec<RawFd> {
     (first.max(base)..=last.min(high.saturating_sub(1)))
         .filter(|&fd| is_ours(fd))
         .collect()
-}
-
-/// Forgets that vmc placed `fd` (the program replaced it, with `dup2`).
-pub fn forget(fd: RawFd) {
-    if let Some(slot) = slot(fd) {
-        slot.store(0, Ordering::Relaxed);
-    }
 }
 
 #[cfg(test)]

@@ -445,6 +445,7 @@ fn adopt_accepted(listener: c_int, fd: c_int) {
     });
     if let Err(e) = r {
         tracing::debug!(fd, "accepted connection stays plain: {e}");
+        crate::report::count_plain();
     }
     set_errno(saved);
 }
@@ -497,6 +498,7 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
             });
             if let Err(e) = r {
                 tracing::debug!(fd, "connection stays plain: {e}");
+                crate::report::count_plain();
             }
         }
     }
@@ -550,7 +552,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 /// As `close_range(2)`.
 unsafe fn close_range_around_ours(first: c_uint, last: c_uint, flags: c_int) -> c_int {
     let clamp = |n: c_uint| n.min(c_int::MAX as c_uint) as c_int;
-    if clamp(last) < vmc_os::fdspace::base() || crate::inside() {
+    if clamp(last) < vmc_os::fdspace::base() {
         // SAFETY: forwarding the program's arguments.
         return unsafe { real::close_range(first, last, flags) };
     }
@@ -566,7 +568,7 @@ unsafe fn close_range_around_ours(first: c_uint, last: c_uint, flags: c_int) -> 
         }
         from = ours + 1;
     }
-    if from > last || from == 0 {
+    if from > last {
         return 0;
     }
     // SAFETY: as the program's call, on the rest of its range.

@@ -69,12 +69,6 @@ pub(crate) fn enter() -> Option<Inside> {
     })
 }
 
-/// True while this thread runs vmc code (in a hook).
-#[inline]
-pub(crate) fn inside() -> bool {
-    INSIDE.with(|c| c.get())
-}
-
 /// Runs `f`, turning a panic into an I/O error instead of unwinding into C.
 pub(crate) fn shield<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
