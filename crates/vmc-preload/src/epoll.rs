@@ -308,14 +308,15 @@ impl EpollSet {
     }
 }
 
-/// The epoll set of descriptor `fd` if it holds vmc connections (a table entry),
-/// for nesting it in the set `epfd`.
+/// The epoll set of descriptor `fd` if it holds vmc connections (a table entry
+/// with entries), for nesting it in the set `epfd`. A set whose connections all
+/// turned plain (they live in its kernel part now) is nested by the kernel.
 fn nested_set(fd: c_int, epfd: c_int) -> Option<Arc<Sock>> {
     if fd == epfd {
         return None;
     }
     let s = table::get(fd)?;
-    matches!(&*s, Sock::Epoll(_)).then_some(s)
+    matches!(&*s, Sock::Epoll(inner) if !inner.lock().is_empty()).then_some(s)
 }
 
 /// The set of epoll descriptor `epfd`, created on first use.
