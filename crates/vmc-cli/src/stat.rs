@@ -13,7 +13,7 @@ struct ListenerRow {
     pid: u32,
     addr: std::net::SocketAddr,
     netns: String,
-    rendezvous: std::path::PathBuf,
+    offers: std::path::PathBuf,
 }
 
 impl From<&ListenerEntry> for ListenerRow {
@@ -22,7 +22,7 @@ impl From<&ListenerEntry> for ListenerRow {
             pid: e.pid,
             addr: e.addr,
             netns: e.netns.to_string(),
-            rendezvous: e.rendezvous.clone(),
+            offers: e.offers.clone(),
         }
     }
 }

@@ -28,13 +28,12 @@
 //! REWIND may still have bytes to put on TCP).
 //!
 //! # Setting up
-//! The client connects TCP, then hands the listener's process an ATTACH (the TCP
-//! 4-tuple as it sees it) and the channel's segment over the listener's rendezvous
-//! socket, without waiting: its first bytes go on TCP. The listener attaches the
-//! channel to the accepted connection whose 4-tuple mirrors the ATTACH, if one
-//! arrives within [`ATTACH_WINDOW`] of accepting; otherwise the connection stays TCP
-//! for good and the client, seeing its handshake socket closed, records why. Each end
-//! then moves its own sending direction onto the ring at its next write.
+//! The client connects TCP and binds an offer socket named by the connection; the
+//! process that accepts the connection calls it and offers the channel (see
+//! [`crate::handshake`]). Neither end waits for the other: each moves the handshake
+//! on whenever the program uses the connection, and the first bytes go on TCP.
+//! Either end giving up leaves the connection on TCP for good. Once attached, each
+//! end moves its own sending direction onto the ring at its next write.
 
 use std::collections::VecDeque;
 use std::io;
@@ -52,33 +51,24 @@ use vmc_channel::{Channel, Offer, ReadHalf, WriteHalf};
 use crate::bell::{self, Bells, Nap};
 use crate::dirlock::{DirGuard, DirLock};
 use crate::fallback::Fallback;
-use crate::listener::Rendezvous;
+pub(crate) use crate::handshake::Call;
+use crate::handshake::{Called, OfferSocket};
 use crate::ready::{Interest, Ready, WaitSet};
 use crate::stats::{flag, Counters, Home};
 use crate::wire::{self, Control, Path, Switch, SWITCH_LEN};
-
-/// How long after accepting a connection the listener side still attaches a channel
-/// to it. A vmc client sends its ATTACH right after `connect` returns, so it arrives
-/// within microseconds; the window only bounds how long a connection from a plain TCP
-/// client is watched for one.
-pub const ATTACH_WINDOW: Duration = Duration::from_millis(200);
 
 const PENDING: u8 = 0;
 const ACCELERATED: u8 = 1;
 const PLAIN: u8 = 2;
 
-/// A handshake still in flight.
+/// A handshake still in flight (see [`crate::handshake`]).
 enum Setup {
-    /// Client: the segment is offered, the listener has not answered.
+    /// Client: the offer socket waits for the accepting process's call.
+    Listening(Box<OfferSocket>),
+    /// Accepting side: the client's offer socket was not there yet.
+    Calling(Call),
+    /// Accepting side: the channel is offered, the client has not answered.
     Offered(Box<Offer>),
-    /// Listener side: no ATTACH for this connection yet.
-    Awaiting {
-        rendezvous: Arc<Rendezvous>,
-        /// The TCP connection as this side sees it: (peer, local).
-        peer: SocketAddr,
-        local: SocketAddr,
-        deadline: Instant,
-    },
     Done,
 }
 
@@ -161,9 +151,10 @@ pub(crate) struct Conn {
     pub(crate) tcp: std::net::TcpStream,
     state: AtomicU8,
     setup: Mutex<Setup>,
-    /// For waiting on the handshake while it is in flight.
-    setup_fd: Option<SetupFd>,
-    /// Listener side: when the wait for the client's ATTACH ends.
+    /// For waiting on the handshake while it is in flight (set when there is
+    /// something to wait on).
+    setup_fd: OnceLock<SetupFd>,
+    /// Accepting side: when the look for the client's offer socket ends.
     attach_deadline: Option<Instant>,
     /// One half may do what the other is waiting for: finish the handshake, or
     /// read a control frame meant for it from the shared socket. It then rings the
@@ -255,20 +246,31 @@ fn lock_until<T>(m: &DirLock<T>, deadline: Instant) -> Option<DirGuard<'_, T>> {
 
 /// What a pending connection polls for its handshake's progress.
 enum SetupFd {
-    /// Client: a duplicate of the handshake socket (the offer holding it goes away
-    /// when the handshake ends).
+    /// Accepting side: a duplicate of the handshake socket (the offer holding it
+    /// goes away when the handshake ends).
     Offer(OwnedFd),
-    /// Listener: the rendezvous socket, where the client's ATTACH will come.
-    Rendezvous(Arc<Rendezvous>),
+    /// Client: the offer socket, readable when the call comes.
+    Listening(Arc<std::os::unix::net::UnixListener>),
 }
 
 impl AsFd for SetupFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             SetupFd::Offer(fd) => fd.as_fd(),
-            SetupFd::Rendezvous(r) => r.fd(),
+            SetupFd::Listening(l) => l.as_fd(),
         }
     }
+}
+
+/// A REWIND from offset 0 on a handshake socket (the peer's control socket if it
+/// attached; ignored otherwise): moves the peer's sending direction to TCP for
+/// good, with everything it put on the ring.
+fn retract(fd: BorrowedFd<'_>) {
+    let _ = send(
+        fd,
+        &wire::rewind(0),
+        SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+    );
 }
 
 /// A connection's (local, peer) addresses, when the caller knows them already.
@@ -321,6 +323,10 @@ impl Conn {
         setup_fd: Option<SetupFd>,
         addrs: Addrs,
     ) -> Conn {
+        let setup_fd = match setup_fd {
+            Some(fd) => OnceLock::from(fd),
+            None => OnceLock::new(),
+        };
         let home = match addrs {
             Some((local, peer)) => Home::new(Some(local), Some(peer)),
             None => Home::new(tcp.local_addr().ok(), tcp.peer_addr().ok()),
@@ -400,49 +406,21 @@ impl Conn {
         c
     }
 
-    /// Client side: the segment was offered to the listener's process.
-    pub(crate) fn offered(tcp: std::net::TcpStream, offer: Offer, addrs: Addrs) -> Conn {
-        match dup(offer.fd()) {
-            Ok(watch) => Conn::new(
-                tcp,
-                PENDING,
-                Setup::Offered(Box::new(offer)),
-                Some(SetupFd::Offer(watch)),
-                addrs,
-            ),
-            Err(e) => Conn::plain(tcp, Fallback::Handshake(e.to_string())),
-        }
+    /// Client side: the offer socket is bound; the accepting process will call.
+    pub(crate) fn listening(tcp: std::net::TcpStream, sock: OfferSocket, addrs: Addrs) -> Conn {
+        let watch = SetupFd::Listening(sock.watch());
+        let setup = Setup::Listening(Box::new(sock));
+        Conn::new(tcp, PENDING, setup, Some(watch), addrs)
     }
 
-    /// Listener side: no ATTACH yet; watch the rendezvous for one a little longer.
-    pub(crate) fn awaiting(
-        tcp: std::net::TcpStream,
-        rendezvous: Arc<Rendezvous>,
-        peer: SocketAddr,
-        local: SocketAddr,
-    ) -> io::Result<Conn> {
-        let watch = SetupFd::Rendezvous(rendezvous.clone());
-        let deadline = Instant::now() + ATTACH_WINDOW;
-        let setup = Setup::Awaiting {
-            rendezvous,
-            peer,
-            local,
-            deadline,
-        };
-        let mut c = Conn::new(tcp, PENDING, setup, Some(watch), Some((local, peer)));
+    /// Accepting side: looks for the client's offer socket as the connection is
+    /// used (see [`crate::handshake`]).
+    pub(crate) fn calling(tcp: std::net::TcpStream, call: Call) -> Conn {
+        let deadline = call.deadline();
+        let addrs = Some((call.local(), call.peer()));
+        let mut c = Conn::new(tcp, PENDING, Setup::Calling(call), None, addrs);
         c.attach_deadline = Some(deadline);
-        Ok(c)
-    }
-
-    /// Listener side: the channel is attached already.
-    pub(crate) fn attached(
-        tcp: std::net::TcpStream,
-        channel: Channel,
-        addrs: Addrs,
-    ) -> io::Result<Conn> {
-        let c = Conn::new(tcp, PENDING, Setup::Done, None, addrs);
-        c.install(channel)?;
-        Ok(c)
+        c
     }
 
     pub(crate) fn is_accelerated(&self) -> bool {
@@ -505,6 +483,39 @@ impl Conn {
             return;
         };
         match std::mem::replace(&mut *setup, Setup::Done) {
+            Setup::Listening(mut sock) => {
+                let spin = vmc_channel::ChannelConfig::from_env().spin;
+                match sock.answer(spin) {
+                    Ok(Some(channel)) => {
+                        if let Err(e) = self.install(channel) {
+                            self.give_up(Fallback::Handshake(e.to_string()));
+                        }
+                    }
+                    Ok(None) => *setup = Setup::Listening(sock),
+                    Err(reason) => self.give_up(reason),
+                }
+            }
+            Setup::Calling(mut call) => {
+                let tcp_in = self.counters().tcp_in.load(Ordering::Relaxed);
+                if !call.due(tcp_in) {
+                    *setup = Setup::Calling(call);
+                    return;
+                }
+                match call.call(tcp_in) {
+                    Called::Offered(offer) => match dup(offer.fd()) {
+                        Ok(watch) => {
+                            let _ = self.setup_fd.set(SetupFd::Offer(watch));
+                            *setup = Setup::Offered(offer);
+                        }
+                        Err(e) => {
+                            retract(offer.fd());
+                            self.give_up(Fallback::Handshake(e.to_string()));
+                        }
+                    },
+                    Called::NotYet => *setup = Setup::Calling(call),
+                    Called::Never(reason) => self.give_up(reason),
+                }
+            }
             Setup::Offered(offer) => match (*offer).try_finish() {
                 Ok(Ok(channel)) => {
                     if let Err(e) = self.install(channel) {
@@ -518,50 +529,16 @@ impl Conn {
                     self.give_up(Fallback::from_refusal(&e));
                 }
             },
-            Setup::Awaiting {
-                rendezvous,
-                peer,
-                local,
-                deadline,
-            } => match rendezvous.take(peer, local) {
-                Some(sock) => {
-                    match Channel::attach_over_reusing(
-                        sock,
-                        vmc_channel::ChannelConfig::from_env().spin,
-                    )
-                    .and_then(|ch| self.install(ch))
-                    {
-                        Ok(()) => {}
-                        Err(e) => self.give_up(Fallback::Handshake(e.to_string())),
-                    }
-                }
-                None if Instant::now() >= deadline => self.give_up(Fallback::PeerNotVmc),
-                None => {
-                    *setup = Setup::Awaiting {
-                        rendezvous,
-                        peer,
-                        local,
-                        deadline,
-                    }
-                }
-            },
             Setup::Done => {}
         }
     }
 
-    /// Client side, the handshake failed here: the listener may have attached the
+    /// Offering side, the handshake failed here: the client may have attached the
     /// channel already (it failed on our side, say with no descriptor left for
-    /// the ACK's) and be about to send on its ring, which we will never read. A
-    /// REWIND from offset 0 on the handshake socket (the listener's control
-    /// socket if it attached; ignored otherwise) moves its sending direction to
-    /// TCP for good, with everything it put on the ring.
+    /// the ACK's) and be about to send on its ring, which we will never read.
     fn retract_offer(&self) {
-        if let Some(SetupFd::Offer(fd)) = &self.setup_fd {
-            let _ = send(
-                fd,
-                &wire::rewind(0),
-                SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
-            );
+        if let Some(SetupFd::Offer(fd)) = self.setup_fd.get() {
+            retract(fd.as_fd());
         }
     }
 
@@ -695,6 +672,11 @@ impl Conn {
                             }
                             rx.tcp_in += n as u64;
                             bump(&self.counters().tcp_in, n);
+                            if self.is_pending() {
+                                // The peer's first bytes: a vmc client has bound its
+                                // offer socket by now (see `crate::handshake`).
+                                self.advance();
+                            }
                             // A short read may end exactly where the peer moved to
                             // the ring: like the kernel, return what follows too.
                             if n < buf.len() && self.is_accelerated() && self.follow_to_ring(rx)? {
@@ -895,7 +877,7 @@ impl Conn {
         if let Some(d) = self.setup_deadline() {
             deadline = Some(deadline.map_or(d, |u| u.min(d)));
         }
-        let other = match (self.parts(), &self.setup_fd) {
+        let other = match (self.parts(), self.setup_fd.get()) {
             (Some(_), _) if self.ctl_eof.load(Ordering::Acquire) => None,
             (Some(p), _) => Some(p.ctl()),
             (None, Some(fd)) if self.is_pending() => Some(fd.as_fd()),
@@ -1169,7 +1151,10 @@ impl Conn {
     /// settle at once (in one process, before exec) each find the other's REWIND
     /// when they move their sending direction.
     pub(crate) fn settle_receiving(&self, deadline: Instant) -> io::Result<()> {
-        while self.is_pending() && Instant::now() < deadline {
+        // Only an offer made may have a channel on the other side already: wait
+        // for its answer, give anything earlier up at once.
+        let offered = || matches!(*lock(&self.setup), Setup::Offered(_));
+        while self.is_pending() && offered() && Instant::now() < deadline {
             self.advance();
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -1742,7 +1727,7 @@ impl Conn {
                 ws.watch(b[bell::TX].fd(), EventFlags::IN)?;
             }
         }
-        match (self.parts(), &self.setup_fd) {
+        match (self.parts(), self.setup_fd.get()) {
             (Some(p), setup) => {
                 ws.watch(p.ctl(), EventFlags::IN | EventFlags::RDHUP)?;
                 if let Some(fd) = p.wake.read() {
@@ -1888,7 +1873,11 @@ impl Drop for Conn {
                 self.setup.get_mut().unwrap_or_else(|p| p.into_inner()),
                 Setup::Done,
             );
-            std::mem::forget(setup);
+            // An offer's segment and socket are the owner's handshake; an offer
+            // socket (client) is only closed here, its file left to its owner.
+            if matches!(setup, Setup::Offered(_)) {
+                std::mem::forget(setup);
+            }
             return;
         }
         // Close the rings before the TCP socket, so that the peer, woken by the FIN,

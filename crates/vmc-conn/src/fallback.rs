@@ -12,11 +12,11 @@ pub enum Fallback {
     /// No vmc listener is registered for the destination on this host (not
     /// co-resident, not running vmc, or in another network namespace).
     NoListener,
-    /// A listener is registered but its process did not answer (it just exited).
+    /// A listener is registered but no process that accepted the connection
+    /// called back (it just exited, or accepts without vmc).
     ListenerGone,
-    /// The listener's process did not recognise this connection: an address
-    /// translation in between, or the registered listener is not the one that
-    /// accepted it.
+    /// The process that called back named another connection: an address
+    /// translation in between, or a name shared by two connections.
     NotMatched,
     /// Listener side: the client sent no vmc handshake (it does not run vmc).
     PeerNotVmc,
@@ -30,8 +30,8 @@ impl Fallback {
     /// Classifies an error that ended a client's handshake.
     pub(crate) fn from_refusal(e: &io::Error) -> Fallback {
         match e.kind() {
-            // The listener closed the handshake socket without attaching (it found no
-            // accepted connection with this 4-tuple); unread bytes make that a reset.
+            // The client closed the handshake socket without attaching (the ATTACH
+            // named another connection); unread bytes make that a reset.
             io::ErrorKind::ConnectionAborted
             | io::ErrorKind::ConnectionRefused
             | io::ErrorKind::ConnectionReset => Fallback::NotMatched,

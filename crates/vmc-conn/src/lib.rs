@@ -10,6 +10,8 @@
 //! - [`registry`]: which vmc listeners exist on this host, in which network namespace.
 //! - [`TcpListener`] and [`TcpStream`]: the std-like API.
 //! - [`Fallback`]: why a connection stays on TCP.
+//! - `handshake.rs`: how the two ends of a connection meet (offer sockets named by
+//!   the connection, called by whichever process accepted it).
 //! - `conn.rs`: the per-connection state machine (paths, boundaries, set-up).
 //! - `bell.rs`: how one thread wakes another waiting on the same connection.
 //! - [`wire`]: the messages on the Unix socket beside each connection.
@@ -20,6 +22,7 @@ mod bell;
 mod conn;
 mod dirlock;
 mod fallback;
+mod handshake;
 mod listener;
 mod net;
 pub mod ready;
@@ -33,8 +36,8 @@ pub mod wire;
 /// [`vmc_channel::pool`]).
 pub use vmc_channel::pool as spares;
 
-pub use conn::ATTACH_WINDOW;
 pub use fallback::Fallback;
+pub use handshake::{ATTACH_WINDOW, OFFER_TTL};
 pub use listener::TcpListener;
 pub use net::{forget_closed_fds, prepare_fork, RecvOpts, TcpStream, Traffic};
 pub use ready::{Interest, Ready};

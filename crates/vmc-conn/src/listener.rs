@@ -1,174 +1,30 @@
-//! The listening side: a real TCP listener, a registry entry saying where it is,
-//! and a rendezvous socket where co-resident vmc clients bring their channels.
+//! The listening side: a real TCP listener and a registry entry saying where it is.
+//!
+//! The entry only tells clients that a vmc process listens there. Each client then
+//! binds an offer socket named by its connection ([`crate::wire::offer_name`]), and
+//! whichever process accepts the connection calls it ([`crate::conn`]): the
+//! listener's own process, a forked worker, a thread, or a process the listening
+//! socket was handed to. No process has to hand handshakes to another.
 
-use std::io::{self, Read};
-use std::net::{Ipv6Addr, SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use rustix::net::SocketFlags;
-use vmc_channel::Channel;
-
-use crate::conn::Conn;
+use crate::conn::{Call, Conn};
 use crate::fallback::Fallback;
 use crate::net::{registry, vmc_disabled, TcpStream};
 use crate::registry::{ListenerEntry, NetNs, Registration};
-use crate::wire::{self, ATTACH_LEN};
 
-/// How long an ATTACH waits for its TCP connection to be accepted before the
-/// listener gives up on it (closing the socket tells the client: stay on TCP).
-const PENDING_TTL: Duration = Duration::from_secs(2);
-
-type Key = ((Ipv6Addr, u16), (Ipv6Addr, u16));
-
-struct Pending {
-    /// The TCP connection as the client sees it: (its local, its remote); `None`
-    /// until its ATTACH frame has arrived whole.
-    client: Option<Key>,
-    /// The part of the ATTACH frame received so far.
-    frame: [u8; ATTACH_LEN],
-    got: usize,
-    sock: UnixStream,
-    since: Instant,
-}
-
-/// A listener's rendezvous socket and the handshakes queued on it.
-pub(crate) struct Rendezvous {
-    unix: UnixListener,
-    path: PathBuf,
-    pending: Mutex<Vec<Pending>>,
-    /// The registry entry lives as long as the rendezvous: connections accepted just
-    /// before the listener was dropped still wait for their clients' handshakes,
-    /// which the clients send after finding the entry.
-    registration: std::sync::OnceLock<Registration>,
-    /// The process that bound the socket: only it removes the socket's file.
-    owner: u32,
-}
-
-static RENDEZVOUS_SEQ: AtomicU64 = AtomicU64::new(0);
-
-impl Rendezvous {
-    fn bind(dir: &std::path::Path) -> io::Result<Arc<Rendezvous>> {
-        let name = format!(
-            "r-{}-{}.sock",
-            vmc_os::pid(),
-            RENDEZVOUS_SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = dir.join(name);
-        let _ = std::fs::remove_file(&path); // a leftover of a dead process with our pid
-        let unix = vmc_os::unix::bind(&path)?;
-        unix.set_nonblocking(true)?;
-        Ok(Arc::new(Rendezvous {
-            unix,
-            path,
-            pending: Mutex::new(Vec::new()),
-            registration: std::sync::OnceLock::new(),
-            owner: vmc_os::pid(),
-        }))
-    }
-
-    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.unix.as_fd()
-    }
-
-    /// Accepts the handshakes waiting on the socket and reads their ATTACH frames,
-    /// all without blocking: a client descheduled halfway through its frame never
-    /// stalls the listener (its frame is completed at a later look).
-    fn drain(&self, pending: &mut Vec<Pending>) {
-        loop {
-            // Non-blocking from the start: the handshake waits through `poll`.
-            let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
-            let sock = match rustix::net::accept_with(&self.unix, flags) {
-                Ok(fd) => match vmc_os::fdspace::lift(fd) {
-                    Ok(fd) => UnixStream::from(fd),
-                    Err(e) => {
-                        tracing::debug!("rendezvous accept: {e}");
-                        continue;
-                    }
-                },
-                Err(rustix::io::Errno::AGAIN) => break,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => {
-                    tracing::debug!("rendezvous accept: {e}");
-                    break;
-                }
-            };
-            match check_peer(&sock) {
-                Ok(()) => pending.push(Pending {
-                    client: None,
-                    frame: [0; ATTACH_LEN],
-                    got: 0,
-                    sock,
-                    since: Instant::now(),
-                }),
-                Err(e) => tracing::warn!("ignoring a vmc handshake: {e}"),
-            }
-        }
-        pending.retain_mut(|p| {
-            if p.client.is_none() {
-                match read_attach(p) {
-                    Ok(()) => {}
-                    Err(e) => {
-                        tracing::warn!("ignoring a malformed vmc handshake: {e}");
-                        return false;
-                    }
-                }
-            }
-            p.since.elapsed() < PENDING_TTL
-        });
-    }
-
-    /// The handshake socket of the client whose TCP connection the listener sees as
-    /// `peer` -> `local`, if it has arrived.
-    pub(crate) fn take(&self, peer: SocketAddr, local: SocketAddr) -> Option<OwnedFd> {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        self.drain(&mut pending);
-        let key = (wire::canonical(peer), wire::canonical(local));
-        let i = pending.iter().position(|p| p.client == Some(key))?;
-        Some(pending.swap_remove(i).sock.into())
-    }
-}
-
-/// Only our own user may hand us a channel (the directory is 0700 too).
-fn check_peer(sock: &UnixStream) -> io::Result<()> {
-    let cred = rustix::net::sockopt::socket_peercred(sock)?;
-    if cred.uid.as_raw() != vmc_os::euid() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "handshake from another user",
-        ));
-    }
-    Ok(())
-}
-
-/// Reads what has arrived of `p`'s ATTACH frame; parses it once whole.
-fn read_attach(p: &mut Pending) -> io::Result<()> {
-    while p.got < ATTACH_LEN {
-        match (&p.sock).read(&mut p.frame[p.got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => p.got += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    let key = wire::parse_attach(&p.frame)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an ATTACH"))?;
-    p.client = Some(key);
-    Ok(())
-}
-
-impl Drop for Rendezvous {
-    fn drop(&mut self) {
-        // Processes forked from the owner share the socket: theirs is a copy.
-        if vmc_os::pid() == self.owner {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
+/// What the processes accepting from a registered listener share.
+struct Registered {
+    /// Lives as long as the listener and the handshakes of its connections.
+    registration: Arc<Registration>,
+    /// Where clients bind their offer sockets.
+    offers: PathBuf,
+    /// The listening socket's network namespace (part of offer names).
+    netns: NetNs,
 }
 
 impl AsFd for TcpListener {
@@ -182,7 +38,7 @@ impl AsFd for TcpListener {
 /// other client gets plain TCP, as from `std::net::TcpListener`.
 pub struct TcpListener {
     tcp: std::net::TcpListener,
-    rendezvous: Option<Arc<Rendezvous>>,
+    registered: Option<Registered>,
     /// Why clients of this listener cannot be accelerated, if they cannot.
     fallback: Option<Fallback>,
 }
@@ -197,7 +53,7 @@ impl TcpListener {
 
     /// Takes over a bound std listener.
     pub fn from_std(tcp: std::net::TcpListener) -> io::Result<TcpListener> {
-        let (rendezvous, fallback) = match register(&tcp) {
+        let (registered, fallback) = match register(&tcp) {
             Ok(r) => (Some(r), None),
             Err(reason) => {
                 tracing::debug!("listener not registered: {reason}");
@@ -206,7 +62,7 @@ impl TcpListener {
         };
         Ok(TcpListener {
             tcp,
-            rendezvous,
+            registered,
             fallback,
         })
     }
@@ -225,20 +81,13 @@ impl TcpListener {
         tcp: std::net::TcpStream,
         peer: SocketAddr,
     ) -> io::Result<TcpStream> {
-        let conn = match &self.rendezvous {
+        let conn = match &self.registered {
             None => Conn::plain(tcp, self.fallback.clone().unwrap_or(Fallback::Disabled)),
             Some(r) => {
                 let local = tcp.local_addr()?;
-                match r.take(peer, local) {
-                    Some(sock) => {
-                        let spin = vmc_channel::ChannelConfig::from_env().spin;
-                        match Channel::attach_over_reusing(sock, spin) {
-                            Ok(ch) => Conn::attached(tcp, ch, Some((local, peer)))?,
-                            Err(e) => Conn::plain(tcp, Fallback::Handshake(e.to_string())),
-                        }
-                    }
-                    None => Conn::awaiting(tcp, r.clone(), peer, local)?,
-                }
+                let listed = Arc::clone(&r.registration);
+                let call = Call::new(&r.offers, r.netns, peer, local, listed);
+                Conn::calling(tcp, call)
             }
         };
         Ok(TcpStream::from_conn(conn))
@@ -270,7 +119,7 @@ impl TcpListener {
     }
 }
 
-fn register(tcp: &std::net::TcpListener) -> Result<Arc<Rendezvous>, Fallback> {
+fn register(tcp: &std::net::TcpListener) -> Result<Registered, Fallback> {
     if vmc_disabled() {
         return Err(Fallback::Disabled);
     }
@@ -279,13 +128,13 @@ fn register(tcp: &std::net::TcpListener) -> Result<Arc<Rendezvous>, Fallback> {
     // Entries of listeners killed with -9 on other ports are reaped here (lookups
     // only look at their own port), so the directory does not collect them.
     reg.reap();
-    let rendezvous = Rendezvous::bind(reg.path()).map_err(fail)?;
-    let entry = ListenerEntry::new(
-        NetNs::current().map_err(fail)?,
-        tcp.local_addr().map_err(fail)?,
-        rendezvous.path.clone(),
-    );
-    let registration = reg.register(&entry).map_err(fail)?;
-    let _ = rendezvous.registration.set(registration);
-    Ok(rendezvous)
+    let offers = reg.offers().map_err(fail)?.path().to_path_buf();
+    let netns = NetNs::of_socket(tcp.as_fd()).map_err(fail)?;
+    let entry = ListenerEntry::new(netns, tcp.local_addr().map_err(fail)?, offers.clone());
+    let registration = Arc::new(reg.register(&entry).map_err(fail)?);
+    Ok(Registered {
+        registration,
+        offers,
+        netns,
+    })
 }

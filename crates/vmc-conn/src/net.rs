@@ -8,13 +8,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use vmc_channel::{Channel, ChannelConfig, WakeMode};
-
 use crate::conn::{Conn, ReadOpts};
 use crate::fallback::Fallback;
+use crate::handshake::OfferSocket;
 use crate::ready::{Interest, Ready};
 use crate::registry::Registry;
-use crate::wire::{self, Path};
+use crate::wire::Path;
 
 /// True when `VMC_DISABLE` is set to anything but `0` or empty: vmc stays out of the
 /// way entirely.
@@ -425,17 +424,17 @@ fn client(tcp: std::net::TcpStream) -> Conn {
 /// not known to the kernel yet).
 fn client_to(tcp: std::net::TcpStream, peer: SocketAddr) -> Conn {
     match offer(&tcp, peer) {
-        Ok((offer, local)) => Conn::offered(tcp, offer, Some((local, peer))),
+        Ok((sock, local)) => Conn::listening(tcp, sock, Some((local, peer))),
         Err(reason) => Conn::plain(tcp, reason),
     }
 }
 
-/// Offers a channel to the listener of `peer`; returns the offer and the
-/// connection's local address.
+/// Binds the offer socket of the connection to the vmc listener of `peer` (see
+/// [`crate::handshake`]); returns it and the connection's local address.
 fn offer(
     tcp: &std::net::TcpStream,
     peer: SocketAddr,
-) -> Result<(vmc_channel::Offer, SocketAddr), Fallback> {
+) -> Result<(OfferSocket, SocketAddr), Fallback> {
     if vmc_disabled() {
         return Err(Fallback::Disabled);
     }
@@ -448,17 +447,7 @@ fn offer(
         .into_iter()
         .next()
         .ok_or(Fallback::NoListener)?;
-    let mut sock = vmc_os::unix::connect(&entry.rendezvous).map_err(|_| Fallback::ListenerGone)?;
-    sock.write_all(&wire::attach(local, peer))
-        .map_err(|_| Fallback::ListenerGone)?;
-    // Event loops need a descriptor to wait on for ring wake-ups.
-    let config = ChannelConfig {
-        wake: WakeMode::EventFd,
-        ..ChannelConfig::from_env()
-    };
-    // Segments of earlier channels to this listener's process are used again.
-    let key = format!("{}:{}", entry.pid, entry.rendezvous.display());
-    let offer = Channel::offer_over_reusing(sock.into(), &config, &key)
-        .map_err(|e| Fallback::Handshake(e.to_string()))?;
-    Ok((offer, local))
+    let sock = OfferSocket::bind(&entry.offers, entry.netns, local, peer)
+        .map_err(|e| Fallback::Handshake(format!("offer socket: {e}")))?;
+    Ok((sock, local))
 }

@@ -21,10 +21,12 @@
 //! Both the registry directory and its parent are created with mode 0700 and
 //! must be directories (not symlinks) owned by our effective uid with mode
 //! exactly 0700; anything else is refused with an error naming the problem
-//! (the checks of [`SegmentDir::open`]). The parent is checked too because
-//! dead listeners' rendezvous sockets inside it are removed on their behalf.
-//! `/dev/shm` has the sticky bit, so once validated, nobody else can replace
-//! our directories.
+//! (the checks of [`SegmentDir::open`]). The same holds for the *offers*
+//! directory beside it ([`OFFERS_DIR_NAME`]), where clients bind the sockets on
+//! which the processes that accept their connections call them (see
+//! [`crate::wire::offer_name`]); it is a sibling so that the churn of offer sockets
+//! never moves the registry's mtime, which cached lookups watch. `/dev/shm` has
+//! the sticky bit, so once validated, nobody else can replace our directories.
 //!
 //! # Entries
 //!
@@ -40,8 +42,9 @@
 //! the lock when the process dies, even by `SIGKILL`. The lock is taken on
 //! the temporary file *before* it is renamed to its final name, so a file
 //! under a final name without a lock is always dead. Readers test the lock
-//! with `F_OFD_GETLK` (they never take it), and remove dead entries (and
-//! their rendezvous sockets, see [`Registry::lookup`]) as they find them.
+//! with `F_OFD_GETLK` (they never take it), and remove dead entries as they
+//! find them. Offer sockets left by clients killed during a handshake are
+//! removed by [`Registry::reap`].
 //! Dropping a [`Registration`] removes its file.
 //!
 //! # Cached lookups
@@ -70,8 +73,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -83,13 +86,20 @@ use vmc_os::SegmentDir;
 
 /// The version of the [`ListenerEntry`] format written by this code. Entries
 /// with another version are ignored by lookups.
-pub const ENTRY_VERSION: u32 = 1;
+pub const ENTRY_VERSION: u32 = 2;
 
 /// Environment variable overriding [`Registry::default_dir`].
 pub const REGISTRY_DIR_ENV: &str = "VMC_REGISTRY_DIR";
 
 /// Name of the registry directory inside the segment directory.
 pub const LISTENERS_DIR_NAME: &str = "listeners";
+
+/// Name of the offers directory, beside the registry directory.
+pub const OFFERS_DIR_NAME: &str = "offers";
+
+/// Offer sockets older than this are left over by clients that died during a
+/// handshake (a live client gives up on its offer long before).
+const OFFER_MAX_AGE: Duration = Duration::from_secs(30);
 
 /// Prefix of entry file names: `l-<port>-<pid>-<random>.json`.
 pub const ENTRY_PREFIX: &str = "l-";
@@ -197,14 +207,9 @@ pub struct ListenerEntry {
     /// The effective uid of that process; lookups ignore entries whose uid
     /// is not ours.
     pub uid: u32,
-    /// A Unix socket path on which the listener's process accepts vmc
-    /// handshakes.
-    ///
-    /// If it lies inside the registry's parent directory, it is removed
-    /// along with the entry when the listener is found dead, provided it is
-    /// a socket owned by us not newer than [`ListenerEntry::created_unix_ms`]
-    /// (so bind the socket *before* building the entry).
-    pub rendezvous: PathBuf,
+    /// The directory in which the listener's processes look for the offer
+    /// sockets of the connections they accept ([`crate::wire::offer_name`]).
+    pub offers: PathBuf,
     /// When the entry was built, in milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
 }
@@ -212,14 +217,14 @@ pub struct ListenerEntry {
 impl ListenerEntry {
     /// An entry for a listener of this process (our pid and euid, the current
     /// time) in network namespace `netns`.
-    pub fn new(netns: NetNs, addr: SocketAddr, rendezvous: impl Into<PathBuf>) -> ListenerEntry {
+    pub fn new(netns: NetNs, addr: SocketAddr, offers: impl Into<PathBuf>) -> ListenerEntry {
         ListenerEntry {
             version: ENTRY_VERSION,
             netns,
             addr,
             pid: vmc_os::pid(),
             uid: vmc_os::euid(),
-            rendezvous: rendezvous.into(),
+            offers: offers.into(),
             created_unix_ms: now_unix_ms(),
         }
     }
@@ -228,9 +233,9 @@ impl ListenerEntry {
     /// namespace ([`NetNs::current`]).
     pub fn for_current_netns(
         addr: SocketAddr,
-        rendezvous: impl Into<PathBuf>,
+        offers: impl Into<PathBuf>,
     ) -> io::Result<ListenerEntry> {
-        Ok(ListenerEntry::new(NetNs::current()?, addr, rendezvous))
+        Ok(ListenerEntry::new(NetNs::current()?, addr, offers))
     }
 }
 
@@ -251,8 +256,8 @@ pub struct Registration {
     file: File,
     entry: ListenerEntry,
     /// The process that registered: only it removes the entry. A process forked
-    /// from it holds the same listening socket, rendezvous socket and locked entry
-    /// file, and serves the listener's clients as well (pre-forked workers).
+    /// from it holds the same listening socket and locked entry file, and serves
+    /// the listener's clients as well (pre-forked workers).
     owner: u32,
 }
 
@@ -315,8 +320,10 @@ impl Drop for Registration {
 pub struct Registry {
     /// The registry directory (absolute).
     path: PathBuf,
-    /// Its parent (absolute): rendezvous sockets inside it may be reaped.
+    /// Its parent (absolute), holding the offers directory too.
     root: PathBuf,
+    /// The offers directory, once opened.
+    offers: std::sync::OnceLock<SegmentDir>,
     dir: Mutex<Arc<SegmentDir>>,
     /// File names already reported as bad.
     warned: Mutex<HashSet<String>>,
@@ -412,6 +419,7 @@ impl Registry {
         Ok(Registry {
             path,
             root,
+            offers: std::sync::OnceLock::new(),
             dir: Mutex::new(Arc::new(dir)),
             warned: Mutex::new(HashSet::new()),
             opened: AtomicU64::new(0),
@@ -422,6 +430,18 @@ impl Registry {
     /// The registry directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The offers directory beside the registry, created (mode 0700) and checked
+    /// like it at the first call.
+    pub fn offers(&self) -> io::Result<&SegmentDir> {
+        if let Some(d) = self.offers.get() {
+            return Ok(d);
+        }
+        let path = self.root.join(OFFERS_DIR_NAME);
+        let dir = SegmentDir::open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("vmc offers directory: {e}")))?;
+        Ok(self.offers.get_or_init(|| dir))
     }
 
     /// Registers a listener: writes `entry` to a new file and keeps it
@@ -515,8 +535,7 @@ impl Registry {
     /// Entries that are not regular files, are not mode 0600, are not owned
     /// by our euid, do not parse, have another version or another uid are
     /// ignored (reported once per file name). Dead entries (lock not held)
-    /// are removed, with their rendezvous socket if it is ours (see
-    /// [`ListenerEntry::rendezvous`]).
+    /// are removed.
     ///
     /// This never fails and never blocks: any error means no candidates
     /// (logged at debug level).
@@ -630,19 +649,23 @@ impl Registry {
         Ok(entries)
     }
 
-    /// Removes the entries of dead listeners (with their rendezvous sockets,
-    /// see [`ListenerEntry::rendezvous`]) and temporary files left by
+    /// Removes the entries of dead listeners, temporary files left by
     /// registrants killed while registering (older than
-    /// [`vmc_os::segment::TMP_MAX_AGE`]). Returns how many entry and
-    /// temporary files were removed; errors count as nothing removed.
+    /// [`vmc_os::segment::TMP_MAX_AGE`]) and offer sockets left by clients
+    /// killed during a handshake (older than 30 s). Returns how many files
+    /// were removed; errors count as nothing removed.
     pub fn reap(&self) -> usize {
-        match self.scan(None) {
+        let entries = match self.scan(None) {
             Ok((_, reaped)) => reaped,
             Err(e) => {
                 tracing::debug!("vmc registry: reap: {e}");
                 0
             }
-        }
+        };
+        entries
+            + self
+                .offers()
+                .map_or(0, |d| reap_stale_offers(d, OFFER_MAX_AGE))
     }
 
     /// How many entry files this registry has opened so far.
@@ -847,7 +870,7 @@ impl Registry {
             Err(e) => Err(format!("cannot be read: {e}")),
         };
         if !alive {
-            self.reap_dead(dir, name, parsed.ok());
+            self.reap_dead(dir, name);
             return Inspected::Reaped;
         }
         match parsed {
@@ -859,64 +882,18 @@ impl Registry {
         }
     }
 
-    /// Removes a dead entry file and, if we are the ones who removed it, its
-    /// rendezvous socket.
-    fn reap_dead(&self, dir: &SegmentDir, name: &str, entry: Option<ListenerEntry>) {
+    /// Removes a dead entry file.
+    fn reap_dead(&self, dir: &SegmentDir, name: &str) {
         match rustix::fs::unlinkat(dir.fd(), name, AtFlags::empty()) {
-            Ok(()) => {}
-            // Somebody else reaped it, or its registrant unregistered it (and
-            // may still use its rendezvous socket for other listeners): leave
-            // the socket alone.
-            Err(rustix::io::Errno::NOENT) => return,
-            Err(e) => {
-                tracing::debug!(
-                    "vmc registry: removing dead {}/{name}: {e}",
-                    dir.path().display()
-                );
-                return;
-            }
-        }
-        tracing::debug!(
-            "vmc registry: removed dead entry {}/{name}",
-            dir.path().display()
-        );
-        if let Some(entry) = entry {
-            self.reap_rendezvous(&entry);
-        }
-    }
-
-    /// Removes a dead listener's rendezvous socket if it is inside our parent
-    /// directory, is a socket owned by us, and is not newer than the entry
-    /// (a newer socket at the same path belongs to a new listener).
-    fn reap_rendezvous(&self, entry: &ListenerEntry) {
-        let path = &entry.rendezvous;
-        let confined = path.is_absolute()
-            && path.starts_with(&self.root)
-            && path != &self.root
-            && path
-                .components()
-                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-        if !confined {
-            return;
-        }
-        let Ok(meta) = std::fs::symlink_metadata(path) else {
-            return;
-        };
-        let ctime_ms = i128::from(meta.ctime()) * 1000 + i128::from(meta.ctime_nsec()) / 1_000_000;
-        if !meta.file_type().is_socket()
-            || meta.uid() != vmc_os::euid()
-            || ctime_ms > i128::from(entry.created_unix_ms)
-        {
-            return;
-        }
-        match std::fs::remove_file(path) {
             Ok(()) => tracing::debug!(
-                "vmc registry: removed dead rendezvous socket {}",
-                path.display()
+                "vmc registry: removed dead entry {}/{name}",
+                dir.path().display()
             ),
+            // Somebody else reaped it, or its registrant unregistered it.
+            Err(rustix::io::Errno::NOENT) => {}
             Err(e) => tracing::debug!(
-                "vmc registry: removing dead rendezvous socket {}: {e}",
-                path.display()
+                "vmc registry: removing dead {}/{name}: {e}",
+                dir.path().display()
             ),
         }
     }
@@ -956,6 +933,33 @@ fn open_dirs(path: &Path, root: &Path) -> io::Result<SegmentDir> {
     };
     SegmentDir::open(root).map_err(ctx)?;
     SegmentDir::open(path).map_err(ctx)
+}
+
+/// Removes the offer sockets in `dir` older than `max_age`; returns how many.
+fn reap_stale_offers(dir: &SegmentDir, max_age: Duration) -> usize {
+    let Ok(mut stream) = rustix::fs::Dir::read_from(dir.fd()) else {
+        return 0;
+    };
+    let mut old = Vec::new();
+    let now = SystemTime::now();
+    while let Some(Ok(dent)) = stream.read() {
+        let name = dent.file_name();
+        if !name.to_bytes().starts_with(b"o-") {
+            continue;
+        }
+        let Ok(st) = rustix::fs::statat(dir.fd(), name, AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        let ctime = UNIX_EPOCH + Duration::new(st.st_ctime as u64, st.st_ctime_nsec as u32);
+        let is_socket =
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Socket;
+        if is_socket && now.duration_since(ctime).is_ok_and(|age| age > max_age) {
+            old.push(name.to_owned());
+        }
+    }
+    old.iter()
+        .filter(|name| rustix::fs::unlinkat(dir.fd(), name.as_c_str(), AtFlags::empty()).is_ok())
+        .count()
 }
 
 /// Creates `tmp` in `dir`, locks it, writes `json` and renames it to `name`.
@@ -1167,7 +1171,7 @@ fn rank_candidates(
         ra.cmp(rb)
             .then(b.created_unix_ms.cmp(&a.created_unix_ms))
             .then(a.pid.cmp(&b.pid))
-            .then(a.rendezvous.cmp(&b.rendezvous))
+            .then(a.offers.cmp(&b.offers))
     });
     ranked.into_iter().map(|(_, e)| e).collect()
 }
@@ -1401,14 +1405,7 @@ mod tests {
         let tags = |dst: &str| -> Vec<String> {
             reg.lookup(sa(dst))
                 .iter()
-                .map(|e| {
-                    e.rendezvous
-                        .file_name()
-                        .unwrap()
-                        .to_str()
-                        .unwrap()
-                        .to_owned()
-                })
+                .map(|e| e.offers.file_name().unwrap().to_str().unwrap().to_owned())
                 .collect()
         };
         // Loopback: own namespace only; exact, then 0.0.0.0, then ::.
@@ -1609,14 +1606,9 @@ mod tests {
     }
 
     #[test]
-    fn dead_entry_reaped_with_its_rendezvous_socket() {
-        let (tmp, reg) = test_registry();
-        let root = tmp.path().join("vmc");
-        // The listener binds its rendezvous socket, then builds its entry.
-        let sock = root.join("rv-dead.sock");
-        drop(UnixListener::bind(&sock).unwrap());
-        std::thread::sleep(Duration::from_millis(5));
-        let e = ListenerEntry::new(own_ns(), sa("0.0.0.0:7000"), &sock);
+    fn dead_entry_reaped() {
+        let (_tmp, reg) = test_registry();
+        let e = ListenerEntry::new(own_ns(), sa("0.0.0.0:7000"), "/offers");
         // A valid entry nobody holds: its process was killed.
         let p = plant(
             &reg,
@@ -1627,53 +1619,31 @@ mod tests {
         let live = reg.register(&entry(own_ns(), "0.0.0.0:7000")).unwrap();
         assert_eq!(reg.lookup(sa("127.0.0.1:7000")), vec![live.entry().clone()]);
         assert!(!p.exists(), "dead entry removed");
-        assert!(!sock.exists(), "dead rendezvous socket removed");
         assert!(live.path().exists());
     }
 
     #[test]
-    fn foreign_or_newer_rendezvous_paths_kept() {
-        let (tmp, reg) = test_registry();
-        let root = tmp.path().join("vmc");
-        let outside_dir = tempfile::tempdir().unwrap();
-        let outside = outside_dir.path().join("rv.sock");
-        drop(UnixListener::bind(&outside).unwrap());
-        let not_socket = root.join("rv-file");
-        std::fs::write(&not_socket, b"x").unwrap();
-        let sneaky = root.join("..").join("vmc").join("rv-sneaky.sock");
-        drop(UnixListener::bind(&sneaky).unwrap());
-        std::thread::sleep(Duration::from_millis(5));
-
-        let mut dead = Vec::new();
-        for (i, path) in [&outside, &not_socket, &sneaky].into_iter().enumerate() {
-            let e = ListenerEntry::new(own_ns(), sa("0.0.0.0:7001"), path);
-            dead.push(plant(
-                &reg,
-                &format!("l-7001-42-{i}.json"),
-                &serde_json::to_vec(&e).unwrap(),
-                0o600,
-            ));
-        }
-        // An entry older than the socket now at its path: the socket belongs
-        // to a newer listener.
-        let mut e = ListenerEntry::new(own_ns(), sa("0.0.0.0:7001"), root.join("rv-new.sock"));
-        e.created_unix_ms -= 10_000;
-        drop(UnixListener::bind(&e.rendezvous).unwrap());
-        dead.push(plant(
-            &reg,
-            "l-7001-42-old.json",
-            &serde_json::to_vec(&e).unwrap(),
-            0o600,
-        ));
-
-        assert_eq!(reg.reap(), 4);
-        for p in &dead {
-            assert!(!p.exists());
-        }
-        assert!(outside.exists());
-        assert!(not_socket.exists());
-        assert!(sneaky.exists());
-        assert!(e.rendezvous.exists());
+    fn stale_offer_sockets_reaped_young_ones_and_other_files_kept() {
+        let (_tmp, reg) = test_registry();
+        let offers = reg.offers().unwrap().path().to_path_buf();
+        let meta = std::fs::metadata(&offers).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.mode() & 0o7777, 0o700);
+        let young = offers.join("o-1-young.sock");
+        let old = offers.join("o-1-old.sock");
+        let other = offers.join("o-1-not-a-socket");
+        let _l = UnixListener::bind(&young).unwrap();
+        drop(UnixListener::bind(&old).unwrap());
+        std::fs::write(&other, b"x").unwrap();
+        assert_eq!(reap_stale_offers(reg.offers().unwrap(), OFFER_MAX_AGE), 0);
+        assert!(young.exists() && old.exists() && other.exists());
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            reap_stale_offers(reg.offers().unwrap(), Duration::from_millis(10)),
+            2
+        );
+        assert!(!young.exists() && !old.exists(), "old sockets removed");
+        assert!(other.exists(), "only sockets are offers");
     }
 
     #[test]
@@ -1834,7 +1804,7 @@ mod tests {
     fn register_rejects_entries_nobody_would_accept() {
         let (_tmp, reg) = test_registry();
         let mut e = entry(own_ns(), "0.0.0.0:80");
-        e.version = 2;
+        e.version = ENTRY_VERSION + 1;
         assert_eq!(
             reg.register(&e).unwrap_err().kind(),
             io::ErrorKind::InvalidInput
@@ -1918,7 +1888,7 @@ mod tests {
     #[test]
     fn entry_json_is_stable() {
         let e = ListenerEntry {
-            version: 1,
+            version: 2,
             netns: NetNs {
                 dev: 4,
                 ino: 4026531833,
@@ -1926,19 +1896,19 @@ mod tests {
             addr: sa("[::]:443"),
             pid: 7,
             uid: 1000,
-            rendezvous: PathBuf::from("/dev/shm/vmc-1000/rv-7.sock"),
+            offers: PathBuf::from("/dev/shm/vmc-1000/offers"),
             created_unix_ms: 1_700_000_000_000,
         };
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(
             v,
             serde_json::json!({
-                "version": 1,
+                "version": 2,
                 "netns": {"dev": 4, "ino": 4026531833u64},
                 "addr": "[::]:443",
                 "pid": 7,
                 "uid": 1000,
-                "rendezvous": "/dev/shm/vmc-1000/rv-7.sock",
+                "offers": "/dev/shm/vmc-1000/offers",
                 "created_unix_ms": 1_700_000_000_000u64,
             })
         );

@@ -1,7 +1,7 @@
 //! The connection layer's messages on the Unix socket beside each TCP connection.
 //!
 //! ```text
-//!   ATTACH   client -> listener   "VMCT" ver:u8 0:u8 0:u16 local:ip16 port:u16 remote:ip16 port:u16 0:u32
+//!   ATTACH   acceptor -> client   "VMCT" ver:u8 0:u8 0:u16 local:ip16 port:u16 remote:ip16 port:u16 0:u32
 //!            (then the channel's own HELLO with the segment, see vmc-channel)
 //!   SWITCH   either way, after ACK "VMCS" kind:u8 0:u8 0:u16 offset:u64
 //!            kind 1: moved to TCP, 2: moved to shm, 3: LEFT_RING, 4: LEFT_TCP,
@@ -21,10 +21,13 @@
 //! (see `vmc_ring::Producer::take_back`), so nothing is lost even if the sender
 //! only acts on it much later.
 //!
-//! ATTACH names the TCP connection by its 4-tuple as the client sees it; the listener
-//! attaches the channel only to the accepted connection whose 4-tuple is the mirror
-//! image, so a NAT in between, or a registry entry pointing at the wrong process,
-//! leaves the connection on TCP. SWITCH announces that the sender moved its sending
+//! The client of a connection to a vmc listener binds an *offer socket* named by
+//! [`offer_name`] (the listener's network namespace and the connection's 4-tuple);
+//! whichever process accepts the connection (the listener's, a forked worker, a
+//! thread, a process the listener was handed to) calls it and sends ATTACH, the
+//! 4-tuple as it sees it. The client attaches the channel only if that is the mirror
+//! image of its own, so a name collision or a caller that is not the other end of
+//! this connection leaves it on TCP. SWITCH announces that the sender moved its sending
 //! direction to the other path after exactly `offset` bytes on the old one.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -69,7 +72,7 @@ pub fn canonical(a: SocketAddr) -> (Ipv6Addr, u16) {
     (Ipv6Addr::from(ip16(a.ip())), a.port())
 }
 
-/// Encodes an ATTACH for the connection `local` -> `remote` (the client's view).
+/// Encodes an ATTACH for the connection `local` -> `remote` (the sender's view).
 pub fn attach(local: SocketAddr, remote: SocketAddr) -> [u8; ATTACH_LEN] {
     let mut f = [0u8; ATTACH_LEN];
     f[..4].copy_from_slice(ATTACH_MAGIC);
@@ -81,8 +84,9 @@ pub fn attach(local: SocketAddr, remote: SocketAddr) -> [u8; ATTACH_LEN] {
     f
 }
 
-/// The connection an ATTACH names, as `(client local, client remote)` in canonical
-/// form; `None` for anything that is not a well-formed ATTACH of our version.
+/// The connection an ATTACH names, as `(sender's local, sender's remote)` in
+/// canonical form; `None` for anything that is not a well-formed ATTACH of our
+/// version.
 pub fn parse_attach(f: &[u8]) -> Option<((Ipv6Addr, u16), (Ipv6Addr, u16))> {
     if f.len() != ATTACH_LEN || &f[..4] != ATTACH_MAGIC || f[4] != VERSION {
         return None;
@@ -90,6 +94,33 @@ pub fn parse_attach(f: &[u8]) -> Option<((Ipv6Addr, u16), (Ipv6Addr, u16))> {
     let ip = |r: std::ops::Range<usize>| <[u8; 16]>::try_from(&f[r]).ok().map(Ipv6Addr::from);
     let port = |i: usize| u16::from_be_bytes([f[i], f[i + 1]]);
     Some(((ip(8..24)?, port(24)), (ip(26..42)?, port(42))))
+}
+
+/// The file name of the offer socket of the connection from `client` to `server`,
+/// to a listener in network namespace `netns` (the inode of its nsfs file): both ends
+/// compute it from what the kernel tells each about the connection. The namespace
+/// keeps apart connections with equal 4-tuples in containers that share the offers
+/// directory. IPv4 connections (or v4-mapped ones) are named by their addresses and
+/// ports in hex; others by the ports and a 64-bit FNV-1a hash of the addresses, so
+/// that the name always fits a `sockaddr_un`. Two connections with one name can only
+/// be told apart by ATTACH, which is why the client checks it.
+pub fn offer_name(netns: u64, client: SocketAddr, server: SocketAddr) -> String {
+    let (cip, cport) = canonical(client);
+    let (sip, sport) = canonical(server);
+    match (cip.to_ipv4_mapped(), sip.to_ipv4_mapped()) {
+        (Some(c), Some(s)) => format!(
+            "o-{netns:x}-{:08x}-{cport:04x}-{:08x}-{sport:04x}.sock",
+            u32::from(c),
+            u32::from(s)
+        ),
+        _ => {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in cip.octets().into_iter().chain(sip.octets()) {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            format!("o-{netns:x}-6{h:016x}-{cport:04x}-{sport:04x}.sock")
+        }
+    }
 }
 
 /// A control message on the socket beside a connection.
@@ -185,6 +216,24 @@ mod tests {
         bad[4] = 9;
         assert_eq!(parse_attach(&bad), None);
         assert_eq!(parse_attach(&bad[..10]), None);
+    }
+
+    #[test]
+    fn offer_names_agree_on_both_ends_and_fit_a_sockaddr() {
+        let c: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let s: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
+        assert_eq!(offer_name(7, c, s), "o-7-7f000001-9c40-7f000001-0050.sock");
+        assert_eq!(offer_name(7, mapped, s), offer_name(7, c, s));
+        assert_ne!(offer_name(8, c, s), offer_name(7, c, s));
+        assert_ne!(offer_name(7, s, c), offer_name(7, c, s));
+        let v6: SocketAddr = "[fd00::1:2:3:4:5]:65535".parse().unwrap();
+        let long = offer_name(u64::MAX, v6, "[fd00::9]:1".parse().unwrap());
+        assert!(long.len() <= 107 - "/proc/self/fd/1048576/".len(), "{long}");
+        assert_ne!(
+            long,
+            offer_name(u64::MAX, v6, "[fd00::8]:1".parse().unwrap())
+        );
     }
 
     #[test]

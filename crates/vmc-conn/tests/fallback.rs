@@ -146,32 +146,43 @@ fn vmc_client_of_a_plain_listener_reports_no_listener() {
     assert_eq!(s.fallback_reason(), Some(Fallback::NoListener));
 }
 
+/// A plain client is known for one at its first bytes (a vmc client binds its
+/// offer socket before it sends anything); one that sends nothing, once the window
+/// is over. Data flows meanwhile.
 #[test]
-fn plain_client_of_a_vmc_listener_is_peer_not_vmc_after_the_window() {
+fn plain_client_of_a_vmc_listener_is_peer_not_vmc_at_its_first_bytes() {
     private_registry();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let mut c = StdStream::connect(addr).unwrap();
     let (s, _) = l.accept().unwrap();
-    let accepted = Instant::now();
     assert!(s.is_pending(), "{:?}", s.fallback_reason());
     assert_eq!(s.fallback_reason(), None);
     let s2 = s.clone();
     let server = thread::spawn(move || vmc_echo(&s2));
-    // Data flows while the listener side still watches for an ATTACH.
     c.write_all(b"hello").unwrap();
     let mut back = [0u8; 5];
     c.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"hello");
+    assert_eq!(s.fallback_reason(), Some(Fallback::PeerNotVmc));
+    assert_eq!(std_through_echo(c, TOTAL), TOTAL);
+    assert_eq!(server.join().unwrap(), TOTAL + 5);
+    assert_eq!(s.fallback_reason(), Some(Fallback::PeerNotVmc));
+    assert_all_tcp(s.traffic(), TOTAL + 5);
+
+    // A silent one.
+    let mut c = StdStream::connect(addr).unwrap();
+    let (s, _) = l.accept().unwrap();
+    let accepted = Instant::now();
     assert_eq!(settled_reason(&s), Some(Fallback::PeerNotVmc));
     assert!(
         accepted.elapsed() >= ATTACH_WINDOW,
         "decided before the window ended"
     );
-    assert_eq!(std_through_echo(c, TOTAL), TOTAL);
-    assert_eq!(server.join().unwrap(), TOTAL + 5);
-    assert_eq!(s.fallback_reason(), Some(Fallback::PeerNotVmc));
-    assert_all_tcp(s.traffic(), TOTAL + 5);
+    c.write_all(b"late").unwrap();
+    let mut got = [0u8; 4];
+    (&s).read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"late");
 }
 
 /// A plain client's connection that is over (both directions shut down) before
@@ -364,7 +375,7 @@ fn a_client_of_another_user_stays_on_tcp_and_cannot_read_our_registry() {
             format!("dir:{}", reg_dir.display()),
             format!("dir:{}", reg_dir.parent().unwrap().display()),
             format!("file:{}", entry_file.display()),
-            format!("file:{}", entry.rendezvous.display()),
+            format!("dir:{}", entry.offers.display()),
         ];
         let mut kid = KidSpec::new("client")
             .exe(&exe)
@@ -453,7 +464,7 @@ fn an_unusable_registry_leaves_both_ends_on_tcp() {
 }
 
 /// Not a fallback: a registry deeper than a Unix socket address can name (108
-/// bytes) still accelerates; rendezvous sockets are reached through their
+/// bytes) still accelerates; offer sockets are reached through their
 /// directory. (CI's checkout is deep enough for this to matter.)
 #[test]
 fn a_registry_at_a_long_path_still_accelerates() {
@@ -500,7 +511,6 @@ fn a_sigkilled_listener_refuses_connections_and_its_entry_is_reaped() {
         .find(|e| e.pid == kid.pid())
         .expect("the child's listener is registered");
     assert_eq!(entry.addr.port(), port);
-    assert!(exists(&entry.rendezvous));
 
     kid.kill9();
     kid.wait(Duration::from_secs(5));
@@ -527,94 +537,109 @@ fn a_sigkilled_listener_refuses_connections_and_its_entry_is_reaped() {
         !reg.listeners().unwrap().iter().any(|e| e.pid == entry.pid),
         "the dead entry is gone"
     );
-    assert!(
-        !exists(&entry.rendezvous),
-        "its rendezvous socket is gone too"
-    );
 }
 
-/// Registers, by hand, an entry for `addr` whose rendezvous socket is `rendezvous`.
-fn fake_entry(addr: SocketAddr, rendezvous: PathBuf) -> vmc_conn::registry::Registration {
+/// Registers, by hand, an entry for `addr` whose processes would look for offers
+/// in `offers`.
+fn fake_entry(addr: SocketAddr, offers: PathBuf) -> vmc_conn::registry::Registration {
     let reg = Registry::open(private_registry()).unwrap();
-    let e = ListenerEntry::for_current_netns(addr, rendezvous).unwrap();
+    let e = ListenerEntry::for_current_netns(addr, offers).unwrap();
     reg.register(&e).unwrap()
 }
 
+/// The offer socket files in `dir`.
+fn offer_sockets(dir: &std::path::Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("o-"))
+        .collect()
+}
+
+/// An entry for a plain listener (its process runs no vmc): the client's offer
+/// socket is never called, the data flows on TCP meanwhile, and after
+/// [`vmc_conn::OFFER_TTL`] the client gives up and removes the socket. An entry
+/// whose offers directory does not exist leaves the client on TCP at once.
 #[test]
-fn a_registered_listener_that_does_not_answer_is_listener_gone() {
+fn a_registered_listener_that_never_calls_is_listener_gone() {
     private_registry();
     let tmp = tempfile::tempdir().unwrap();
-    // No socket at all at the rendezvous path; then a socket file nobody listens on.
-    let stale = tmp.path().join("stale.sock");
-    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
-    for rendezvous in [tmp.path().join("missing.sock"), stale] {
-        let plain = StdListener::bind("127.0.0.1:0").unwrap();
-        let addr = plain.local_addr().unwrap();
-        let _reg = fake_entry(addr, rendezvous.clone());
-        let echo = std_echo_one(plain);
-        let s = TcpStream::connect(addr).unwrap();
-        assert_eq!(
-            s.fallback_reason(),
-            Some(Fallback::ListenerGone),
-            "{rendezvous:?}"
-        );
-        assert_eq!(vmc_through_echo(&s, TOTAL), TOTAL);
-        assert_eq!(echo.join().unwrap(), TOTAL);
-        assert_all_tcp(s.traffic(), TOTAL);
-    }
-}
-
-/// A client whose ATTACH went to a vmc listener that has no such connection (the
-/// fake entry for a plain listener's address names that listener's rendezvous
-/// socket); checks the data on the way and returns the client's final reason.
-fn unmatched_attach() -> Option<Fallback> {
-    private_registry();
-    // A real vmc listener elsewhere, whose rendezvous socket the fake entry names.
-    let other = TcpListener::bind("127.0.0.1:0").unwrap();
-    let other_addr = other.local_addr().unwrap();
-    let rendezvous = Registry::open(private_registry())
-        .unwrap()
-        .lookup(other_addr)
-        .into_iter()
-        .next()
-        .unwrap()
-        .rendezvous;
+    let offers = tmp.path().join("offers");
+    std::fs::create_dir(&offers).unwrap();
     let plain = StdListener::bind("127.0.0.1:0").unwrap();
     let addr = plain.local_addr().unwrap();
-    let _reg = fake_entry(addr, rendezvous);
+    let _reg = fake_entry(addr, offers.clone());
     let echo = std_echo_one(plain);
-
     let s = TcpStream::connect(addr).unwrap();
-    // The ATTACH went to `other`'s process, which has no such connection.
     assert!(s.is_pending(), "{:?}", s.fallback_reason());
-    let started = Instant::now();
-    // `other` looks at its rendezvous socket when it accepts: a first connection
-    // queues our ATTACH, one after its expiry (2 s) drops it, closing the socket.
-    let pokes = thread::spawn(move || {
-        for at in [Duration::ZERO, Duration::from_millis(2300)] {
-            thread::sleep(at.saturating_sub(started.elapsed()));
-            let _c = StdStream::connect(other_addr).unwrap();
-            let (_s, _) = other.accept().unwrap();
-        }
-    });
-    // Data flows meanwhile.
+    assert_eq!(offer_sockets(&offers).len(), 1, "the offer socket is bound");
     assert_eq!(vmc_through_echo(&s, TOTAL), TOTAL);
     assert_eq!(echo.join().unwrap(), TOTAL);
-    pokes.join().unwrap();
-    wait_until("the client to give up", Duration::from_secs(3), || {
-        !s.is_pending()
-    });
-    assert!(!s.is_accelerated());
+    wait_until(
+        "the client to give up",
+        vmc_conn::OFFER_TTL + Duration::from_secs(3),
+        || !s.is_pending(),
+    );
+    assert_eq!(s.fallback_reason(), Some(Fallback::ListenerGone));
+    assert!(
+        offer_sockets(&offers).is_empty(),
+        "the offer socket is removed"
+    );
     assert_all_tcp(s.traffic(), TOTAL);
-    s.fallback_reason()
+
+    let plain = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = plain.local_addr().unwrap();
+    let _reg = fake_entry(addr, tmp.path().join("missing"));
+    let echo = std_echo_one(plain);
+    let s = TcpStream::connect(addr).unwrap();
+    assert!(
+        matches!(s.fallback_reason(), Some(Fallback::Handshake(ref e)) if e.contains("offer socket")),
+        "{:?}",
+        s.fallback_reason()
+    );
+    assert_eq!(vmc_through_echo(&s, TOTAL), TOTAL);
+    assert_eq!(echo.join().unwrap(), TOTAL);
+    assert_all_tcp(s.traffic(), TOTAL);
 }
 
-/// The listener drops an unmatched ATTACH's socket with the client's HELLO (and
-/// its descriptors) still unread, so the client's `recvmsg` fails with
-/// `ECONNRESET`. (Regression test: before 6a72894 `Fallback::from_refusal` did not
-/// map that to `NotMatched`, and the client reported
-/// `Handshake("recvmsg: Connection reset by peer")`.)
+/// A call on the client's offer socket whose ATTACH names another connection (a
+/// name collision, or a process that is not the other end): the client stays on
+/// TCP with `NotMatched`, and the data on the way is intact.
 #[test]
-fn a_listener_that_does_not_recognise_the_connection_is_not_matched() {
-    assert_eq!(unmatched_attach(), Some(Fallback::NotMatched));
+fn a_call_that_is_not_the_other_end_is_not_matched() {
+    let dir = private_registry();
+    let offers = Registry::open(&dir)
+        .unwrap()
+        .offers()
+        .unwrap()
+        .path()
+        .to_path_buf();
+    let plain = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = plain.local_addr().unwrap();
+    let _reg = fake_entry(addr, offers.clone());
+    let echo = std_echo_one(plain);
+    let s = TcpStream::connect(addr).unwrap();
+    assert!(s.is_pending(), "{:?}", s.fallback_reason());
+    let local = s.local_addr().unwrap();
+    let ns = NetNs::current().unwrap();
+    let path = offers.join(vmc_conn::wire::offer_name(ns.ino, local, addr));
+    assert!(path.exists(), "{} is bound", path.display());
+    // The impostor's ATTACH: the right server address, another client port.
+    let mut call = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let other: SocketAddr = format!("127.0.0.1:{}", local.port() ^ 1).parse().unwrap();
+    call.write_all(&vmc_conn::wire::attach(addr, other))
+        .unwrap();
+    assert_eq!(vmc_through_echo(&s, TOTAL), TOTAL);
+    assert_eq!(echo.join().unwrap(), TOTAL);
+    wait_until(
+        "the client to refuse the call",
+        Duration::from_secs(5),
+        || !s.is_pending(),
+    );
+    assert_eq!(s.fallback_reason(), Some(Fallback::NotMatched));
+    assert!(!path.exists(), "one call per offer socket");
+    let mut rest = Vec::new();
+    let _ = call.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the impostor got nothing: {rest:?}");
+    assert_all_tcp(s.traffic(), TOTAL);
 }

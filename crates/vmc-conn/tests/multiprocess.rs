@@ -451,11 +451,11 @@ fn a_listener_dropped_right_after_accept_still_accelerates() {
     );
 }
 
-/// Listener side, while the accepted connection still waits for its ATTACH: one
-/// thread blocks in `read` while another calls into the connection (here
-/// `is_pending`, as a writer's `write` does) and so attaches the channel. The
+/// Accepting side, while the handshake is in flight: one thread blocks in `read`
+/// while another calls into the connection (here `is_pending`, as a writer's
+/// `write` does) and so completes the handshake. The
 /// reader's `wait_rx` chose its descriptors while the handshake was pending (TCP and
-/// the rendezvous socket, not the control socket), and `setup_deadline` gave it no
+/// the handshake socket, not the control socket), and `setup_deadline` gave it no
 /// deadline at all because its `try_lock` of `setup` failed while the other thread
 /// held it. The client then moves its direction to shm and writes only there: the
 /// SWITCH arrives on the control socket, which the reader does not poll, so its read
@@ -501,17 +501,18 @@ fn a_read_blocked_while_another_thread_attaches_sees_the_data() {
                 let res = (&r).read_exact(&mut buf).map(|()| buf);
                 let _ = rtx.send((Instant::now(), res));
             });
-            hammer.join().unwrap();
-            (s, was_pending)
+            (s, was_pending, hammer)
         });
         let mut c = TcpStream::connect(addr).unwrap();
-        let (s, was_pending) = bounded("accept", Duration::from_secs(10), move || {
+        let (s, was_pending, hammer) = bounded("accept", Duration::from_secs(10), move || {
             acceptor.join().unwrap()
         });
         awaiting += was_pending as usize;
+        // The client answers the offer; the hammer then sees the answer.
         wait_until("the client to attach", Duration::from_secs(5), || {
             !c.is_pending()
         });
+        hammer.join().unwrap();
         assert!(s.is_accelerated() && c.is_accelerated());
         // The client's first write moves its direction to shm.
         let sent = Instant::now();
@@ -579,7 +580,11 @@ fn a_client_read_blocked_while_another_thread_finishes_the_handshake_sees_the_da
         // The server accepts a little later, then writes (on shm at once).
         thread::sleep(Duration::from_millis(20));
         let (mut s, _) = l.accept().unwrap();
-        assert!(s.is_accelerated());
+        // It offered the channel; the client's hammer answers.
+        wait_until("the offer to be answered", Duration::from_secs(5), || {
+            !s.is_pending()
+        });
+        assert!(s.is_accelerated(), "{:?}", s.fallback_reason());
         s.write_all(b"pong").unwrap();
         hammer.join().unwrap();
         match rrx.recv_timeout(Duration::from_secs(2)) {

@@ -15,8 +15,6 @@ use vmc_conn::registry::{ListenerEntry, NetNs, Registry, REGISTRY_DIR_ENV};
 const ROLE_ENV: &str = "VMC_REGISTRY_TEST_ROLE";
 /// Comma-separated addresses the "register" role registers.
 const ADDRS_ENV: &str = "VMC_REGISTRY_TEST_ADDRS";
-/// Optional rendezvous socket the "register" role binds first.
-const RENDEZVOUS_ENV: &str = "VMC_REGISTRY_TEST_RENDEZVOUS";
 /// Marker of the line a child prints when it is ready.
 const READY: &str = "VMC-READY ";
 
@@ -33,22 +31,12 @@ fn child_role() {
         // is closed.
         "register" => {
             let reg = Registry::open_default().unwrap();
-            let rendezvous = match std::env::var_os(RENDEZVOUS_ENV) {
-                Some(p) => {
-                    let p = PathBuf::from(p);
-                    // Bound before the entries are built, as a listener does;
-                    // leaked on purpose: only the process's death closes it.
-                    std::mem::forget(std::os::unix::net::UnixListener::bind(&p).unwrap());
-                    p
-                }
-                None => PathBuf::from("/nonexistent/rv.sock"),
-            };
+            let offers = PathBuf::from("/nonexistent/offers");
             let addrs = std::env::var(ADDRS_ENV).unwrap();
             let regs: Vec<_> = addrs
                 .split(',')
                 .map(|a| {
-                    let e =
-                        ListenerEntry::for_current_netns(a.parse().unwrap(), &rendezvous).unwrap();
+                    let e = ListenerEntry::for_current_netns(a.parse().unwrap(), &offers).unwrap();
                     reg.register(&e).unwrap()
                 })
                 .collect();
@@ -172,15 +160,10 @@ fn file_count(dir: &Path) -> usize {
 
 #[test]
 fn sigkilled_listener_is_reaped() {
-    let (tmp, reg) = test_registry();
-    let sock = tmp.path().join("vmc").join("rv-kid.sock");
+    let (_tmp, reg) = test_registry();
     let kid = Kid::spawn(
         "register",
-        &[
-            dir_env(&reg),
-            (ADDRS_ENV, "0.0.0.0:4321"),
-            (RENDEZVOUS_ENV, sock.to_str().unwrap()),
-        ],
+        &[dir_env(&reg), (ADDRS_ENV, "0.0.0.0:4321")],
         &[],
     )
     .expect("child registers");
@@ -193,14 +176,12 @@ fn sigkilled_listener_is_reaped() {
     let found = reg.lookup(sa("127.0.0.1:4321"));
     assert_eq!(found, entries, "live child entry is found");
     assert_eq!(file_count(reg.path()), 1);
-    assert!(sock.exists());
 
     kid.kill9();
     let start = Instant::now();
     assert!(reg.lookup(sa("127.0.0.1:4321")).is_empty());
     assert!(start.elapsed() < Duration::from_secs(1));
     assert_eq!(file_count(reg.path()), 0, "dead entry file removed");
-    assert!(!sock.exists(), "dead rendezvous socket removed");
     assert!(reg.listeners().unwrap().is_empty());
 }
 

@@ -25,6 +25,43 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(UnixListener::from(crate::fdspace::lift(l.into())?))
 }
 
+/// A listening socket bound at `path` (any length) that never blocks in `accept`,
+/// with room for `backlog` callers; one of vmc's own descriptors.
+pub fn listen_nonblocking(path: &Path, backlog: i32) -> io::Result<UnixListener> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    with_short_path(path, |p| {
+        rustix::net::bind(&fd, &SocketAddrUnix::new(p)?)?;
+        Ok(())
+    })?;
+    rustix::net::listen(&fd, backlog)?;
+    Ok(UnixListener::from(crate::fdspace::lift(fd)?))
+}
+
+/// Connects to the Unix socket at `path` (any length) without ever waiting: a
+/// listener whose backlog is full is `EAGAIN`, as is one that is bound but not
+/// listening yet `ECONNREFUSED`. The socket, non-blocking, is one of vmc's own
+/// descriptors.
+pub fn connect_nonblocking(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    with_short_path(path, |p| {
+        rustix::net::connect(&fd, &SocketAddrUnix::new(p)?)?;
+        Ok(())
+    })?;
+    crate::fdspace::lift(fd)
+}
+
 /// `UnixStream::connect(path)`, for a path of any length; the socket is one of
 /// vmc's own descriptors ([`crate::fdspace`]).
 pub fn connect(path: &Path) -> io::Result<UnixStream> {
@@ -94,6 +131,25 @@ mod tests {
         let mut buf = [0u8; 2];
         s.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"hi");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn nonblocking_listeners_do_not_wait_for_callers() {
+        let base = std::env::temp_dir().join(format!("vmc-unb-{}", std::process::id()));
+        let deep = base.join("d".repeat(100));
+        std::fs::create_dir_all(&deep).unwrap();
+        let path = deep.join("s.sock");
+        let l = listen_nonblocking(&path, 1).unwrap();
+        assert_eq!(
+            l.accept().unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "nobody called yet"
+        );
+        let _c = connect_nonblocking(&path).unwrap();
+        assert!(l.accept().is_ok());
+        let missing = connect_nonblocking(&deep.join("none.sock")).unwrap_err();
+        assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
         std::fs::remove_dir_all(&base).unwrap();
     }
 

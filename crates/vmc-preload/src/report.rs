@@ -40,9 +40,9 @@ pub(crate) fn account(s: &vmc_conn::TcpStream) {
 
 /// The fork handler, in the child. Connections stay (which process keeps each is
 /// settled at first use, see `crate::fork`). Listeners stay too: the child shares
-/// the listening socket, the rendezvous socket and the registry entry's locked
-/// file, and a child closing its copy removes nothing (only the registrant
-/// unregisters). The child starts its own totals.
+/// the listening socket and the registry entry's locked file, calls the offer
+/// sockets of the connections it accepts, and a child closing its copy removes
+/// nothing (only the registrant unregisters). The child starts its own totals.
 pub(crate) extern "C" fn in_child() {
     for c in [&ACCELERATED, &PLAIN, &SHM_IN, &SHM_OUT, &TCP_IN, &TCP_OUT] {
         c.store(0, Ordering::Relaxed);
