@@ -57,6 +57,10 @@ use crate::ready::{Interest, Ready, WaitSet};
 use crate::stats::{flag, Counters, Home};
 use crate::wire::{self, Control, Path, Switch, SWITCH_LEN};
 
+/// How long the accepting side's first blocking write waits for the client to
+/// answer its offer (see [`Conn::await_answer`]).
+const ANSWER_WAIT: Duration = Duration::from_millis(2);
+
 const PENDING: u8 = 0;
 const ACCELERATED: u8 = 1;
 const PLAIN: u8 = 2;
@@ -202,6 +206,8 @@ pub(crate) struct Conn {
     rewound: AtomicBool,
     /// We sent our REWIND (settling on TCP, step 1).
     rx_settled: AtomicBool,
+    /// A write waited for the client's answer to our offer already.
+    answer_awaited: AtomicBool,
     /// The control socket reached its end (the peer closed it, exec'd or died):
     /// waits stop watching it.
     ctl_eof: AtomicBool,
@@ -378,6 +384,7 @@ impl Conn {
             tx_shut: AtomicBool::new(false),
             rx_ended: AtomicBool::new(false),
             rx_settled: AtomicBool::new(false),
+            answer_awaited: AtomicBool::new(false),
             ctl_eof: AtomicBool::new(false),
         };
         c.publish(flag::PENDING, state == PENDING);
@@ -413,13 +420,14 @@ impl Conn {
         Conn::new(tcp, PENDING, setup, Some(watch), addrs)
     }
 
-    /// Accepting side: looks for the client's offer socket as the connection is
-    /// used (see [`crate::handshake`]).
+    /// Accepting side: looks for the client's offer socket now, and again as the
+    /// connection is used (see [`crate::handshake`]).
     pub(crate) fn calling(tcp: std::net::TcpStream, call: Call) -> Conn {
         let deadline = call.deadline();
         let addrs = Some((call.local(), call.peer()));
         let mut c = Conn::new(tcp, PENDING, Setup::Calling(call), None, addrs);
         c.attach_deadline = Some(deadline);
+        c.advance();
         c
     }
 
@@ -948,11 +956,35 @@ impl Conn {
     pub(crate) fn write_opts(&self, buf: &[u8], dontwait: bool) -> io::Result<usize> {
         self.advance();
         let mut tx = self.tx.lock();
+        if self.is_pending() && !(dontwait || tx.nonblocking) {
+            self.await_answer();
+        }
         let r = self.write_locked(&mut tx, buf, dontwait);
         if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
             self.tx_blocked.fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+
+    /// Accepting side, a blocking write while the offer waits for the client's
+    /// answer: a client waiting for this reply (blocked in a read) answers within
+    /// microseconds, and waiting that long puts the reply on the ring instead of
+    /// TCP. Once per connection, at most [`ANSWER_WAIT`]; never for a write that
+    /// must not block (an event loop's, which goes on TCP).
+    fn await_answer(&self) {
+        let Some(SetupFd::Offer(fd)) = self.setup_fd.get() else {
+            return;
+        };
+        if self.answer_awaited.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let wait = Timespec {
+            tv_sec: 0,
+            tv_nsec: ANSWER_WAIT.as_nanos() as i64,
+        };
+        let mut fds = [PollFd::from_borrowed_fd(fd.as_fd(), PollFlags::IN)];
+        let _ = poll(&mut fds, Some(&wait));
+        self.advance();
     }
 
     fn write_locked(&self, tx: &mut Tx, buf: &[u8], dontwait: bool) -> io::Result<usize> {

@@ -21,12 +21,12 @@
 //! process: there is one socket per connection, and only the process holding the
 //! accepted connection knows to call it.
 //!
-//! The accepting side may accept before the client has bound its socket (while the
-//! client's `connect` is returning), so it looks when the client's first bytes
-//! arrive on TCP (a vmc client binds before it sends anything, so a miss then is
-//! final), and, for clients that wait for the server to speak first, when the
-//! connection is used a millisecond or more after accepting, then at growing
-//! intervals until [`ATTACH_WINDOW`] after accepting. A client whose call never comes
+//! The accepting side looks at once (the client has usually bound by the time its
+//! connection is accepted), but may be early (the client's `connect` is still
+//! returning); so it looks again when the client's first bytes arrive on TCP (a vmc
+//! client binds before it sends anything, so a miss then is final), and, for
+//! clients that wait for the server to speak first, at growing intervals from a
+//! millisecond on, until [`ATTACH_WINDOW`] after accepting. A client whose call never comes
 //! gives its offer up after [`OFFER_TTL`]. Either side giving up leaves the
 //! connection on TCP, where it already is.
 
@@ -244,10 +244,8 @@ impl Call {
             peer,
             local,
             deadline: now + ATTACH_WINDOW,
-            // Not at once: the client may still be binding (it binds before it
-            // sends, so its first bytes are the sure sign).
-            next: now + FIRST_RETRY,
-            wait: FIRST_RETRY * 4,
+            next: now,
+            wait: FIRST_RETRY,
             seen_tcp_in: 0,
             _listed: listed,
         }

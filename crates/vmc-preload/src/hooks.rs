@@ -408,31 +408,85 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
         return r;
     }
     let saved = errno();
+    register_listener(fd);
+    set_errno(saved);
+    r
+}
+
+/// Registers the TCP listening socket `fd` so that co-resident vmc clients find it;
+/// returns its table entry. A listener that cannot register stays plain (`None`).
+/// The caller holds the hook guard.
+fn register_listener(fd: c_int) -> Option<Arc<Sock>> {
     let res = shield(|| {
         crate::init();
         // SAFETY: `fd` is the descriptor of the call in progress.
         let dup = vmc_os::fdspace::dup(unsafe { borrow(fd) })?;
         let l = vmc_conn::TcpListener::from_std(std::net::TcpListener::from(dup))?;
-        match l.fallback_reason() {
-            Some(why) => tracing::debug!(fd, %why, "listener not registered; stays plain"),
+        Ok(match l.fallback_reason() {
+            Some(why) => {
+                tracing::debug!(fd, %why, "listener not registered; stays plain");
+                None
+            }
             None => {
                 tracing::debug!(fd, addr = ?l.local_addr().ok(), "listener registered");
-                table::set(fd, Arc::new(Sock::Listener(l)));
+                let sock = Arc::new(Sock::Listener(l));
+                table::set(fd, sock.clone());
+                Some(sock)
             }
-        }
-        Ok(())
+        })
     });
-    if let Err(e) = res {
+    res.unwrap_or_else(|e| {
         tracing::debug!(fd, "listener stays plain: {e}");
-    }
-    set_errno(saved);
-    r
+        None
+    })
 }
 
-/// After a real accept on a vmc listener: take the new connection over.
-fn adopt_accepted(listener: c_int, fd: c_int) {
-    let Some(sock) = table::get(listener) else {
-        return;
+/// Whether the connection `fd` just accepted (its address as the program got it, if
+/// it asked) is IPv4 or IPv6: only then may its listener be one vmc does not know
+/// yet.
+///
+/// # Safety
+/// `addr` and `len` are the program's `accept` arguments, after the call.
+unsafe fn accepted_inet(fd: c_int, addr: *const sockaddr, len: *const socklen_t) -> bool {
+    // SAFETY: `len` is the program's, non-null here, written by the kernel.
+    let family = if !addr.is_null() && !len.is_null() && unsafe { *len } >= 2 {
+        // SAFETY: the kernel filled `*len` >= 2 bytes of `addr`: the family.
+        i32::from(unsafe { (*addr).sa_family })
+    } else {
+        // SAFETY: `fd` is the descriptor the call returned.
+        match rustix::net::getsockname(unsafe { borrow(fd) }) {
+            Ok(a) => i32::from(a.address_family().as_raw()),
+            Err(_) => return false,
+        }
+    };
+    family == libc::AF_INET || family == libc::AF_INET6
+}
+
+/// After a real accept: take the new connection over if its listener is vmc's. A
+/// TCP listener vmc does not know (inherited across exec, as from systemd's socket
+/// activation, or received over a Unix socket) is registered at its first accept,
+/// so the clients that connect after that are accelerated.
+///
+/// # Safety
+/// `addr` and `len` are the program's `accept` arguments, after the call.
+unsafe fn adopt_accepted(listener: c_int, fd: c_int, addr: *const sockaddr, len: *const socklen_t) {
+    let sock = match table::get(listener) {
+        Some(sock) => sock,
+        // SAFETY: as the caller says.
+        None if enabled() && unsafe { accepted_inet(fd, addr, len) } => {
+            let Some(_g) = enter() else { return };
+            if !is_tcp(listener) {
+                return;
+            }
+            let saved = errno();
+            let sock = register_listener(listener);
+            set_errno(saved);
+            match sock {
+                Some(sock) => sock,
+                None => return,
+            }
+        }
+        None => return,
     };
     let Sock::Listener(l) = &*sock else { return };
     let Some(_g) = enter() else { return };
@@ -455,8 +509,9 @@ fn adopt_accepted(listener: c_int, fd: c_int) {
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     // SAFETY: forwarding the program's arguments.
     let r = unsafe { real::accept(fd, addr, len) };
-    if r >= 0 && table::any() {
-        adopt_accepted(fd, r);
+    if r >= 0 {
+        // SAFETY: the program's arguments, after the call.
+        unsafe { adopt_accepted(fd, r, addr, len) };
     }
     r
 }
@@ -471,8 +526,9 @@ pub unsafe extern "C" fn accept4(
 ) -> c_int {
     // SAFETY: forwarding the program's arguments.
     let r = unsafe { real::accept4(fd, addr, len, flags) };
-    if r >= 0 && table::any() {
-        adopt_accepted(fd, r);
+    if r >= 0 {
+        // SAFETY: the program's arguments, after the call.
+        unsafe { adopt_accepted(fd, r, addr, len) };
     }
     r
 }
