@@ -309,6 +309,7 @@ fn stat_lists_listeners_and_connections() {
     let out = Command::new(env!("CARGO_BIN_EXE_vmc"))
         .arg("stat")
         .env("VMC_REGISTRY_DIR", dir.path().join("vmc").join("listeners"))
+        .env("VMC_PUBLIC_DIR", dir.path().join("vmc-public"))
         .output()
         .expect("run vmc stat");
     let stdout = String::from_utf8(out.stdout).unwrap();

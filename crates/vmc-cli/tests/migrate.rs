@@ -89,6 +89,7 @@ fn migrate_moves_a_live_connection_to_tcp_and_back() {
     let registry = tmp.path().join("vmc").join("listeners");
     // This process's connections and the vmc binary must meet in one registry.
     std::env::set_var("VMC_REGISTRY_DIR", &registry);
+    std::env::set_var("VMC_PUBLIC_DIR", tmp.path().join("vmc-public"));
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();

@@ -263,6 +263,7 @@ impl Case {
         cmd.args(args)
             .env_remove("LD_PRELOAD")
             .env("VMC_REGISTRY_DIR", &self.registry)
+            .env("VMC_PUBLIC_DIR", self.dir.path().join("vmc-public"))
             .env("VMC_REPORT", &self.report)
             .current_dir(self.dir.path());
         cmd

@@ -493,7 +493,8 @@ impl Conn {
         match std::mem::replace(&mut *setup, Setup::Done) {
             Setup::Listening(mut sock) => {
                 let spin = vmc_channel::ChannelConfig::from_env().spin;
-                match sock.answer(spin) {
+                let tcp_in = self.counters().tcp_in.load(Ordering::Relaxed);
+                match sock.answer(self.tcp.as_fd(), tcp_in, spin) {
                     Ok(Some(channel)) => {
                         if let Err(e) = self.install(channel) {
                             self.give_up(Fallback::Handshake(e.to_string()));
@@ -509,7 +510,7 @@ impl Conn {
                     *setup = Setup::Calling(call);
                     return;
                 }
-                match call.call(tcp_in) {
+                match call.call(tcp_in, self.tcp.as_fd()) {
                     Called::Offered(offer) => match dup(offer.fd()) {
                         Ok(watch) => {
                             let _ = self.setup_fd.set(SetupFd::Offer(watch));

@@ -26,9 +26,11 @@
 //! returning); so it looks again when the client's first bytes arrive on TCP (a vmc
 //! client binds before it sends anything, so a miss then is final), and, for
 //! clients that wait for the server to speak first, at growing intervals from a
-//! millisecond on, until [`ATTACH_WINDOW`] after accepting. A client whose call never comes
-//! gives its offer up after [`OFFER_TTL`]. Either side giving up leaves the
-//! connection on TCP, where it already is.
+//! millisecond on, until [`ATTACH_WINDOW`] after accepting. A client gives its offer
+//! up when the accepting side's first bytes arrive without a call (it calls before
+//! it sends), or after [`OFFER_TTL`] (a connection may wait that long in a busy
+//! server's backlog). Either side giving up leaves the connection on TCP, where it
+//! already is.
 
 use std::io;
 use std::net::SocketAddr;
@@ -50,23 +52,54 @@ use crate::wire::{self, ATTACH_LEN};
 /// window only bounds how long a connection from a plain client is looked at.
 pub const ATTACH_WINDOW: Duration = Duration::from_millis(200);
 
-/// How long a client keeps its offer socket for a call that does not come (the
-/// accepting process does not run vmc, or accepts late).
-pub const OFFER_TTL: Duration = Duration::from_secs(2);
+/// How long a client keeps its offer socket for a call that does not come. A
+/// connection may wait that long in a busy server's backlog before a worker
+/// accepts it (and calls at once); a server that does not run vmc is known
+/// sooner, at its first bytes (see [`OfferSocket::answer`]).
+pub const OFFER_TTL: Duration = Duration::from_secs(30);
 
 /// The first wait between two looks of the accepting side (it grows fourfold).
 const FIRST_RETRY: Duration = Duration::from_millis(1);
 
-/// Only our own user may take part in a handshake (the directory is 0700 too).
-fn check_peer(sock: BorrowedFd<'_>) -> io::Result<rustix::net::UCred> {
-    let cred = rustix::net::sockopt::socket_peercred(sock)?;
-    if cred.uid.as_raw() != vmc_os::euid() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "vmc handshake from another user",
-        ));
+fn refused(why: impl Into<String>) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("vmc handshake: {}", why.into()),
+    )
+}
+
+/// The accepting side's proof that it holds the other end of the connection,
+/// checked by a client of another user: the descriptor it passed with ATTACH must
+/// be a TCP socket in our socket's network namespace whose addresses mirror ours.
+/// Only a process holding the accepted socket of this very connection has one.
+fn check_proof(
+    proof: &OwnedFd,
+    tcp: BorrowedFd<'_>,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> io::Result<()> {
+    use rustix::net::sockopt;
+    let tcp_socket = sockopt::socket_type(proof)? == rustix::net::SocketType::STREAM
+        && sockopt::socket_protocol(proof)? == Some(rustix::net::ipproto::TCP);
+    if !tcp_socket {
+        return Err(refused("the proof is not a TCP socket"));
     }
-    Ok(cred)
+    let addr = |a: Option<rustix::net::SocketAddrAny>| {
+        a.and_then(|a| SocketAddr::try_from(a).ok())
+            .map(wire::canonical)
+    };
+    let theirs = (
+        addr(rustix::net::getsockname(proof).ok()),
+        addr(rustix::net::getpeername(proof).ok().flatten()),
+    );
+    if theirs != (Some(wire::canonical(peer)), Some(wire::canonical(local))) {
+        return Err(refused("the proof is another connection's socket"));
+    }
+    let ns = vmc_os::proc::socket_netns_cookie;
+    if ns(proof.as_fd())? != ns(tcp)? {
+        return Err(refused("the proof lives in another network namespace"));
+    }
+    Ok(())
 }
 
 /// The client's end of a handshake in flight: its offer socket, waiting for the
@@ -86,23 +119,31 @@ pub(crate) struct OfferSocket {
 
 impl OfferSocket {
     /// Binds the offer socket of the connection `local` -> `peer`, to a listener in
-    /// `netns` whose processes look in `offers`.
+    /// `netns` whose processes look in `offers`. `public`: the listener is another
+    /// user's, and `offers` the directory every user shares: the socket is made
+    /// connectable by anyone, and callers of another user must prove who they are.
     pub(crate) fn bind(
         offers: &Path,
         netns: NetNs,
         local: SocketAddr,
         peer: SocketAddr,
+        public: bool,
     ) -> io::Result<OfferSocket> {
         let path = offers.join(wire::offer_name(netns.ino, local, peer));
-        let listener = match vmc_os::unix::listen_nonblocking(&path, 1) {
+        let listener = match vmc_os::unix::listen_nonblocking(&path, 4) {
             // Left by a client killed during a handshake of an earlier connection
-            // with this 4-tuple (a live one would hold the 4-tuple still).
+            // with this 4-tuple (a live one would hold the 4-tuple still). In the
+            // shared directory only our own leftovers can be removed (sticky).
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
                 let _ = std::fs::remove_file(&path);
-                vmc_os::unix::listen_nonblocking(&path, 1)?
+                vmc_os::unix::listen_nonblocking(&path, 4)?
             }
             r => r?,
         };
+        if public {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+        }
         Ok(OfferSocket {
             listener: Arc::new(listener),
             path,
@@ -127,35 +168,71 @@ impl OfferSocket {
     }
 
     /// Takes the call if it came: the attached channel, `Ok(None)` if nobody
-    /// called yet, an error (the connection stays TCP) if the call was not
-    /// the accepting end of this connection, or none came in time.
-    pub(crate) fn answer(&mut self, spin: Duration) -> Result<Option<Channel>, Fallback> {
+    /// (valid) called yet, an error (the connection stays TCP) if a caller of our
+    /// own user named another connection, or no call came in time. A caller of
+    /// another user without a valid proof is hung up on, and the socket waits on
+    /// for the real one. `tcp`: our TCP socket (its network namespace).
+    /// `tcp_in`: TCP bytes received so far. The accepting side calls before it
+    /// sends anything, so bytes from it without a call mean it never will.
+    pub(crate) fn answer(
+        &mut self,
+        tcp: BorrowedFd<'_>,
+        tcp_in: u64,
+        spin: Duration,
+    ) -> Result<Option<Channel>, Fallback> {
         let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
-        let sock = match rustix::net::accept_with(&*self.listener, flags) {
-            Ok(fd) => fd,
-            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {
-                if Instant::now() < self.deadline {
-                    return Ok(None);
-                }
-                self.unlink();
-                return Err(Fallback::ListenerGone);
-            }
-            Err(e) => return Err(Fallback::Handshake(format!("offer socket: {e}"))),
-        };
-        // One call per connection: nobody else may reach the socket now.
-        self.unlink();
         let failed = |e: io::Error| Fallback::Handshake(e.to_string());
-        let sock = vmc_os::fdspace::lift(sock).map_err(failed)?;
-        check_peer(sock.as_fd()).map_err(failed)?;
-        let seen =
-            read_attach(&sock, Instant::now() + vmc_channel::HANDSHAKE_TIMEOUT).map_err(failed)?;
-        let mirror = (wire::canonical(self.peer), wire::canonical(self.local));
-        if seen != mirror {
-            return Err(Fallback::NotMatched);
+        loop {
+            let sock = match rustix::net::accept_with(&*self.listener, flags) {
+                Ok(fd) => fd,
+                Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {
+                    if tcp_in == 0 && Instant::now() < self.deadline {
+                        return Ok(None);
+                    }
+                    self.unlink();
+                    return Err(Fallback::ListenerGone);
+                }
+                Err(e) => return Err(Fallback::Handshake(format!("offer socket: {e}"))),
+            };
+            let sock = vmc_os::fdspace::lift(sock).map_err(failed)?;
+            let cred =
+                rustix::net::sockopt::socket_peercred(&sock).map_err(|e| failed(e.into()))?;
+            let mirror = (wire::canonical(self.peer), wire::canonical(self.local));
+            if cred.uid.as_raw() == vmc_os::euid() {
+                // Our own user (the 0700 directory, or a process of ours in the
+                // shared one): trusted as every process of ours is.
+                let deadline = Instant::now() + vmc_channel::HANDSHAKE_TIMEOUT;
+                let (seen, _) = read_attach(&sock, deadline, 0).map_err(failed)?;
+                if seen != mirror {
+                    self.unlink();
+                    return Err(Fallback::NotMatched);
+                }
+            } else {
+                // Another user: briefly (an impostor must not hold us up), and
+                // only with the proof.
+                let deadline = Instant::now() + Duration::from_millis(100);
+                let valid = read_attach(&sock, deadline, 1).and_then(|(seen, proof)| {
+                    let proof = proof.ok_or_else(|| refused("a call without a proof"))?;
+                    check_proof(&proof, tcp, self.local, self.peer)?;
+                    if seen != mirror {
+                        return Err(refused("an ATTACH for another connection"));
+                    }
+                    Ok(())
+                });
+                if let Err(e) = valid {
+                    tracing::warn!(
+                        "vmc: hung up on a call from uid {} on an offer socket: {e}",
+                        cred.uid.as_raw()
+                    );
+                    continue;
+                }
+            }
+            // One call per connection: nobody else may reach the socket now.
+            self.unlink();
+            return Channel::attach_over_reusing(sock, spin)
+                .map(Some)
+                .map_err(failed);
         }
-        Channel::attach_over_reusing(sock, spin)
-            .map(Some)
-            .map_err(failed)
     }
 }
 
@@ -165,46 +242,44 @@ impl Drop for OfferSocket {
     }
 }
 
-/// Reads a whole ATTACH from `sock` (non-blocking), waiting at most until
-/// `deadline`; returns the 4-tuple it names.
+/// The 4-tuple an ATTACH names.
+type Tuple = ((std::net::Ipv6Addr, u16), (std::net::Ipv6Addr, u16));
+
+/// Reads a whole ATTACH from `sock` (non-blocking), with at most `max_fds`
+/// descriptors passed beside it, waiting at most until `deadline`; returns the
+/// 4-tuple it names and the descriptor, if one came.
 fn read_attach(
     sock: &OwnedFd,
     deadline: Instant,
-) -> io::Result<((std::net::Ipv6Addr, u16), (std::net::Ipv6Addr, u16))> {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    max_fds: usize,
+) -> io::Result<(Tuple, Option<OwnedFd>)> {
     let mut frame = [0u8; ATTACH_LEN];
     let mut got = 0;
+    let mut proof = None;
     while got < ATTACH_LEN {
-        match rustix::io::read(sock, &mut frame[got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(rustix::io::Errno::AGAIN) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "vmc handshake: no ATTACH in time",
-                    ));
-                }
-                let t = Timespec {
-                    tv_sec: left.as_secs() as i64,
-                    tv_nsec: i64::from(left.subsec_nanos()),
-                };
-                let mut fds = [PollFd::new(sock, PollFlags::IN)];
-                let _ = poll(&mut fds, Some(&t));
-            }
-            Err(e) => return Err(e.into()),
+        let (n, fds) =
+            vmc_os::recv_with_fds_by(sock.as_fd(), &mut frame[got..], max_fds, deadline)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+        if let Some(fd) = fds.into_iter().next() {
+            proof.get_or_insert(fd);
         }
     }
-    wire::parse_attach(&frame)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "vmc handshake: not an ATTACH"))
+    let tuple = wire::parse_attach(&frame).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, "vmc handshake: not an ATTACH")
+    })?;
+    Ok((tuple, proof))
 }
 
 /// The accepting side's end of a handshake not begun yet: where the client's
 /// offer socket would be, and when to look again.
 pub(crate) struct Call {
     path: PathBuf,
+    /// Where a client of another user binds (the shared offers directory), if
+    /// the listener is published there.
+    public_path: Option<PathBuf>,
     /// The connection as this side sees it.
     peer: SocketAddr,
     local: SocketAddr,
@@ -233,14 +308,17 @@ impl Call {
     /// seen as `peer` -> `local`, whose clients bind in `offers`.
     pub(crate) fn new(
         offers: &Path,
+        public_offers: Option<&Path>,
         netns: NetNs,
         peer: SocketAddr,
         local: SocketAddr,
         listed: Arc<dyn Send + Sync>,
     ) -> Call {
         let now = Instant::now();
+        let name = wire::offer_name(netns.ino, peer, local);
         Call {
-            path: offers.join(wire::offer_name(netns.ino, peer, local)),
+            public_path: public_offers.map(|d| d.join(&name)),
+            path: offers.join(name),
             peer,
             local,
             deadline: now + ATTACH_WINDOW,
@@ -273,50 +351,91 @@ impl Call {
     }
 
     /// Looks for the client's offer socket and, if it is there, offers the
-    /// channel on it. `tcp_in`: TCP bytes received so far.
-    pub(crate) fn call(&mut self, tcp_in: u64) -> Called {
+    /// channel on it. `tcp_in`: TCP bytes received so far; `tcp`: the accepted
+    /// socket (a client of another user is shown it as the proof).
+    pub(crate) fn call(&mut self, tcp_in: u64, tcp: BorrowedFd<'_>) -> Called {
         let had_bytes = tcp_in > 0;
         self.seen_tcp_in = tcp_in;
-        match self.try_offer() {
+        match self.try_offer(tcp) {
             Ok(Some(offer)) => Called::Offered(Box::new(offer)),
             // A vmc client binds before it sends: after its bytes, a miss is final.
-            Ok(None) if had_bytes => Called::Never(Fallback::PeerNotVmc),
+            Ok(None) if had_bytes => {
+                tracing::debug!(
+                    "no offer socket at {} (or {:?}) after the client's first bytes",
+                    self.path.display(),
+                    self.public_path
+                );
+                Called::Never(Fallback::PeerNotVmc)
+            }
             Ok(None) => {
                 let now = Instant::now();
                 if now >= self.deadline {
+                    tracing::debug!(
+                        "no offer socket at {} (or {:?}) within the window",
+                        self.path.display(),
+                        self.public_path
+                    );
                     return Called::Never(Fallback::PeerNotVmc);
                 }
                 self.next = now + self.wait;
                 self.wait *= 4;
                 Called::NotYet
             }
-            Err(e) => Called::Never(Fallback::Handshake(e.to_string())),
+            Err(e) => {
+                tracing::debug!("calling {}: {e}", self.path.display());
+                Called::Never(Fallback::Handshake(e.to_string()))
+            }
         }
     }
 
-    fn try_offer(&self) -> io::Result<Option<Offer>> {
-        let sock = match vmc_os::unix::connect_nonblocking(&self.path) {
-            Ok(s) => s,
-            // Not bound (yet), bound but not listening yet, or its one place
-            // taken by somebody else's call.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOENT | libc::ECONNREFUSED | libc::EAGAIN)
-                ) =>
-            {
-                return Ok(None)
+    /// Connects to the client's offer socket, in our own offers directory or in
+    /// the shared one; `None` if neither is there (yet).
+    fn reach(&self) -> io::Result<Option<(OwnedFd, bool)>> {
+        let paths = std::iter::once((&self.path, false))
+            .chain(self.public_path.as_ref().map(|p| (p, true)));
+        for (path, public) in paths {
+            match vmc_os::unix::connect_nonblocking(path) {
+                Ok(s) => return Ok(Some((s, public))),
+                // Not bound (yet), bound but not listening or not opened to us
+                // yet, or full (somebody else calling).
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOENT | libc::ECONNREFUSED | libc::EAGAIN | libc::EACCES)
+                    ) => {}
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
+        }
+        Ok(None)
+    }
+
+    fn try_offer(&self, tcp: BorrowedFd<'_>) -> io::Result<Option<Offer>> {
+        let Some((sock, public)) = self.reach()? else {
+            return Ok(None);
         };
-        let cred = check_peer(sock.as_fd())?;
+        let cred = rustix::net::sockopt::socket_peercred(&sock)?;
         let frame = wire::attach(self.local, self.peer);
-        vmc_os::send_with_fds_by(
-            sock.as_fd(),
-            &frame,
-            &[],
-            Instant::now() + vmc_channel::HANDSHAKE_TIMEOUT,
-        )?;
+        let deadline = Instant::now() + vmc_channel::HANDSHAKE_TIMEOUT;
+        if cred.uid.as_raw() == vmc_os::euid() {
+            vmc_os::send_with_fds_by(sock.as_fd(), &frame, &[], deadline)?;
+        } else if !public {
+            return Err(refused("another user's socket in our own directory"));
+        } else {
+            // Another user's socket: the kernel must say that user holds the
+            // client's end of this connection (so that nobody who merely bound
+            // the name first gets the channel), and the client must see our
+            // proof: the accepted socket itself, which it closes after looking.
+            let owner = vmc_os::sockdiag::tcp_owner(self.peer, self.local)?
+                .ok_or_else(|| refused("the kernel knows no client socket for this connection"))?;
+            if owner.uid != cred.uid.as_raw() {
+                return Err(refused(format!(
+                    "the offer socket is uid {}'s, the client's socket uid {}'s",
+                    cred.uid.as_raw(),
+                    owner.uid
+                )));
+            }
+            vmc_os::send_with_fds_by(sock.as_fd(), &frame, &[tcp], deadline)?;
+        }
         // Event loops need a descriptor to wait on for ring wake-ups.
         let config = ChannelConfig {
             wake: WakeMode::EventFd,

@@ -19,12 +19,54 @@ use crate::registry::{ListenerEntry, NetNs, Registration};
 
 /// What the processes accepting from a registered listener share.
 struct Registered {
-    /// Lives as long as the listener and the handshakes of its connections.
-    registration: Arc<Registration>,
-    /// Where clients bind their offer sockets.
+    /// Our entry, and the one published for other users (if it could be): they
+    /// live as long as the listener and the handshakes of its connections.
+    registrations: Arc<(Registration, Option<Registration>)>,
+    /// Where clients of our user bind their offer sockets.
     offers: PathBuf,
+    /// Where clients of other users bind theirs, if the listener is published.
+    public_offers: Option<PathBuf>,
     /// The listening socket's network namespace (part of offer names).
     netns: NetNs,
+    /// The listening address.
+    addr: SocketAddr,
+    /// The uid the listener was registered under.
+    uid: u32,
+    /// This process's own entry in the shared registry, when it accepts under
+    /// another uid than the registrant's (a worker that dropped privileges after
+    /// the master listened), with the process that published it.
+    as_self: std::sync::Mutex<Option<(u32, Arc<Registration>)>>,
+}
+
+impl Registered {
+    /// Accepting under another uid than the registrant's: the registrant's clients
+    /// would bind where we cannot reach, so publish the listener as ours in the
+    /// shared registry (once per process); clients that see it there bind in the
+    /// shared offers directory. Returns what keeps the entry alive.
+    fn published_as_self(&self) -> Option<Arc<Registration>> {
+        let me = vmc_os::pid();
+        let mut slot = self.as_self.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((pid, r)) = &*slot {
+            if *pid == me {
+                return Some(r.clone());
+            }
+        }
+        match publish(self.netns, self.addr) {
+            Ok((r, _)) => {
+                let r = Arc::new(r);
+                *slot = Some((me, r.clone()));
+                Some(r)
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "listener {} not published as uid {}: {e}",
+                    self.addr,
+                    vmc_os::euid()
+                );
+                None
+            }
+        }
+    }
 }
 
 impl AsFd for TcpListener {
@@ -85,8 +127,16 @@ impl TcpListener {
             None => Conn::plain(tcp, self.fallback.clone().unwrap_or(Fallback::Disabled)),
             Some(r) => {
                 let local = tcp.local_addr()?;
-                let listed = Arc::clone(&r.registration);
-                let call = Call::new(&r.offers, r.netns, peer, local, listed);
+                let listed: Arc<dyn Send + Sync> = if vmc_os::euid() != r.uid {
+                    Arc::new((Arc::clone(&r.registrations), r.published_as_self()))
+                } else {
+                    Arc::clone(&r.registrations) as Arc<dyn Send + Sync>
+                };
+                let public = crate::net::public_registry()
+                    .and_then(|p| p.offers().ok())
+                    .map(|d| d.path().to_path_buf())
+                    .or_else(|| r.public_offers.clone());
+                let call = Call::new(&r.offers, public.as_deref(), r.netns, peer, local, listed);
                 Conn::calling(tcp, call)
             }
         };
@@ -96,6 +146,19 @@ impl TcpListener {
     /// An iterator over accepted connections, as `std::net::TcpListener::incoming`.
     pub fn incoming(&self) -> impl Iterator<Item = io::Result<TcpStream>> + '_ {
         std::iter::from_fn(move || Some(self.accept().map(|(s, _)| s)))
+    }
+
+    /// Call after this process changed its effective uid (a worker dropping root):
+    /// if that is not the uid the listener was registered as, it is published in
+    /// the shared registry as this user's too (once per process), so that clients
+    /// of the registrant's user bind where this process can call them.
+    pub fn serve_as_current_user(&self) {
+        if let Some(r) = &self.registered {
+            if vmc_os::euid() != r.uid {
+                // Kept until the process exits (or the listener is dropped).
+                r.published_as_self();
+            }
+        }
     }
 
     /// The bound address.
@@ -130,11 +193,35 @@ fn register(tcp: &std::net::TcpListener) -> Result<Registered, Fallback> {
     reg.reap();
     let offers = reg.offers().map_err(fail)?.path().to_path_buf();
     let netns = NetNs::of_socket(tcp.as_fd()).map_err(fail)?;
-    let entry = ListenerEntry::new(netns, tcp.local_addr().map_err(fail)?, offers.clone());
-    let registration = Arc::new(reg.register(&entry).map_err(fail)?);
+    let addr = tcp.local_addr().map_err(fail)?;
+    let entry = ListenerEntry::new(netns, addr, offers.clone());
+    let registration = reg.register(&entry).map_err(fail)?;
+    let (published, public_offers) = match publish(netns, addr) {
+        Ok((r, offers)) => (Some(r), Some(offers)),
+        Err(e) => {
+            tracing::debug!("listener {addr} not published for other users: {e}");
+            (None, None)
+        }
+    };
     Ok(Registered {
-        registration,
+        registrations: Arc::new((registration, published)),
         offers,
+        public_offers,
         netns,
+        addr,
+        uid: vmc_os::euid(),
+        as_self: std::sync::Mutex::new(None),
     })
+}
+
+/// Publishes the listener in the registry every user shares, for clients of other
+/// users; returns the registration and the shared offers directory. The entry
+/// names no process (`ss` shows other users' sockets, not their processes).
+fn publish(netns: NetNs, addr: std::net::SocketAddr) -> io::Result<(Registration, PathBuf)> {
+    let public = crate::net::public_registry()
+        .ok_or_else(|| io::Error::other("the shared registry is unusable"))?;
+    let offers = public.offers()?.path().to_path_buf();
+    let mut entry = ListenerEntry::new(netns, addr, offers.clone());
+    entry.pid = 0;
+    Ok((public.register(&entry)?, offers))
 }

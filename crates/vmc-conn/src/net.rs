@@ -442,12 +442,63 @@ fn offer(
         .local_addr()
         .map_err(|e| Fallback::Handshake(e.to_string()))?;
     let reg = registry().map_err(|e| Fallback::Registry(e.to_string()))?;
-    let entry = reg
-        .lookup_for(std::os::fd::AsFd::as_fd(tcp), peer)
-        .into_iter()
-        .next()
-        .ok_or(Fallback::NoListener)?;
-    let sock = OfferSocket::bind(&entry.offers, entry.netns, local, peer)
+    let fd = std::os::fd::AsFd::as_fd(tcp);
+    let shared_offers = |public: &Registry| {
+        public
+            .offers()
+            .map(|d| d.path().to_path_buf())
+            .map_err(|e| Fallback::Registry(e.to_string()))
+    };
+    let (entry, offers) = match reg.lookup_for(fd, peer).into_iter().next() {
+        // Our own listener; but if processes of another user accept for it too
+        // (workers that dropped privileges publish themselves), they can only
+        // reach the shared offers directory.
+        Some(entry) => match public_registry() {
+            Some(public)
+                if public
+                    .lookup_for(fd, peer)
+                    .iter()
+                    .any(|e| e.uid != vmc_os::euid()) =>
+            {
+                let offers = shared_offers(public)?;
+                (entry, offers)
+            }
+            _ => {
+                let offers = entry.offers.clone();
+                (entry, offers)
+            }
+        },
+        // Another user's listener, published for everyone: the offer goes into
+        // the shared offers directory (never where the entry says).
+        None => {
+            let public = public_registry().ok_or(Fallback::NoListener)?;
+            let entry = public
+                .lookup_for(fd, peer)
+                .into_iter()
+                .next()
+                .ok_or(Fallback::NoListener)?;
+            let offers = shared_offers(public)?;
+            (entry, offers)
+        }
+    };
+    let public = offers != entry.offers || entry.uid != vmc_os::euid();
+    tracing::debug!(%local, %peer, offers = %offers.display(), public, "offering");
+    let sock = OfferSocket::bind(&offers, entry.netns, local, peer, public)
         .map_err(|e| Fallback::Handshake(format!("offer socket: {e}")))?;
     Ok((sock, local))
+}
+
+/// The registry every user shares (see [`Registry::open_public`]), opened once;
+/// `None` if it cannot be used (connections between users then stay TCP).
+pub(crate) fn public_registry() -> Option<&'static Registry> {
+    static PUBLIC: OnceLock<Option<Registry>> = OnceLock::new();
+    PUBLIC
+        .get_or_init(|| match Registry::open_public() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::debug!("vmc: no connections between users: {e}");
+                None
+            }
+        })
+        .as_ref()
 }

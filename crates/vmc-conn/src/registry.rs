@@ -97,9 +97,24 @@ pub const LISTENERS_DIR_NAME: &str = "listeners";
 /// Name of the offers directory, beside the registry directory.
 pub const OFFERS_DIR_NAME: &str = "offers";
 
+/// Environment variable overriding [`public_dir`].
+pub const PUBLIC_DIR_ENV: &str = "VMC_PUBLIC_DIR";
+
+/// Where the registry every user shares lives: `$VMC_PUBLIC_DIR` if set and
+/// non-empty, else `/dev/shm/vmc-public` (beside the per-user directories).
+pub fn public_dir() -> PathBuf {
+    match std::env::var_os(PUBLIC_DIR_ENV).filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => SegmentDir::default_path()
+            .parent()
+            .map_or_else(|| PathBuf::from("/dev/shm"), Path::to_path_buf)
+            .join("vmc-public"),
+    }
+}
+
 /// Offer sockets older than this are left over by clients that died during a
 /// handshake (a live client gives up on its offer long before).
-const OFFER_MAX_AGE: Duration = Duration::from_secs(30);
+const OFFER_MAX_AGE: Duration = Duration::from_secs(90);
 
 /// Prefix of entry file names: `l-<port>-<pid>-<random>.json`.
 pub const ENTRY_PREFIX: &str = "l-";
@@ -324,6 +339,8 @@ pub struct Registry {
     root: PathBuf,
     /// The offers directory, once opened.
     offers: std::sync::OnceLock<SegmentDir>,
+    /// The registry every user shares ([`Registry::open_public`]), not ours.
+    public: bool,
     dir: Mutex<Arc<SegmentDir>>,
     /// File names already reported as bad.
     warned: Mutex<HashSet<String>>,
@@ -415,11 +432,12 @@ impl Registry {
                 ))
             }
         };
-        let dir = open_dirs(&path, &root)?;
+        let dir = open_dirs(&path, &root, false)?;
         Ok(Registry {
             path,
             root,
             offers: std::sync::OnceLock::new(),
+            public: false,
             dir: Mutex::new(Arc::new(dir)),
             warned: Mutex::new(HashSet::new()),
             opened: AtomicU64::new(0),
@@ -432,6 +450,43 @@ impl Registry {
         &self.path
     }
 
+    /// The registry every user shares, for connections between users:
+    /// `<public_dir()>/listeners` (mode 1777, sticky), where each user's listeners
+    /// are published as files that user owns (mode 0644), and whose offers
+    /// directory (mode 1733) takes the offer sockets of connections to them. What
+    /// an entry says is what `ss -ltn` shows anyway; nothing in it is trusted:
+    /// the handshake checks each peer against the kernel (see
+    /// `crate::handshake`).
+    pub fn open_public() -> io::Result<Registry> {
+        let root = public_dir();
+        let path = root.join(LISTENERS_DIR_NAME);
+        let dir = open_dirs(&path, &root, true)?;
+        Ok(Registry {
+            path,
+            root,
+            offers: std::sync::OnceLock::new(),
+            public: true,
+            dir: Mutex::new(Arc::new(dir)),
+            warned: Mutex::new(HashSet::new()),
+            opened: AtomicU64::new(0),
+            cache: Mutex::new((vmc_os::proc::fork_generation(), HashMap::new())),
+        })
+    }
+
+    /// Whether this is the registry every user shares.
+    pub fn is_public(&self) -> bool {
+        self.public
+    }
+
+    /// The mode of entry files: readable by every user in the public registry.
+    fn entry_mode(&self) -> u32 {
+        if self.public {
+            0o644
+        } else {
+            0o600
+        }
+    }
+
     /// The offers directory beside the registry, created (mode 0700) and checked
     /// like it at the first call.
     pub fn offers(&self) -> io::Result<&SegmentDir> {
@@ -439,8 +494,13 @@ impl Registry {
             return Ok(d);
         }
         let path = self.root.join(OFFERS_DIR_NAME);
-        let dir = SegmentDir::open(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("vmc offers directory: {e}")))?;
+        let dir = if self.public {
+            // Anyone binds an offer there; nobody but its owner lists it.
+            SegmentDir::open_shared(&path, 0o1733)
+        } else {
+            SegmentDir::open(&path)
+        }
+        .map_err(|e| io::Error::new(e.kind(), format!("vmc offers directory: {e}")))?;
         Ok(self.offers.get_or_init(|| dir))
     }
 
@@ -493,7 +553,7 @@ impl Registry {
             let (pid, random) = unique();
             let tmp = format!("{TMP_ENTRY_PREFIX}{port}-{pid}-{random:016x}");
             let name = format!("{ENTRY_PREFIX}{port}-{pid}-{random:016x}{ENTRY_SUFFIX}");
-            match write_entry(&dir, &tmp, &name, &json) {
+            match write_entry(&dir, &tmp, &name, &json, self.entry_mode()) {
                 Ok(file) => {
                     tracing::debug!(
                         "vmc registry: registered {} as {}/{name}",
@@ -652,7 +712,7 @@ impl Registry {
     /// Removes the entries of dead listeners, temporary files left by
     /// registrants killed while registering (older than
     /// [`vmc_os::segment::TMP_MAX_AGE`]) and offer sockets left by clients
-    /// killed during a handshake (older than 30 s). Returns how many files
+    /// killed during a handshake (older than 90 s). Returns how many files
     /// were removed; errors count as nothing removed.
     pub fn reap(&self) -> usize {
         let entries = match self.scan(None) {
@@ -704,7 +764,7 @@ impl Registry {
         }
         let mut dir = self.dir.lock().unwrap_or_else(|e| e.into_inner());
         if within(dir.fd().as_raw_fd()) {
-            if let Ok(fresh) = open_dirs(&self.path, &self.root) {
+            if let Ok(fresh) = open_dirs(&self.path, &self.root, self.public) {
                 std::mem::forget(std::mem::replace(&mut *dir, Arc::new(fresh)));
                 n += 1;
             }
@@ -726,7 +786,7 @@ impl Registry {
             "vmc registry: {} was removed; creating it again",
             self.path.display()
         );
-        *guard = Arc::new(open_dirs(&self.path, &self.root)?);
+        *guard = Arc::new(open_dirs(&self.path, &self.root, self.public)?);
         let st = rustix::fs::fstat(guard.fd())?;
         Ok((Arc::clone(&guard), mtime(&st)))
     }
@@ -837,17 +897,24 @@ impl Registry {
             self.warn_once(name, "is not a regular file");
             return Inspected::Skipped;
         }
-        let euid = vmc_os::euid();
-        if meta.uid() != euid {
+        // Our own entries only; in the public registry, each user's own entries,
+        // which nobody else can write.
+        let owner = if self.public {
+            meta.uid()
+        } else {
+            vmc_os::euid()
+        };
+        if meta.uid() != owner {
             self.warn_once(
                 name,
-                &format!("is owned by uid {}, expected {euid}", meta.uid()),
+                &format!("is owned by uid {}, expected {owner}", meta.uid()),
             );
             return Inspected::Skipped;
         }
         let mode = meta.mode() & 0o7777;
-        if mode != 0o600 {
-            self.warn_once(name, &format!("has mode {mode:04o}, expected 0600"));
+        let want = self.entry_mode();
+        if mode != want {
+            self.warn_once(name, &format!("has mode {mode:04o}, expected {want:04o}"));
             return Inspected::Skipped;
         }
         if meta.len() > MAX_ENTRY_LEN {
@@ -866,7 +933,7 @@ impl Registry {
             .take(MAX_ENTRY_LEN)
             .read_to_end(&mut buf);
         let parsed = match read {
-            Ok(_) => parse_entry(&buf, name_port, euid),
+            Ok(_) => parse_entry(&buf, name_port, owner),
             Err(e) => Err(format!("cannot be read: {e}")),
         };
         if !alive {
@@ -923,14 +990,18 @@ impl Registry {
 }
 
 /// Opens (creating if needed) `root`, then `path` inside it, with the checks
-/// of [`SegmentDir::open`].
-fn open_dirs(path: &Path, root: &Path) -> io::Result<SegmentDir> {
+/// of [`SegmentDir::open`] (or, `public`, of [`SegmentDir::open_shared`]).
+fn open_dirs(path: &Path, root: &Path, public: bool) -> io::Result<SegmentDir> {
     let ctx = |e: io::Error| {
         io::Error::new(
             e.kind(),
             format!("vmc listener registry {}: {e}", path.display()),
         )
     };
+    if public {
+        SegmentDir::open_shared(root, 0o1777).map_err(ctx)?;
+        return SegmentDir::open_shared(path, 0o1777).map_err(ctx);
+    }
     SegmentDir::open(root).map_err(ctx)?;
     SegmentDir::open(path).map_err(ctx)
 }
@@ -964,7 +1035,13 @@ fn reap_stale_offers(dir: &SegmentDir, max_age: Duration) -> usize {
 
 /// Creates `tmp` in `dir`, locks it, writes `json` and renames it to `name`.
 /// On failure nothing is left behind.
-fn write_entry(dir: &SegmentDir, tmp: &str, name: &str, json: &[u8]) -> io::Result<File> {
+fn write_entry(
+    dir: &SegmentDir,
+    tmp: &str,
+    name: &str,
+    json: &[u8],
+    mode: u32,
+) -> io::Result<File> {
     let what = |step: &str, e: &dyn fmt::Display| {
         format!("vmc registry {}: {step} {tmp}: {e}", dir.path().display())
     };
@@ -980,8 +1057,8 @@ fn write_entry(dir: &SegmentDir, tmp: &str, name: &str, json: &[u8]) -> io::Resu
     .map_err(|e| errno("creating", e))?;
     let mut file = File::from(vmc_os::fdspace::lift(fd)?);
     let setup = |file: &mut File| -> io::Result<()> {
-        // The umask may have removed bits; readers insist on exactly 0600.
-        rustix::fs::fchmod(file.as_fd(), Mode::from_raw_mode(0o600))
+        // The umask may have removed bits; readers insist on exactly `mode`.
+        rustix::fs::fchmod(file.as_fd(), Mode::from_raw_mode(mode))
             .map_err(|e| errno("fchmod", e))?;
         // Lock before the file gets its final name: a final name without a
         // lock always means a dead registrant.
@@ -1077,7 +1154,7 @@ fn parse_entry_name(name: &str) -> Option<u16> {
 }
 
 /// Parses and checks an entry file's content.
-fn parse_entry(buf: &[u8], name_port: u16, euid: u32) -> Result<ListenerEntry, String> {
+fn parse_entry(buf: &[u8], name_port: u16, owner: u32) -> Result<ListenerEntry, String> {
     let value: serde_json::Value =
         serde_json::from_slice(buf).map_err(|e| format!("is not valid JSON: {e}"))?;
     match value.get("version").and_then(|v| v.as_u64()) {
@@ -1087,8 +1164,8 @@ fn parse_entry(buf: &[u8], name_port: u16, euid: u32) -> Result<ListenerEntry, S
     }
     let entry: ListenerEntry =
         serde_json::from_value(value).map_err(|e| format!("is not a listener entry: {e}"))?;
-    if entry.uid != euid {
-        return Err(format!("says uid {}, expected {euid}", entry.uid));
+    if entry.uid != owner {
+        return Err(format!("says uid {}, expected {owner}", entry.uid));
     }
     if entry.addr.port() != name_port {
         return Err(format!(

@@ -44,6 +44,7 @@ pub mod interrupt;
 pub mod mapping;
 pub mod proc;
 pub mod segment;
+pub mod sockdiag;
 pub mod unix;
 pub mod wake;
 

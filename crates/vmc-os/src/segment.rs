@@ -478,6 +478,67 @@ impl SegmentDir {
         })
     }
 
+    /// Opens a directory shared by every user, creating it with `mode` (`0o1777`:
+    /// anyone lists and creates; `0o1733`: anyone creates, only its owner lists) if
+    /// it does not exist. Parent directories are not created.
+    ///
+    /// An existing `path` is accepted only if it is a directory (not a symlink to
+    /// one) with the sticky bit (so nobody removes or renames another user's
+    /// files) and at least the permissions of `mode` for others; its owner may be
+    /// anyone (root, or the first user who needed it: that user can remove
+    /// others' files, which costs them acceleration, never data, since vmc checks
+    /// every peer it meets there).
+    pub fn open_shared(path: impl AsRef<Path>, mode: u32) -> io::Result<SegmentDir> {
+        let path = path.as_ref();
+        let what = || format!("shared directory {}", path.display());
+        let created = match rustix::fs::mkdir(path, Mode::from_raw_mode(0o700)) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::EXIST) => false,
+            Err(e) => return Err(io_err(e, format!("{}: mkdir", what()))),
+        };
+        // One we did not make may be unreadable to us (0o1733): reached by path
+        // only, which is all that binding and connecting in it need.
+        let access = if created || mode & 0o004 != 0 {
+            OFlags::RDONLY
+        } else {
+            OFlags::PATH
+        };
+        let fd = rustix::fs::open(
+            path,
+            access | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_err(e, format!("{}: open (a symlink is refused)", what())))?;
+        let fd = crate::fdspace::lift(fd)?;
+        if created {
+            // Made private first and opened by descriptor, then widened: nobody
+            // can slip another object under the name in between.
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))
+                .map_err(|e| io_err(e, format!("{}: fchmod", what())))?;
+        }
+        let st = rustix::fs::fstat(&fd).map_err(|e| io_err(e, format!("{}: fstat", what())))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: not a directory", what()),
+            ));
+        }
+        let have = st.st_mode & 0o7777;
+        if have & 0o1000 == 0 || have & mode & 0o7 != mode & 0o7 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{}: mode {have:04o}, expected the sticky bit and {mode:04o} for others",
+                    what()
+                ),
+            ));
+        }
+        Ok(SegmentDir {
+            fd: Arc::new(fd),
+            path: path.to_path_buf(),
+        })
+    }
+
     /// Opens (creating if needed) the directory at [`SegmentDir::default_path`].
     pub fn open_default() -> io::Result<SegmentDir> {
         SegmentDir::open(SegmentDir::default_path())

@@ -30,6 +30,7 @@ mod alias;
 pub mod epoll;
 pub mod fork;
 pub mod hooks;
+mod ids;
 pub mod limits;
 pub mod poll;
 mod real;

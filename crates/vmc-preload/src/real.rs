@@ -93,6 +93,10 @@ reals! {
     fn prlimit(pid: libc::pid_t, resource: c_int, new: *const libc::rlimit, old: *mut libc::rlimit) -> c_int;
     fn prlimit64(pid: libc::pid_t, resource: c_int, new: *const libc::rlimit64, old: *mut libc::rlimit64) -> c_int;
     fn shutdown(fd: c_int, how: c_int) -> c_int;
+    fn setuid(uid: libc::uid_t) -> c_int;
+    fn seteuid(uid: libc::uid_t) -> c_int;
+    fn setreuid(ruid: libc::uid_t, euid: libc::uid_t) -> c_int;
+    fn setresuid(ruid: libc::uid_t, euid: libc::uid_t, suid: libc::uid_t) -> c_int;
     fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t;
     fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t;
     fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t;

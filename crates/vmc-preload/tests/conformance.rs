@@ -410,6 +410,7 @@ fn run_way(case: &str, bin: &Path, lib: &Path, way: Way) -> Result<Run, String> 
         cmd.env_remove("LD_PRELOAD")
             .env("CONF_DIR", &dir)
             .env("VMC_REGISTRY_DIR", dir.join("vmc").join("listeners"))
+            .env("VMC_PUBLIC_DIR", dir.join("vmc-public"))
             .env("VMC_REPORT", &report);
         if preload {
             cmd.env("LD_PRELOAD", lib);

@@ -53,6 +53,12 @@ pub fn private_registry() -> PathBuf {
             .join(format!("vmc-test-{}", std::process::id()))
             .join("listeners");
         std::env::set_var(REGISTRY_DIR_ENV, &dir);
+        // The registry every user shares, of this test process only (beside the
+        // private one, in the world-searchable temporary directory).
+        std::env::set_var(
+            vmc_conn::registry::PUBLIC_DIR_ENV,
+            public_dir_of_this_test(),
+        );
         // Removed when the test binary exits (after every child was reaped).
         // SAFETY: `remove_private_registry` is a plain `extern "C" fn()` that
         // neither unwinds nor depends on state torn down before `atexit` runs.
@@ -62,9 +68,16 @@ pub fn private_registry() -> PathBuf {
     .clone()
 }
 
+fn public_dir_of_this_test() -> PathBuf {
+    std::env::temp_dir().join(format!("vmc-test-{}-public", std::process::id()))
+}
+
 extern "C" fn remove_private_registry() {
     let root = std::env::temp_dir().join(format!("vmc-test-{}", std::process::id()));
-    let _ = std::panic::catch_unwind(|| std::fs::remove_dir_all(root));
+    let _ = std::panic::catch_unwind(|| {
+        let _ = std::fs::remove_dir_all(root);
+        let _ = std::fs::remove_dir_all(public_dir_of_this_test());
+    });
 }
 
 /// Serialises the tests that load both cores for seconds, so they neither slow
