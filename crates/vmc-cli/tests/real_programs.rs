@@ -148,6 +148,7 @@ struct Case {
 
 impl Drop for Case {
     fn drop(&mut self) {
+        let _ = fs::remove_dir_all(self.public_dir());
         eprintln!(
             "[{}] took {:.1} s",
             self.name,
@@ -191,6 +192,17 @@ impl Case {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// The registry every user shares, for this case: outside the case directory
+    /// (which only root can enter), so that processes that became another user
+    /// reach it.
+    fn public_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "vmc-real-public-{}-{}",
+            std::process::id(),
+            self.name
+        ))
     }
 
     /// Panics with `msg`, then every process's output and the report file.
@@ -263,7 +275,7 @@ impl Case {
         cmd.args(args)
             .env_remove("LD_PRELOAD")
             .env("VMC_REGISTRY_DIR", &self.registry)
-            .env("VMC_PUBLIC_DIR", self.dir.path().join("vmc-public"))
+            .env("VMC_PUBLIC_DIR", self.public_dir())
             .env("VMC_REPORT", &self.report)
             .current_dir(self.dir.path());
         cmd
@@ -2369,4 +2381,231 @@ fn reuseport_groups_accelerate_whichever_process_accepts() {
         format!("some connections stayed plain: {report}")
     });
     case.expect_accelerated(&[client.who()]);
+}
+
+/// An echo server that becomes another user (`argv[3]`) before it listens, with
+/// vmc's default (per-user) registry: it registers and publishes as that user.
+const SETUID_BEFORE_LISTEN_SERVER_PY: &str = r#"
+import os, socket, sys
+port, n, uid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+os.environ.pop("VMC_REGISTRY_DIR", None)  # the new user's own, by default
+os.setgid(uid)
+os.setuid(uid)
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", port))
+l.listen(16)
+for _ in range(n):
+    c, _ = l.accept()
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        c.sendall(d)
+    c.close()
+"#;
+
+/// A master that listens as root and forks a worker that becomes another user
+/// (`argv[3]`) and then accepts: Apache's and nginx's way.
+const SETUID_AFTER_LISTEN_SERVER_PY: &str = r#"
+import os, socket, sys
+port, n, uid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", port))
+l.listen(16)
+pid = os.fork()
+if pid == 0:
+    os.setgid(uid)
+    os.setuid(uid)
+    for _ in range(n):
+        c, _ = l.accept()
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            c.sendall(d)
+        c.close()
+    os._exit(0)
+_, st = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(st))
+"#;
+
+/// Servers that run as another user than their (root) client, both under vmc:
+/// one that drops to `nobody` before listening, and a root master whose worker
+/// drops to `nobody` after the master listened. Each end proves to the other that
+/// it holds its end of the connection (the kernel's socket table, the accepted
+/// socket itself); every connection is accelerated, every echo checked.
+#[test]
+fn servers_running_as_another_user_accelerate_a_root_client() {
+    python3();
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!("skipping: needs root to become another user");
+        return;
+    }
+    let case = Case::new("setuid");
+    let client_py = case.write_file("client.py", ECHO_ROUNDS_CLIENT_PY.as_bytes());
+    let python = python3();
+    let conns = 5;
+    for (label, code) in [
+        (
+            "setuid(nobody) before listen",
+            SETUID_BEFORE_LISTEN_SERVER_PY,
+        ),
+        (
+            "root master, worker setuid(nobody) after listen",
+            SETUID_AFTER_LISTEN_SERVER_PY,
+        ),
+    ] {
+        let server_py = case.write_file("server.py", code.as_bytes());
+        let port = free_port();
+        let port_s = port.to_string();
+        let mut server = case.spawn(
+            Side::Vmc,
+            label,
+            &python,
+            &[
+                server_py.to_str().unwrap(),
+                &port_s,
+                &conns.to_string(),
+                "65534",
+            ],
+            None,
+        );
+        case.wait_listening(&mut server, port);
+        let args = [
+            client_py.to_str().unwrap(),
+            &port_s,
+            &conns.to_string(),
+            "10",
+        ];
+        let client = case.run_ok(Side::Vmc, "root client", &python, &args, None);
+        let out = client.out();
+        case.check(out.trim() == "50 echoes checked", || {
+            format!("{label}: the client's echoes: {out:?}")
+        });
+        let st = case.wait(&mut server, SERVER_WAIT);
+        case.check(st.success(), || {
+            format!("{label}: the server exited with {st}")
+        });
+        let report = case
+            .report_of(client.pid)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        case.check(field(&report, "accelerated") == conns, || {
+            format!("{label}: every connection must be accelerated: {report}")
+        });
+    }
+}
+
+/// Apache httpd's prefork model as deployed: the master listens as root, its 64
+/// workers run as `www-data`; `{dir}` is a directory every user can read.
+const APACHE_PREFORK_CONF: &str = r#"
+ServerRoot /etc/apache2
+LoadModule mpm_prefork_module /usr/lib/apache2/modules/mod_mpm_prefork.so
+LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
+LoadModule mime_module /usr/lib/apache2/modules/mod_mime.so
+ServerName localhost
+Listen 127.0.0.1:{port}
+User www-data
+Group www-data
+PidFile {dir}/httpd.pid
+ErrorLog {dir}/error.log
+Mutex file:{dir} default
+DocumentRoot {dir}/www
+<Directory {dir}/www>
+  Require all granted
+</Directory>
+StartServers 64
+ServerLimit 128
+MinSpareServers 64
+MaxSpareServers 128
+MaxRequestWorkers 128
+KeepAlive On
+MaxKeepAliveRequests 0
+TypesConfig /etc/mime.types
+"#;
+
+/// Apache prefork under vmc, workers as www-data, load as root under vmc: wrk with
+/// 50 keep-alive connections on a 4 KiB page (every response whole, no error, every
+/// connection accelerated) and curl fetching a 10 MB file (checksummed).
+#[test]
+fn apache_prefork_workers_as_www_data_serve_accelerated_clients() {
+    let apache = program("apache2");
+    let wrk = program("wrk");
+    let curl = program("curl");
+    let case = Case::new("apache");
+    // Outside the case directory, which only root can enter.
+    let dir = std::env::temp_dir().join(format!("vmc-apache-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("www")).expect("the document root");
+    let mut noise = Noise(0x5eed_a9ac_4e00_0001);
+    let page = noise.bytes(4096);
+    let big = noise.bytes(10 << 20);
+    fs::write(dir.join("www/4k.bin"), &page).expect("the page");
+    fs::write(dir.join("www/10m.bin"), &big).expect("the file");
+    let open = |p: &Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(p, fs::Permissions::from_mode(mode));
+    };
+    open(&dir, 0o755);
+    open(&dir.join("www"), 0o755);
+    open(&dir.join("www/4k.bin"), 0o644);
+    open(&dir.join("www/10m.bin"), 0o644);
+    let port = free_port();
+    let conf = APACHE_PREFORK_CONF
+        .replace("{port}", &port.to_string())
+        .replace("{dir}", dir.to_str().unwrap());
+    let conf_file = case.write_file("httpd.conf", conf.as_bytes());
+    // In a session of its own: its master signals its whole process group.
+    let mut server = case.spawn(
+        Side::Vmc,
+        "apache2 prefork (www-data workers)",
+        &program("setsid"),
+        &[
+            apache.to_str().unwrap(),
+            "-f",
+            conf_file.to_str().unwrap(),
+            "-DFOREGROUND",
+        ],
+        None,
+    );
+    case.wait_listening(&mut server, port);
+    // Every worker up (they publish themselves when they become www-data).
+    std::thread::sleep(Duration::from_millis(500));
+
+    let url = format!("http://127.0.0.1:{port}/4k.bin");
+    let load = case.run_ok(
+        Side::Vmc,
+        "wrk -t2 -c50",
+        &wrk,
+        &["-t2", "-c50", "-d2s", &url],
+        None,
+    );
+    let out = load.out();
+    case.check(
+        !out.contains("Socket errors") && !out.contains("Non-2xx"),
+        || format!("wrk saw errors:\n{out}"),
+    );
+    let got = case.path("10m.bin");
+    let url = format!("http://127.0.0.1:{port}/10m.bin");
+    let fetch = case.run_ok(
+        Side::Vmc,
+        "curl 10 MB",
+        &curl,
+        &["-sS", "-o", got.to_str().unwrap(), &url],
+        None,
+    );
+    let body = fs::read(&got).unwrap_or_default();
+    case.check(body == big, || {
+        format!("curl got {} bytes, not the 10 MB file", body.len())
+    });
+    let report = case.report_of(load.pid).ok().flatten().unwrap_or_default();
+    case.check(field(&report, "accelerated") >= 50, || {
+        format!("wrk's 50 connections must be accelerated: {report}")
+    });
+    case.stop(&mut server, Signal::TERM);
+    case.expect_accelerated(&[load.who(), fetch.who()]);
+    let _ = fs::remove_dir_all(&dir);
 }
