@@ -24,6 +24,9 @@ pub enum Fallback {
     Handshake(String),
     /// The registry could not be used; the text says why.
     Registry(String),
+    /// The administrator's policy (`/etc/vmc/policy`) denies it; the text says
+    /// which rule.
+    Policy(String),
 }
 
 impl Fallback {
@@ -49,6 +52,7 @@ impl Fallback {
             Fallback::PeerNotVmc => "peer-not-vmc",
             Fallback::Handshake(_) => "handshake",
             Fallback::Registry(_) => "registry",
+            Fallback::Policy(_) => "policy",
         }
     }
 }
@@ -63,6 +67,7 @@ impl fmt::Display for Fallback {
             Fallback::PeerNotVmc => write!(f, "the peer does not run vmc"),
             Fallback::Handshake(e) => write!(f, "vmc handshake failed: {e}"),
             Fallback::Registry(e) => write!(f, "vmc registry unusable: {e}"),
+            Fallback::Policy(e) => write!(f, "{e}"),
         }
     }
 }

@@ -293,6 +293,20 @@ pub(crate) struct Call {
     _listed: Arc<dyn Send + Sync>,
 }
 
+/// Why the accepting side does not offer a channel.
+enum Refusal {
+    /// The administrator's policy denies it.
+    Policy(String),
+    /// Anything else.
+    Io(io::Error),
+}
+
+impl From<io::Error> for Refusal {
+    fn from(e: io::Error) -> Refusal {
+        Refusal::Io(e)
+    }
+}
+
 /// What one look of the accepting side found.
 pub(crate) enum Called {
     /// The channel is offered; the client has not answered yet.
@@ -356,7 +370,10 @@ impl Call {
     pub(crate) fn call(&mut self, tcp_in: u64, tcp: BorrowedFd<'_>) -> Called {
         let had_bytes = tcp_in > 0;
         self.seen_tcp_in = tcp_in;
-        match self.try_offer(tcp) {
+        match self.try_offer(tcp).map_err(|e| match e {
+            Refusal::Policy(why) => Fallback::Policy(why),
+            Refusal::Io(e) => Fallback::Handshake(e.to_string()),
+        }) {
             Ok(Some(offer)) => Called::Offered(Box::new(offer)),
             // A vmc client binds before it sends: after its bytes, a miss is final.
             Ok(None) if had_bytes => {
@@ -381,9 +398,9 @@ impl Call {
                 self.wait *= 4;
                 Called::NotYet
             }
-            Err(e) => {
-                tracing::debug!("calling {}: {e}", self.path.display());
-                Called::Never(Fallback::Handshake(e.to_string()))
+            Err(reason) => {
+                tracing::debug!("calling {}: {reason}", self.path.display());
+                Called::Never(reason)
             }
         }
     }
@@ -409,17 +426,25 @@ impl Call {
         Ok(None)
     }
 
-    fn try_offer(&self, tcp: BorrowedFd<'_>) -> io::Result<Option<Offer>> {
+    fn try_offer(&self, tcp: BorrowedFd<'_>) -> Result<Option<Offer>, Refusal> {
         let Some((sock, public)) = self.reach()? else {
             return Ok(None);
         };
-        let cred = rustix::net::sockopt::socket_peercred(&sock)?;
+        let cred = rustix::net::sockopt::socket_peercred(&sock).map_err(io::Error::from)?;
+        let subject = crate::policy::Subject {
+            server: self.local,
+            me: vmc_os::euid(),
+            peer: Some(cred.uid.as_raw()),
+        };
+        if let Err(why) = crate::policy::Policy::get().check(&subject) {
+            return Err(Refusal::Policy(why.to_string()));
+        }
         let frame = wire::attach(self.local, self.peer);
         let deadline = Instant::now() + vmc_channel::HANDSHAKE_TIMEOUT;
         if cred.uid.as_raw() == vmc_os::euid() {
             vmc_os::send_with_fds_by(sock.as_fd(), &frame, &[], deadline)?;
         } else if !public {
-            return Err(refused("another user's socket in our own directory"));
+            return Err(refused("another user's socket in our own directory").into());
         } else {
             // Another user's socket: the kernel must say that user holds the
             // client's end of this connection (so that nobody who merely bound
@@ -432,7 +457,8 @@ impl Call {
                     "the offer socket is uid {}'s, the client's socket uid {}'s",
                     cred.uid.as_raw(),
                     owner.uid
-                )));
+                ))
+                .into());
             }
             vmc_os::send_with_fds_by(sock.as_fd(), &frame, &[tcp], deadline)?;
         }
@@ -443,6 +469,6 @@ impl Call {
         };
         // Segments of earlier channels with the client's process are used again.
         let key = format!("pid:{}", cred.pid.as_raw_nonzero());
-        Channel::offer_over_reusing(sock, &config, &key).map(Some)
+        Ok(Some(Channel::offer_over_reusing(sock, &config, &key)?))
     }
 }

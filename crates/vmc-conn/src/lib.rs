@@ -25,6 +25,7 @@ mod fallback;
 mod handshake;
 mod listener;
 mod net;
+pub mod policy;
 pub mod ready;
 pub mod registry;
 pub mod stats;

@@ -449,25 +449,32 @@ fn offer(
             .map(|d| d.path().to_path_buf())
             .map_err(|e| Fallback::Registry(e.to_string()))
     };
-    let (entry, offers) = match reg.lookup_for(fd, peer).into_iter().next() {
+    let me = vmc_os::euid();
+    // The listener's entry, where to bind, and the other end's user.
+    let (entry, offers, other) = match reg.lookup_for(fd, peer).into_iter().next() {
         // Our own listener; but if processes of another user accept for it too
         // (workers that dropped privileges publish themselves), they can only
         // reach the shared offers directory.
-        Some(entry) => match public_registry() {
-            Some(public)
-                if public
+        Some(entry) => {
+            let other = public_registry().and_then(|public| {
+                let uid = public
                     .lookup_for(fd, peer)
                     .iter()
-                    .any(|e| e.uid != vmc_os::euid()) =>
-            {
-                let offers = shared_offers(public)?;
-                (entry, offers)
+                    .map(|e| e.uid)
+                    .find(|&uid| uid != me)?;
+                Some((public, uid))
+            });
+            match other {
+                Some((public, uid)) => {
+                    let offers = shared_offers(public)?;
+                    (entry, offers, uid)
+                }
+                None => {
+                    let offers = entry.offers.clone();
+                    (entry, offers, me)
+                }
             }
-            _ => {
-                let offers = entry.offers.clone();
-                (entry, offers)
-            }
-        },
+        }
         // Another user's listener, published for everyone: the offer goes into
         // the shared offers directory (never where the entry says).
         None => {
@@ -478,10 +485,19 @@ fn offer(
                 .next()
                 .ok_or(Fallback::NoListener)?;
             let offers = shared_offers(public)?;
-            (entry, offers)
+            let uid = entry.uid;
+            (entry, offers, uid)
         }
     };
-    let public = offers != entry.offers || entry.uid != vmc_os::euid();
+    let subject = crate::policy::Subject {
+        server: peer,
+        me,
+        peer: Some(other),
+    };
+    crate::policy::Policy::get()
+        .check(&subject)
+        .map_err(|e| Fallback::Policy(e.to_string()))?;
+    let public = other != me;
     tracing::debug!(%local, %peer, offers = %offers.display(), public, "offering");
     let sock = OfferSocket::bind(&offers, entry.netns, local, peer, public)
         .map_err(|e| Fallback::Handshake(format!("offer socket: {e}")))?;

@@ -64,7 +64,7 @@ pub struct Counters {
 const _: () = assert!(std::mem::size_of::<Slot>() == 128);
 
 /// Codes stored for fallback reasons (index = code - 1), as [`crate::Fallback::code`].
-pub const FALLBACK_CODES: [&str; 7] = [
+pub const FALLBACK_CODES: [&str; 8] = [
     "disabled",
     "no-listener",
     "listener-gone",
@@ -72,6 +72,7 @@ pub const FALLBACK_CODES: [&str; 7] = [
     "peer-not-vmc",
     "handshake",
     "registry",
+    "policy",
 ];
 
 fn encode_addr(a: SocketAddr) -> [u64; 3] {
@@ -129,7 +130,7 @@ fn slots_of(map: &Mapping) -> &[Slot] {
 
 /// Opens another process's table file for reading and writing, if it looks like
 /// one of ours (our uid, mode 0600, large enough).
-fn open_foreign_table(path: &Path) -> io::Result<File> {
+fn open_foreign_table(path: &Path, owner: u32) -> io::Result<File> {
     use std::os::unix::fs::MetadataExt;
     let file = OpenOptions::new()
         .read(true)
@@ -137,10 +138,7 @@ fn open_foreign_table(path: &Path) -> io::Result<File> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)?;
     let meta = file.metadata()?;
-    if meta.uid() != vmc_os::euid()
-        || meta.mode() & 0o777 != 0o600
-        || meta.len() < table_len() as u64
-    {
+    if meta.uid() != owner || meta.mode() & 0o777 != 0o600 || meta.len() < table_len() as u64 {
         return Err(io::Error::other("not a table of ours"));
     }
     Ok(file)
@@ -371,7 +369,15 @@ pub struct ConnStat {
 /// byte boundary, as [`crate::TcpStream::set_send_path`] does; a connection moved
 /// to TCP for good ignores a request for shm.
 pub fn request_path(c: &ConnStat, to: crate::Path) -> io::Result<()> {
-    let file = open_foreign_table(&c.table)?;
+    // Root may move any user's connection; others only their own.
+    let owner = match vmc_os::euid() {
+        0 => {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::symlink_metadata(&c.table)?.uid()
+        }
+        me => me,
+    };
+    let file = open_foreign_table(&c.table, owner)?;
     let map = Mapping::new(file.as_fd(), table_len())?;
     let slots = slots_of(&map);
     let word = |a: &[AtomicU64; 3]| [0, 1, 2].map(|i| a[i].load(Ordering::Relaxed));
@@ -393,19 +399,52 @@ pub fn request_path(c: &ConnStat, to: crate::Path) -> io::Result<()> {
 }
 
 /// Every live connection of this user, from every process's table; tables of dead
-/// processes are removed on the way.
+/// processes are removed on the way. Run by root with the default directories,
+/// every user's (each user's `/dev/shm/vmc-<uid>/stats`).
 pub fn connections() -> io::Result<Vec<ConnStat>> {
     let mut out = Vec::new();
-    scan(Some(&mut out))?;
+    scan_dir(&stats_dir(), vmc_os::euid(), Some(&mut out))?;
+    if vmc_os::euid() == 0 && std::env::var_os(crate::registry::REGISTRY_DIR_ENV).is_none() {
+        for (uid, dir) in other_users_stats_dirs() {
+            if let Err(e) = scan_dir(&dir, uid, Some(&mut out)) {
+                tracing::debug!("skipping {}: {e}", dir.display());
+            }
+        }
+    }
     out.sort_by_key(|c| (c.pid, c.local));
     Ok(out)
 }
 
-/// Visits every table in the directory: removes those of dead processes, and with
-/// `out`, collects the live connections of the others.
-fn scan(mut out: Option<&mut Vec<ConnStat>>) -> io::Result<()> {
-    let dir = stats_dir();
-    let rd = match std::fs::read_dir(&dir) {
+/// The other users' table directories beside ours: `vmc-<uid>/stats`, owned by
+/// that uid.
+fn other_users_stats_dirs() -> Vec<(u32, PathBuf)> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = vmc_os::SegmentDir::default_path();
+    let Some(parent) = ours.parent() else {
+        return Vec::new();
+    };
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let uid: u32 = e.file_name().to_str()?.strip_prefix("vmc-")?.parse().ok()?;
+            let meta = std::fs::symlink_metadata(e.path()).ok()?;
+            (uid != vmc_os::euid() && meta.is_dir() && meta.uid() == uid)
+                .then(|| (uid, e.path().join("stats")))
+        })
+        .collect()
+}
+
+/// Visits every table of ours: removes those of dead processes, and with `out`,
+/// collects the live connections of the others.
+fn scan(out: Option<&mut Vec<ConnStat>>) -> io::Result<()> {
+    scan_dir(&stats_dir(), vmc_os::euid(), out)
+}
+
+/// [`scan`] of the tables in `dir`, owned by `owner`.
+fn scan_dir(dir: &Path, owner: u32, mut out: Option<&mut Vec<ConnStat>>) -> io::Result<()> {
+    let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
@@ -420,7 +459,7 @@ fn scan(mut out: Option<&mut Vec<ConnStat>>) -> io::Result<()> {
         else {
             continue;
         };
-        if let Err(e) = read_table(&entry.path(), pid, out.as_deref_mut()) {
+        if let Err(e) = read_table(&entry.path(), pid, owner, out.as_deref_mut()) {
             tracing::debug!("skipping stats table {name}: {e}");
         }
     }
@@ -429,8 +468,13 @@ fn scan(mut out: Option<&mut Vec<ConnStat>>) -> io::Result<()> {
 
 /// Reads one table into `out`; removes it if its process is dead. With `out` `None`
 /// it only does the latter.
-fn read_table(path: &Path, pid: u32, out: Option<&mut Vec<ConnStat>>) -> io::Result<()> {
-    let file = open_foreign_table(path)?;
+fn read_table(
+    path: &Path,
+    pid: u32,
+    owner: u32,
+    out: Option<&mut Vec<ConnStat>>,
+) -> io::Result<()> {
+    let file = open_foreign_table(path, owner)?;
     if !vmc_os::segment::ofd_locked_by_other(file.as_fd(), 0)? {
         // Its process is dead.
         let _ = std::fs::remove_file(path);
