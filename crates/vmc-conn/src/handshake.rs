@@ -472,3 +472,62 @@ impl Call {
         Ok(Some(Channel::offer_over_reusing(sock, &config, &key)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (c, s)
+    }
+
+    /// What a client of another user accepts as the proof that its caller holds
+    /// the other end: that end's own socket, and nothing else.
+    #[test]
+    fn only_the_other_end_of_this_connection_is_a_proof() {
+        let (client, server) = pair();
+        let (local, peer) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+        let own = |s: &TcpStream| OwnedFd::from(s.try_clone().unwrap());
+        // The accepted socket of this very connection.
+        check_proof(&own(&server), client.as_fd(), local, peer).unwrap();
+        // The client's own socket (addresses not mirrored).
+        let e = check_proof(&own(&client), client.as_fd(), local, peer).unwrap_err();
+        assert!(e.to_string().contains("another connection"), "{e}");
+        // The server's end of another connection between the same two ports'
+        // hosts.
+        let (_c2, s2) = pair();
+        let e = check_proof(&own(&s2), client.as_fd(), local, peer).unwrap_err();
+        assert!(e.to_string().contains("another connection"), "{e}");
+        // Not a TCP socket at all.
+        let (u, _u2) = std::os::unix::net::UnixStream::pair().unwrap();
+        let e = check_proof(&OwnedFd::from(u), client.as_fd(), local, peer).unwrap_err();
+        assert!(e.to_string().contains("not a TCP socket"), "{e}");
+        // A listening socket on the right port is not a connection.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let e = check_proof(&OwnedFd::from(l), client.as_fd(), local, peer).unwrap_err();
+        assert!(e.to_string().contains("another connection"), "{e}");
+    }
+
+    #[test]
+    fn an_attach_is_read_whole_with_the_descriptor_beside_it() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let (c, s) = pair();
+        let (l, r) = (c.local_addr().unwrap(), c.peer_addr().unwrap());
+        let frame = wire::attach(r, l);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        vmc_os::send_with_fds_by(a.as_fd(), &frame[..10], &[s.as_fd()], deadline).unwrap();
+        vmc_os::send_with_fds_by(a.as_fd(), &frame[10..], &[], deadline).unwrap();
+        let b = OwnedFd::from(b);
+        let (tuple, proof) = read_attach(&b, deadline, 1).unwrap();
+        assert_eq!(tuple, (wire::canonical(r), wire::canonical(l)));
+        check_proof(&proof.expect("the descriptor"), c.as_fd(), l, r).unwrap();
+        // Nothing more, and a peer that goes away, is an error, not a hang.
+        drop(a);
+        assert!(read_attach(&b, deadline, 1).is_err());
+    }
+}
