@@ -10,7 +10,9 @@ use vmc_conn::stats::ConnStat;
 
 #[derive(Serialize)]
 struct ListenerRow {
+    /// 0 for another user's listener (the shared registry names no process).
     pid: u32,
+    uid: u32,
     addr: std::net::SocketAddr,
     netns: String,
     offers: std::path::PathBuf,
@@ -20,6 +22,7 @@ impl From<&ListenerEntry> for ListenerRow {
     fn from(e: &ListenerEntry) -> ListenerRow {
         ListenerRow {
             pid: e.pid,
+            uid: e.uid,
             addr: e.addr,
             netns: e.netns.to_string(),
             offers: e.offers.clone(),
@@ -30,11 +33,19 @@ impl From<&ListenerEntry> for ListenerRow {
 /// Runs `vmc stat`.
 pub fn run(json: bool) -> Result<()> {
     let registry = Registry::open_default().context("opening the vmc registry")?;
-    let listeners: Vec<ListenerRow> = registry
+    let mut listeners: Vec<ListenerRow> = registry
         .listeners()?
         .iter()
         .map(ListenerRow::from)
         .collect();
+    // Root sees every user's listeners too, as published for other users.
+    if vmc_os::euid() == 0 {
+        if let Ok(public) = Registry::open_public() {
+            if let Ok(all) = public.listeners() {
+                listeners.extend(all.iter().filter(|e| e.uid != 0).map(ListenerRow::from));
+            }
+        }
+    }
     let conns = vmc_conn::stats::connections().context("reading connection statistics")?;
     if json {
         for l in &listeners {
@@ -59,12 +70,21 @@ fn render(listeners: &[ListenerRow], conns: &[ConnStat]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "listeners ({}):", listeners.len());
     if !listeners.is_empty() {
-        let _ = writeln!(out, "  {:<8} {:<24} {:<18}", "pid", "address", "netns");
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<8} {:<24} {:<18}",
+            "pid", "uid", "address", "netns"
+        );
         for l in listeners {
+            let pid = match l.pid {
+                0 => "-".to_string(),
+                p => p.to_string(),
+            };
             let _ = writeln!(
                 out,
-                "  {:<8} {:<24} {:<18}",
-                l.pid,
+                "  {:<8} {:<8} {:<24} {:<18}",
+                pid,
+                l.uid,
                 l.addr.to_string(),
                 l.netns
             );
