@@ -2609,3 +2609,170 @@ fn apache_prefork_workers_as_www_data_serve_accelerated_clients() {
     case.expect_accelerated(&[load.who(), fetch.who()]);
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// An echo server that becomes `nobody` before it listens, then waits `argv[2]`
+/// seconds before it accepts its one connection (so that its client's offer socket
+/// waits meanwhile).
+const SLOW_NOBODY_SERVER_PY: &str = r#"
+import os, socket, sys, time
+port, delay = int(sys.argv[1]), float(sys.argv[2])
+os.environ.pop("VMC_REGISTRY_DIR", None)
+os.setgid(65534)
+os.setuid(65534)
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", port))
+l.listen(4)
+time.sleep(delay)
+c, _ = l.accept()
+while True:
+    d = c.recv(65536)
+    if not d:
+        break
+    c.sendall(d)
+"#;
+
+/// A third user's attempts on a waiting client's offer socket (`argv[1]`, for the
+/// connection `argv[2]` -> `argv[3]`): a mirrored ATTACH without a proof, then one
+/// with its own TCP socket as the "proof"; the client must hang up on both. Also
+/// tries to read what is not its own.
+const THIRD_USER_PY: &str = r#"
+import os, socket, sys
+path, client, server = sys.argv[1], sys.argv[2], sys.argv[3]
+def addr(s):
+    host, port = s.rsplit(":", 1)
+    return b"\0" * 10 + b"\xff\xff" + socket.inet_aton(host) + int(port).to_bytes(2, "big")
+frame = b"VMCT\x01\0\0\0" + addr(server) + addr(client) + b"\0\0\0\0"
+assert len(frame) == 48
+for attempt in ("no proof", "a foreign proof"):
+    u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    u.connect(path)
+    if attempt == "no proof":
+        u.sendall(frame)
+    else:
+        host, port = server.rsplit(":", 1)
+        mine = socket.create_connection((host, int(port)))
+        socket.send_fds(u, [frame], [mine.fileno()])
+    u.settimeout(10)
+    got = u.recv(4096)
+    print("%s: %s" % (attempt, "hung up" if got == b"" else "ANSWERED %r" % got[:16]), flush=True)
+for what in (sys.argv[4], sys.argv[5]):
+    try:
+        os.listdir(what)
+        print("listed %s" % what)
+    except PermissionError:
+        print("cannot list %s" % what)
+"#;
+
+/// The isolation matrix: a server of user nobody, its root client, and a third user
+/// who computes the client's offer socket and calls it while the client waits,
+/// without a proof and with a foreign one. The client hangs up on both and is
+/// accelerated with the real server once it accepts; the third user cannot list
+/// the server's registry or the shared offers directory. Every echo checked.
+#[test]
+fn a_third_user_gets_nothing_from_a_waiting_offer() {
+    python3();
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!("skipping: needs root to run three users");
+        return;
+    }
+    let case = Case::new("third-user");
+    // Scripts the other users can read.
+    let dir = std::env::temp_dir().join(format!("vmc-third-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("a directory for the scripts");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o755));
+    }
+    let server_py = dir.join("server.py");
+    let third_py = dir.join("third.py");
+    fs::write(&server_py, SLOW_NOBODY_SERVER_PY).unwrap();
+    fs::write(&third_py, THIRD_USER_PY).unwrap();
+    let client_py = case.write_file("client.py", ECHO_ROUNDS_CLIENT_PY.as_bytes());
+    let python = python3();
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut server = case.spawn(
+        Side::Vmc,
+        "nobody server, accepts after 3 s",
+        &python,
+        &[server_py.to_str().unwrap(), &port_s, "3"],
+        None,
+    );
+    case.wait_listening(&mut server, port);
+    let mut client = case.spawn(
+        Side::Vmc,
+        "root client",
+        &python,
+        &[client_py.to_str().unwrap(), &port_s, "1", "20"],
+        None,
+    );
+    // Its offer socket, in the shared offers directory (root may list it).
+    let offers = case.public_dir().join("offers");
+    let deadline = Instant::now() + SERVER_WAIT;
+    let offer = loop {
+        let found = fs::read_dir(&offers).ok().and_then(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().ends_with(&format!("{port:04x}.sock")))
+        });
+        if let Some(p) = found {
+            break p;
+        }
+        case.check(Instant::now() < deadline, || {
+            "the client bound no offer socket in the shared directory".to_string()
+        });
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // o-<ns>-<client ip>-<client port>-<server ip>-<server port>.sock
+    let name = offer.file_name().unwrap().to_string_lossy().into_owned();
+    let parts: Vec<&str> = name.trim_end_matches(".sock").split('-').collect();
+    let cport = u16::from_str_radix(parts[3], 16).expect("the client's port");
+    let third = case.run_ok(
+        Side::Plain,
+        "a third user (uid 4242)",
+        &program("setpriv"),
+        &[
+            "--reuid",
+            "4242",
+            "--regid",
+            "4242",
+            "--clear-groups",
+            "--",
+            python.to_str().unwrap(),
+            third_py.to_str().unwrap(),
+            offer.to_str().unwrap(),
+            &format!("127.0.0.1:{cport}"),
+            &format!("127.0.0.1:{port}"),
+            "/dev/shm/vmc-65534/listeners",
+            offers.to_str().unwrap(),
+        ],
+        None,
+    );
+    let out = third.out();
+    case.check(
+        out.contains("no proof: hung up")
+            && out.contains("a foreign proof: hung up")
+            && out.contains("cannot list /dev/shm/vmc-65534/listeners")
+            && out.contains(&format!("cannot list {}", offers.display())),
+        || format!("the third user got something:\n{out}"),
+    );
+    let st = case.wait(&mut client, CLIENT_WAIT);
+    case.check(st.success(), || format!("the client exited with {st}"));
+    let echoed = case.stdout_of(&client);
+    case.check(echoed.trim() == "20 echoes checked", || {
+        format!("the client's echoes: {echoed:?}")
+    });
+    let report = case
+        .report_of(client.child.id())
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    case.check(field(&report, "accelerated") == 1, || {
+        format!("the client must be accelerated with the real server: {report}")
+    });
+    let st = case.wait(&mut server, SERVER_WAIT);
+    case.check(st.success(), || format!("the server exited with {st}"));
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -27,8 +27,9 @@
 //! client binds before it sends anything, so a miss then is final), and, for
 //! clients that wait for the server to speak first, at growing intervals from a
 //! millisecond on, until [`ATTACH_WINDOW`] after accepting. A client gives its offer
-//! up when the accepting side's first bytes arrive without a call (it calls before
-//! it sends), or after [`OFFER_TTL`] (a connection may wait that long in a busy
+//! up [`ATTACH_WINDOW`] after the accepting side's first bytes arrived without a
+//! call (a vmc server calls at accept, or, if that was too early, within the
+//! window), or after [`OFFER_TTL`] (a connection may wait that long in a busy
 //! server's backlog). Either side giving up leaves the connection on TCP, where it
 //! already is.
 
@@ -115,6 +116,8 @@ pub(crate) struct OfferSocket {
     local: SocketAddr,
     peer: SocketAddr,
     deadline: Instant,
+    /// When bytes from the accepting side were first seen without a call.
+    replied: Option<Instant>,
 }
 
 impl OfferSocket {
@@ -152,6 +155,7 @@ impl OfferSocket {
             local,
             peer,
             deadline: Instant::now() + OFFER_TTL,
+            replied: None,
         })
     }
 
@@ -172,8 +176,9 @@ impl OfferSocket {
     /// own user named another connection, or no call came in time. A caller of
     /// another user without a valid proof is hung up on, and the socket waits on
     /// for the real one. `tcp`: our TCP socket (its network namespace).
-    /// `tcp_in`: TCP bytes received so far. The accepting side calls before it
-    /// sends anything, so bytes from it without a call mean it never will.
+    /// `tcp_in`: TCP bytes received so far. A vmc accepting side calls at accept,
+    /// or within [`ATTACH_WINDOW`] if that was before we bound: bytes from it and
+    /// no call for that long mean it never will.
     pub(crate) fn answer(
         &mut self,
         tcp: BorrowedFd<'_>,
@@ -186,7 +191,16 @@ impl OfferSocket {
             let sock = match rustix::net::accept_with(&*self.listener, flags) {
                 Ok(fd) => fd,
                 Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {
-                    if tcp_in == 0 && Instant::now() < self.deadline {
+                    let now = Instant::now();
+                    let waited = match (tcp_in, self.replied) {
+                        (0, _) => Duration::ZERO,
+                        (_, Some(t)) => now.saturating_duration_since(t),
+                        (_, None) => {
+                            self.replied = Some(now);
+                            Duration::ZERO
+                        }
+                    };
+                    if waited < ATTACH_WINDOW && now < self.deadline {
                         return Ok(None);
                     }
                     self.unlink();

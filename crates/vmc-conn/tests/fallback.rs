@@ -623,9 +623,9 @@ fn offer_sockets(dir: &std::path::Path) -> Vec<PathBuf> {
 }
 
 /// An entry for a plain listener (its process runs no vmc): the client's offer
-/// socket is never called, and the client gives up (removing the socket) when the
-/// server's first bytes arrive without a call (a vmc server calls before it sends).
-/// The data flows on TCP meanwhile. An entry whose offers directory does not exist
+/// socket is never called, and the client gives up (removing the socket) once the
+/// server's bytes came and no call for [`ATTACH_WINDOW`] (a vmc server calls
+/// within that window). The data flows on TCP meanwhile. An entry whose offers directory does not exist
 /// leaves the client on TCP at once.
 #[test]
 fn a_registered_listener_that_never_calls_is_listener_gone() {
