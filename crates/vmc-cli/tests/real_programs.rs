@@ -46,6 +46,23 @@ use serde_json::Value;
 /// The tests take turns: each saturates both cores of a CI machine.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// A python script with `echo(c)` defined first: echo what connection `c` sends
+/// until it closes, then close it.
+macro_rules! echo_py {
+    ($body:literal) => {
+        concat!(
+            "def echo(c):\n",
+            "    while True:\n",
+            "        d = c.recv(65536)\n",
+            "        if not d:\n",
+            "            break\n",
+            "        c.sendall(d)\n",
+            "    c.close()\n",
+            $body
+        )
+    };
+}
+
 /// How long a server may take to start listening, or to exit once told to.
 const SERVER_WAIT: Duration = Duration::from_secs(15);
 /// How long a client run may take (they take 1-3 s normally).
@@ -1639,7 +1656,8 @@ fn exec_hands_an_accelerated_connection_to_cat() {
 
 /// A server for `closing_descriptors_it_does_not_own`: echoes one message on each of
 /// `n` connections, one after the other, then exits.
-const ECHO_N_SERVER_PY: &str = r#"
+const ECHO_N_SERVER_PY: &str = echo_py!(
+    r#"
 import socket, sys
 l = socket.socket()
 l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1647,13 +1665,9 @@ l.bind(("127.0.0.1", int(sys.argv[1])))
 l.listen(8)
 for _ in range(int(sys.argv[2])):
     c, _ = l.accept()
-    while True:  # echo until the client closes
-        msg = c.recv(64)
-        if not msg:
-            break
-        c.sendall(msg)
-    c.close()
-"#;
+    echo(c)
+"#
+);
 
 /// Its client: short connections, then it closes descriptors it did not open (vmc's
 /// memfds and eventfds, as a loop closing "everything but mine" would), opens files
@@ -2110,7 +2124,8 @@ fn forking_tcp_server_serves_vmc_and_plain_clients() {
 
 /// A pre-forking server: the master listens, forks `argv[2]` workers that each
 /// accept and echo, and waits for SIGTERM, then ends them.
-const PREFORK_ECHO_SERVER_PY: &str = r#"
+const PREFORK_ECHO_SERVER_PY: &str = echo_py!(
+    r#"
 import os, signal, socket, sys
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
 l = socket.socket()
@@ -2123,18 +2138,14 @@ for w in range(int(sys.argv[2])):
     if pid == 0:
         while True:
             c, _ = l.accept()
-            while True:
-                d = c.recv(65536)
-                if not d:
-                    break
-                c.sendall(d)
-            c.close()
+            echo(c)
     kids.append(pid)
 signal.sigwait([signal.SIGTERM])
 for k in kids:
     os.kill(k, signal.SIGKILL)
     os.waitpid(k, 0)
-"#;
+"#
+);
 
 /// Its client: `argv[2]` threads at once, each making `argv[3]` connections one
 /// after another with `argv[4]` checked echoes on each; so that workers race to
@@ -2225,19 +2236,16 @@ os.execv(sys.argv[2], sys.argv[2:])
 
 /// A socket-activated echo server: it never calls `listen` itself; it accepts
 /// `argv[1]` connections on descriptor 3 and echoes each until it closes.
-const ACTIVATED_SERVER_PY: &str = r#"
+const ACTIVATED_SERVER_PY: &str = echo_py!(
+    r#"
 import os, socket, sys
 assert os.environ.get("LISTEN_FDS") == "1"
 l = socket.socket(fileno=3)
 for _ in range(int(sys.argv[1])):
     c, _ = l.accept()
-    while True:
-        d = c.recv(65536)
-        if not d:
-            break
-        c.sendall(d)
-    c.close()
-"#;
+    echo(c)
+"#
+);
 
 /// Socket activation: the server under `vmc run` got its listening socket from a
 /// launcher without vmc and never called `listen`. vmc registers the listener at
@@ -2293,7 +2301,8 @@ fn a_socket_activated_server_is_accelerated_after_its_first_accept() {
 
 /// An echo server in a `SO_REUSEPORT` group: it binds the shared port and echoes
 /// the connections the kernel gives it until SIGTERM, then prints how many.
-const REUSEPORT_SERVER_PY: &str = r#"
+const REUSEPORT_SERVER_PY: &str = echo_py!(
+    r#"
 import signal, socket, sys
 served = 0
 def stop(*_):
@@ -2307,14 +2316,10 @@ l.listen(64)
 print("listening", flush=True)
 while True:
     c, _ = l.accept()
-    while True:
-        d = c.recv(65536)
-        if not d:
-            break
-        c.sendall(d)
-    c.close()
+    echo(c)
     served += 1
-"#;
+"#
+);
 
 /// Two processes share a port with `SO_REUSEPORT`, each its own listener and
 /// registry entry; the kernel picks which one accepts each connection, whatever
@@ -2385,7 +2390,8 @@ fn reuseport_groups_accelerate_whichever_process_accepts() {
 
 /// An echo server that becomes another user (`argv[3]`) before it listens, with
 /// vmc's default (per-user) registry: it registers and publishes as that user.
-const SETUID_BEFORE_LISTEN_SERVER_PY: &str = r#"
+const SETUID_BEFORE_LISTEN_SERVER_PY: &str = echo_py!(
+    r#"
 import os, socket, sys
 port, n, uid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 os.environ.pop("VMC_REGISTRY_DIR", None)  # the new user's own, by default
@@ -2397,17 +2403,14 @@ l.bind(("127.0.0.1", port))
 l.listen(16)
 for _ in range(n):
     c, _ = l.accept()
-    while True:
-        d = c.recv(65536)
-        if not d:
-            break
-        c.sendall(d)
-    c.close()
-"#;
+    echo(c)
+"#
+);
 
 /// A master that listens as root and forks a worker that becomes another user
 /// (`argv[3]`) and then accepts: Apache's and nginx's way.
-const SETUID_AFTER_LISTEN_SERVER_PY: &str = r#"
+const SETUID_AFTER_LISTEN_SERVER_PY: &str = echo_py!(
+    r#"
 import os, socket, sys
 port, n, uid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 l = socket.socket()
@@ -2420,16 +2423,12 @@ if pid == 0:
     os.setuid(uid)
     for _ in range(n):
         c, _ = l.accept()
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
-            c.sendall(d)
-        c.close()
+        echo(c)
     os._exit(0)
 _, st = os.waitpid(pid, 0)
 sys.exit(os.waitstatus_to_exitcode(st))
-"#;
+"#
+);
 
 /// Servers that run as another user than their (root) client, both under vmc:
 /// one that drops to `nobody` before listening, and a root master whose worker
@@ -2613,7 +2612,8 @@ fn apache_prefork_workers_as_www_data_serve_accelerated_clients() {
 /// An echo server that becomes `nobody` before it listens, then waits `argv[2]`
 /// seconds before it accepts its one connection (so that its client's offer socket
 /// waits meanwhile).
-const SLOW_NOBODY_SERVER_PY: &str = r#"
+const SLOW_NOBODY_SERVER_PY: &str = echo_py!(
+    r#"
 import os, socket, sys, time
 port, delay = int(sys.argv[1]), float(sys.argv[2])
 os.environ.pop("VMC_REGISTRY_DIR", None)
@@ -2625,12 +2625,9 @@ l.bind(("127.0.0.1", port))
 l.listen(4)
 time.sleep(delay)
 c, _ = l.accept()
-while True:
-    d = c.recv(65536)
-    if not d:
-        break
-    c.sendall(d)
-"#;
+echo(c)
+"#
+);
 
 /// A third user's attempts on a waiting client's offer socket (`argv[1]`, for the
 /// connection `argv[2]` -> `argv[3]`): a mirrored ATTACH without a proof, then one

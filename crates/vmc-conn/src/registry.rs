@@ -432,12 +432,18 @@ impl Registry {
                 ))
             }
         };
-        let dir = open_dirs(&path, &root, false)?;
+        Registry::at(path, root, false)
+    }
+
+    /// The registry at `path` inside `root` (checked as `public` says), with
+    /// nothing looked up yet.
+    fn at(path: PathBuf, root: PathBuf, public: bool) -> io::Result<Registry> {
+        let dir = open_dirs(&path, &root, public)?;
         Ok(Registry {
             path,
             root,
             offers: std::sync::OnceLock::new(),
-            public: false,
+            public,
             dir: Mutex::new(Arc::new(dir)),
             warned: Mutex::new(HashSet::new()),
             opened: AtomicU64::new(0),
@@ -460,17 +466,7 @@ impl Registry {
     pub fn open_public() -> io::Result<Registry> {
         let root = public_dir();
         let path = root.join(LISTENERS_DIR_NAME);
-        let dir = open_dirs(&path, &root, true)?;
-        Ok(Registry {
-            path,
-            root,
-            offers: std::sync::OnceLock::new(),
-            public: true,
-            dir: Mutex::new(Arc::new(dir)),
-            warned: Mutex::new(HashSet::new()),
-            opened: AtomicU64::new(0),
-            cache: Mutex::new((vmc_os::proc::fork_generation(), HashMap::new())),
-        })
+        Registry::at(path, root, true)
     }
 
     /// Whether this is the registry every user shares.

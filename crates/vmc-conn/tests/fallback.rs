@@ -211,55 +211,46 @@ fn a_short_plain_connection_is_peer_not_vmc_too() {
 fn an_administrators_policy_keeps_what_it_denies_on_tcp() {
     private_registry();
     let tmp = tempfile::tempdir().unwrap();
-    let (addr, server) = vmc_echo_server();
     let policy = tmp.path().join("policy");
-    std::fs::write(
-        &policy,
+    // A client under `policy` (made for the listener's address) of a vmc echo
+    // server: its summary and fallback text, after checking the data both ways.
+    let client = |policy_text: &dyn Fn(SocketAddr) -> String| {
+        let (addr, server) = vmc_echo_server();
+        std::fs::write(&policy, policy_text(addr)).unwrap();
+        let mut kid = Kid::spawn(
+            "client",
+            &[
+                ("VMC_IT_ADDR", addr.to_string()),
+                (vmc_conn::policy::POLICY_ENV, policy.display().to_string()),
+            ],
+        );
+        let res = Summary::parse(&kid.expect("RESULT", Duration::from_secs(30)));
+        let text = kid.try_expect("REASON_TEXT", Duration::from_secs(1));
+        kid.wait_success(Duration::from_secs(10));
+        assert_eq!(res.u64("got"), TOTAL);
+        assert_eq!((res.u64("shm_out"), res.u64("shm_in")), (0, 0));
+        let (s, n) = server.join().unwrap();
+        assert_eq!(n, TOTAL);
+        assert_all_tcp(s.traffic(), TOTAL);
+        (res, text)
+    };
+    let (res, text) = client(&|addr| {
         format!(
             "# no acceleration to this port\ndeny port {}\n",
             addr.port()
-        ),
-    )
-    .unwrap();
-    let mut kid = Kid::spawn(
-        "client",
-        &[
-            ("VMC_IT_ADDR", addr.to_string()),
-            (vmc_conn::policy::POLICY_ENV, policy.display().to_string()),
-        ],
-    );
-    let res = Summary::parse(&kid.expect("RESULT", Duration::from_secs(30)));
-    let text = kid.try_expect("REASON_TEXT", Duration::from_secs(1));
-    kid.wait_success(Duration::from_secs(10));
+        )
+    });
     assert_eq!(res.str("reason"), "policy", "{text:?}");
     assert_eq!(text.as_deref(), Some("denied by the vmc policy, line 2"));
-    assert_eq!(res.u64("got"), TOTAL);
-    assert_eq!((res.u64("shm_out"), res.u64("shm_in")), (0, 0));
-    let (s, n) = server.join().unwrap();
-    assert_eq!(n, TOTAL);
-    assert_all_tcp(s.traffic(), TOTAL);
 
     // A policy that does not parse denies everything, saying why.
-    let (addr, server) = vmc_echo_server();
-    std::fs::write(&policy, "deny port eighty\n").unwrap();
-    let mut kid = Kid::spawn(
-        "client",
-        &[
-            ("VMC_IT_ADDR", addr.to_string()),
-            (vmc_conn::policy::POLICY_ENV, policy.display().to_string()),
-        ],
-    );
-    let res = Summary::parse(&kid.expect("RESULT", Duration::from_secs(30)));
-    let text = kid.try_expect("REASON_TEXT", Duration::from_secs(1));
-    kid.wait_success(Duration::from_secs(10));
+    let (res, text) = client(&|_| "deny port eighty\n".to_string());
     assert_eq!(res.str("reason"), "policy", "{text:?}");
     assert!(
         text.as_deref()
             .is_some_and(|t| t.contains("line 1: `port eighty`")),
         "{text:?}"
     );
-    assert_eq!(res.u64("got"), TOTAL);
-    assert_eq!(server.join().unwrap().1, TOTAL);
 }
 
 #[test]

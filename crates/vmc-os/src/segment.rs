@@ -418,14 +418,82 @@ impl SegmentDir {
     pub fn open(path: impl AsRef<Path>) -> io::Result<SegmentDir> {
         let path = path.as_ref();
         let what = || format!("segment directory {}", path.display());
+        SegmentDir::open_checked(path, &what, 0o700, true, |st| {
+            let euid = proc::euid();
+            if st.st_uid != euid {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{}: owned by uid {}, expected {euid}", what(), st.st_uid),
+                ));
+            }
+            let mode = st.st_mode & 0o7777;
+            if mode != 0o700 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{}: mode {mode:04o}, expected 0700", what()),
+                ));
+            }
+            Ok(())
+        })
+    }
+
+    /// Opens a directory shared by every user, creating it with `mode` (`0o1777`:
+    /// anyone lists and creates; `0o1733`: anyone creates, only its owner lists) if
+    /// it does not exist. Parent directories are not created.
+    ///
+    /// An existing `path` is accepted only if it is a directory (not a symlink to
+    /// one) with the sticky bit (so nobody removes or renames another user's
+    /// files) and at least the permissions of `mode` for others; its owner may be
+    /// anyone (root, or the first user who needed it: that user can remove
+    /// others' files, which costs them acceleration, never data, since vmc checks
+    /// every peer it meets there).
+    pub fn open_shared(path: impl AsRef<Path>, mode: u32) -> io::Result<SegmentDir> {
+        let path = path.as_ref();
+        let what = || format!("shared directory {}", path.display());
+        // One we did not make may be unreadable to us (0o1733): reached by path
+        // only, which is all that binding and connecting in it need.
+        let readable = mode & 0o004 != 0;
+        SegmentDir::open_checked(path, &what, mode, readable, |st| {
+            let have = st.st_mode & 0o7777;
+            if have & 0o1000 == 0 || have & mode & 0o7 != mode & 0o7 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{}: mode {have:04o}, expected the sticky bit and {mode:04o} for others",
+                        what()
+                    ),
+                ));
+            }
+            Ok(())
+        })
+    }
+
+    /// Opens the directory at `path`, creating it if missing: made 0700 first and
+    /// opened by descriptor, then given exactly `mode` through that descriptor (the
+    /// umask reduced mkdir's mode; no symlink can be followed, nobody can slip
+    /// another object under the name in between). An existing one is opened for
+    /// reading if `readable`, else by path only (`O_PATH`). It must be a directory
+    /// and pass `check`.
+    fn open_checked(
+        path: &Path,
+        what: &dyn Fn() -> String,
+        mode: u32,
+        readable: bool,
+        check: impl FnOnce(&rustix::fs::Stat) -> io::Result<()>,
+    ) -> io::Result<SegmentDir> {
         let created = match rustix::fs::mkdir(path, Mode::from_raw_mode(0o700)) {
             Ok(()) => true,
             Err(rustix::io::Errno::EXIST) => false,
             Err(e) => return Err(io_err(e, format!("{}: mkdir", what()))),
         };
+        let access = if created || readable {
+            OFlags::RDONLY
+        } else {
+            OFlags::PATH
+        };
         let fd = rustix::fs::open(
             path,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            access | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
         .map_err(|e| {
@@ -446,73 +514,6 @@ impl SegmentDir {
         })?;
         let fd = crate::fdspace::lift(fd)?;
         if created {
-            // mkdir's mode was reduced by the umask; make it exactly 0700.
-            // Done through the descriptor, so no symlink can be followed.
-            rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))
-                .map_err(|e| io_err(e, format!("{}: fchmod", what())))?;
-        }
-        let st = rustix::fs::fstat(&fd).map_err(|e| io_err(e, format!("{}: fstat", what())))?;
-        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{}: not a directory", what()),
-            ));
-        }
-        let euid = proc::euid();
-        if st.st_uid != euid {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("{}: owned by uid {}, expected {euid}", what(), st.st_uid),
-            ));
-        }
-        let mode = st.st_mode & 0o7777;
-        if mode != 0o700 {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("{}: mode {mode:04o}, expected 0700", what()),
-            ));
-        }
-        Ok(SegmentDir {
-            fd: Arc::new(fd),
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// Opens a directory shared by every user, creating it with `mode` (`0o1777`:
-    /// anyone lists and creates; `0o1733`: anyone creates, only its owner lists) if
-    /// it does not exist. Parent directories are not created.
-    ///
-    /// An existing `path` is accepted only if it is a directory (not a symlink to
-    /// one) with the sticky bit (so nobody removes or renames another user's
-    /// files) and at least the permissions of `mode` for others; its owner may be
-    /// anyone (root, or the first user who needed it: that user can remove
-    /// others' files, which costs them acceleration, never data, since vmc checks
-    /// every peer it meets there).
-    pub fn open_shared(path: impl AsRef<Path>, mode: u32) -> io::Result<SegmentDir> {
-        let path = path.as_ref();
-        let what = || format!("shared directory {}", path.display());
-        let created = match rustix::fs::mkdir(path, Mode::from_raw_mode(0o700)) {
-            Ok(()) => true,
-            Err(rustix::io::Errno::EXIST) => false,
-            Err(e) => return Err(io_err(e, format!("{}: mkdir", what()))),
-        };
-        // One we did not make may be unreadable to us (0o1733): reached by path
-        // only, which is all that binding and connecting in it need.
-        let access = if created || mode & 0o004 != 0 {
-            OFlags::RDONLY
-        } else {
-            OFlags::PATH
-        };
-        let fd = rustix::fs::open(
-            path,
-            access | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| io_err(e, format!("{}: open (a symlink is refused)", what())))?;
-        let fd = crate::fdspace::lift(fd)?;
-        if created {
-            // Made private first and opened by descriptor, then widened: nobody
-            // can slip another object under the name in between.
             rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))
                 .map_err(|e| io_err(e, format!("{}: fchmod", what())))?;
         }
@@ -523,16 +524,7 @@ impl SegmentDir {
                 format!("{}: not a directory", what()),
             ));
         }
-        let have = st.st_mode & 0o7777;
-        if have & 0o1000 == 0 || have & mode & 0o7 != mode & 0o7 {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!(
-                    "{}: mode {have:04o}, expected the sticky bit and {mode:04o} for others",
-                    what()
-                ),
-            ));
-        }
+        check(&st)?;
         Ok(SegmentDir {
             fd: Arc::new(fd),
             path: path.to_path_buf(),
@@ -1076,6 +1068,37 @@ mod tests {
         std::fs::write(&file, b"x").unwrap();
         let err = SegmentDir::open(&file).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn shared_dir_checks() {
+        let tmp = tempfile::tempdir().unwrap();
+        for mode in [0o1777, 0o1733] {
+            let p = tmp.path().join(format!("shared-{mode:o}"));
+            SegmentDir::open_shared(&p, mode).unwrap();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            assert_eq!(
+                meta.permissions().mode() & 0o7777,
+                mode,
+                "exact, whatever the umask"
+            );
+            SegmentDir::open_shared(&p, mode).unwrap();
+        }
+        // Without the sticky bit anyone could remove anyone's files: refused.
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = SegmentDir::open_shared(&open, 0o1777).unwrap_err();
+        assert!(err.to_string().contains("sticky bit"), "{err}");
+        // Not writable by others: refused for a directory others must create in.
+        let closed = tmp.path().join("closed");
+        std::fs::create_dir(&closed).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o1755)).unwrap();
+        assert!(SegmentDir::open_shared(&closed, 0o1733).is_err());
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(tmp.path().join("shared-1777"), &link).unwrap();
+        let err = SegmentDir::open_shared(&link, 0o1777).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
     }
 
     #[test]

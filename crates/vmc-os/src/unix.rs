@@ -28,17 +28,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 /// A listening socket bound at `path` (any length) that never blocks in `accept`,
 /// with room for `backlog` callers; one of vmc's own descriptors.
 pub fn listen_nonblocking(path: &Path, backlog: i32) -> io::Result<UnixListener> {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )?;
-    with_short_path(path, |p| {
-        rustix::net::bind(&fd, &SocketAddrUnix::new(p)?)?;
-        Ok(())
-    })?;
+    let fd = nonblocking_at(path, |fd, addr| rustix::net::bind(fd, addr))?;
     rustix::net::listen(&fd, backlog)?;
     Ok(UnixListener::from(crate::fdspace::lift(fd)?))
 }
@@ -48,6 +38,15 @@ pub fn listen_nonblocking(path: &Path, backlog: i32) -> io::Result<UnixListener>
 /// listening yet `ECONNREFUSED`. The socket, non-blocking, is one of vmc's own
 /// descriptors.
 pub fn connect_nonblocking(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    let fd = nonblocking_at(path, |fd, addr| rustix::net::connect(fd, addr))?;
+    crate::fdspace::lift(fd)
+}
+
+/// A new non-blocking Unix stream socket, bound or connected to `path` by `op`.
+fn nonblocking_at(
+    path: &Path,
+    op: impl FnOnce(&std::os::fd::OwnedFd, &rustix::net::SocketAddrUnix) -> rustix::io::Result<()>,
+) -> io::Result<std::os::fd::OwnedFd> {
     use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
     let fd = rustix::net::socket_with(
         AddressFamily::UNIX,
@@ -55,11 +54,8 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
         SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
         None,
     )?;
-    with_short_path(path, |p| {
-        rustix::net::connect(&fd, &SocketAddrUnix::new(p)?)?;
-        Ok(())
-    })?;
-    crate::fdspace::lift(fd)
+    with_short_path(path, |p| Ok(op(&fd, &SocketAddrUnix::new(p)?)?))?;
+    Ok(fd)
 }
 
 /// `UnixStream::connect(path)`, for a path of any length; the socket is one of
