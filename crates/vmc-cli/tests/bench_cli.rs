@@ -121,8 +121,14 @@ fn bench_crr_json() {
         assert!(accepted >= rate * 0.3 * 0.9, "{line}");
         if transport == "vmc" {
             // Every connection a vmc client makes to a vmc listener on the same host
-            // is accelerated.
-            assert_eq!(positive(line, "accelerated_conns"), accepted, "{line}");
+            // gets a channel; its one reply goes on it if the client answered the
+            // offer within the server's 2 ms wait, which a loaded machine may miss
+            // now and then (without the wait, about a third would).
+            let accelerated = positive(line, "accelerated_conns");
+            assert!(
+                accelerated <= accepted && accelerated >= accepted * 0.95,
+                "{line}"
+            );
         } else {
             assert!(line["accelerated_conns"].is_null(), "{line}");
         }
