@@ -24,12 +24,23 @@
 //! wait on the outer set sleeps on the inner set's connections and descriptor as
 //! well. Loops are refused (`ELOOP`), as the kernel refuses them. A set nested
 //! before it held any vmc connection stays in the kernel's set, which cannot see
-//! the connections added to it later (a gap).
+//! the connections added to it later (a gap), except that it turns readable once
+//! when one is added (its wake-up, below).
+//!
+//! Threads: one thread may add a connection while another already waits on the
+//! set (Apache's event MPM: workers hand kept-alive connections to a listener
+//! thread that sleeps in `epoll_wait`). The waiter sleeps on what the set held when
+//! it went to sleep, or in the kernel alone if the set held no connection yet. So
+//! each side set owns a wake-up eventfd, registered in the kernel's set under a
+//! token only it uses: adding or changing an entry while someone waits rings it,
+//! the kernel wakes the waiter, and every wait hides the token from the program
+//! (see [`EpollSet::hide_wake`]) and looks again.
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use libc::{c_int, epoll_event, pollfd, sigset_t, timespec};
 use vmc_conn::{Interest, Ready};
@@ -69,7 +80,18 @@ struct Entry {
 pub struct EpollSet {
     entries: Mutex<Vec<Entry>>,
     /// Where the next scan starts, so a small `maxevents` serves everyone in turn.
-    next: std::sync::atomic::AtomicUsize,
+    next: AtomicUsize,
+    /// Threads in an emulated wait on this set.
+    waiters: AtomicUsize,
+    /// Rings a waiter when the entries change (none if it could not be made:
+    /// then a wait notices a connection added meanwhile only when it wakes).
+    wake: OnceLock<Wake>,
+}
+
+/// A side set's wake-up: an eventfd in the kernel's set, reported under `token`.
+struct Wake {
+    fd: vmc_os::wake::EventFd,
+    token: u64,
 }
 
 fn interest(events: u32) -> Interest {
@@ -121,14 +143,69 @@ impl EpollSet {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Fills `out` with ready entries; returns how many.
-    fn collect(&self, epfd: c_int, out: &mut [epoll_event], deep: bool) -> usize {
+    /// Registers the set's wake-up in the kernel's set `epfd`, under a token no
+    /// program data can equal while the set lives: the set's own address.
+    fn install_wake(&self, epfd: c_int) {
+        let Ok(fd) = vmc_os::wake::EventFd::new() else {
+            return;
+        };
+        let token = self as *const EpollSet as u64;
+        let mut ev = epoll_event {
+            events: IN,
+            u64: token,
+        };
+        // SAFETY: registering our own eventfd in the program's set; `ev` is ours.
+        if unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd.fd().as_raw_fd(), &mut ev) } == 0
+        {
+            let _ = self.wake.set(Wake { fd, token });
+        }
+    }
+
+    /// Tells whoever waits on the set that its entries changed. `always`: a
+    /// thread may wait on it in the kernel alone (the set is new).
+    fn ring(&self, always: bool) {
+        if always || self.waiters.load(Ordering::SeqCst) > 0 {
+            if let Some(w) = self.wake.get() {
+                let _ = w.fd.notify();
+            }
+        }
+    }
+
+    /// Removes the set's wake-up from the first `n` of `events` (what the kernel
+    /// returned), draining it; returns how many events are left. Never reorders
+    /// the program's own events.
+    fn hide_wake(&self, events: &mut [epoll_event], n: usize) -> usize {
+        let Some(w) = self.wake.get() else {
+            return n;
+        };
+        let mut kept = 0;
+        for i in 0..n {
+            let e = events[i];
+            if e.u64 == w.token {
+                let _ = w.fd.drain();
+            } else {
+                events[kept] = e;
+                kept += 1;
+            }
+        }
+        kept
+    }
+
+    /// Fills `out` with ready entries; returns how many. `deep(sock)`: look at that
+    /// connection's TCP socket and its peer's liveness too (system calls, so only
+    /// for connections whose wait descriptor fired).
+    fn collect(
+        &self,
+        epfd: c_int,
+        out: &mut [epoll_event],
+        deep: &dyn Fn(&Arc<Sock>) -> bool,
+    ) -> usize {
         let mut entries = self.lock();
         let len = entries.len();
         if len == 0 || out.is_empty() {
             return 0;
         }
-        let start = self.next.load(std::sync::atomic::Ordering::Relaxed) % len;
+        let start = self.next.load(Ordering::Relaxed) % len;
         let mut n = 0;
         let mut gone = Vec::new();
         for k in 0..len {
@@ -166,7 +243,7 @@ impl EpollSet {
                         e.disabled = true;
                     }
                     if n == out.len() {
-                        self.next.store(i + 1, std::sync::atomic::Ordering::Relaxed);
+                        self.next.store(i + 1, Ordering::Relaxed);
                         break;
                     }
                 }
@@ -186,7 +263,7 @@ impl EpollSet {
                 gone.push(i);
                 continue;
             }
-            let r = ready_of(s, interest(e.events), deep);
+            let r = ready_of(s, interest(e.events), deep(&sock));
             let mut ev = mask(&r, e.events);
             if ev != 0 && e.events & ET != 0 {
                 if !is_edge((e.last_rx, e.last_tx), &r, ev) {
@@ -211,7 +288,7 @@ impl EpollSet {
                     e.disabled = true;
                 }
                 if n == out.len() {
-                    self.next.store(i + 1, std::sync::atomic::Ordering::Relaxed);
+                    self.next.store(i + 1, Ordering::Relaxed);
                     break;
                 }
             }
@@ -331,7 +408,12 @@ fn set_of(epfd: c_int, create: bool) -> Option<Arc<Sock>> {
         return None;
     }
     let s = Arc::new(Sock::Epoll(EpollSet::default()));
-    table::set(epfd, s.clone()).then_some(s)
+    if !table::set(epfd, s.clone()) {
+        return None;
+    }
+    // In its final place (the token is its address).
+    epoll_set(&s).install_wake(epfd);
+    Some(s)
 }
 
 fn epoll_set(sock: &Sock) -> &EpollSet {
@@ -365,7 +447,34 @@ pub unsafe extern "C" fn epoll_ctl(
         }
     }
     // SAFETY: forwarding the program's arguments.
-    unsafe { real::epoll_ctl(epfd, op, fd, ev) }
+    let r = unsafe { real::epoll_ctl(epfd, op, fd, ev) };
+    if r < 0 && op != libc::EPOLL_CTL_ADD && table::any() && crate::errno() == libc::ENOENT {
+        if let Some(r) = settled_in_side_set(epfd, op, fd, ev) {
+            return r;
+        }
+    }
+    r
+}
+
+/// `EPOLL_CTL_MOD`/`DEL` of a connection the kernel's set does not hold because
+/// it is still in the side set: it turned plain during the look that last
+/// reported it, before it could move. It moves now (MOD) or leaves (DEL).
+fn settled_in_side_set(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event) -> Option<c_int> {
+    let set_sock = set_of(epfd, false)?;
+    let mut entries = epoll_set(&set_sock).lock();
+    let i = entries.iter().position(|e| {
+        e.fd == fd
+            && e.sock
+                .upgrade()
+                .is_some_and(|s| matches!(&*s, Sock::Stream(_)))
+    })?;
+    entries.swap_remove(i);
+    drop(entries);
+    Some(match op {
+        // SAFETY: forwarding the program's arguments, now as the kernel's entry.
+        libc::EPOLL_CTL_MOD => unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, ev) },
+        _ => 0,
+    })
 }
 
 fn ctl(
@@ -394,6 +503,7 @@ fn ctl(
         let e = unsafe { std::ptr::read_unaligned(ev) };
         Ok((e.events, e.u64))
     };
+    let existed = table::get(epfd).is_some();
     let set_sock = set_of(epfd, op == libc::EPOLL_CTL_ADD)
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
     if let Sock::Epoll(inner) = &**sock {
@@ -439,9 +549,13 @@ fn ctl(
                 return errno(libc::ENOENT);
             };
             entries.swap_remove(i);
+            return Ok(());
         }
         _ => return errno(libc::EINVAL),
     }
+    drop(entries);
+    // A waiter sleeps on what the set held before: let it look again.
+    set.ring(!existed);
     Ok(())
 }
 
@@ -459,10 +573,16 @@ fn wait(
     }
     let set = epoll_set(sock);
     let max = max as usize;
+    // What the last sleep woke for: the connections whose wait descriptor fired
+    // (`None`: it timed out or failed, so every connection gets a deep look).
+    let fired: std::cell::RefCell<Option<Vec<*const Sock>>> = Default::default();
     let pass = |kernel: bool, deep: bool| -> io::Result<usize> {
         // SAFETY: the program's array of `max` events, ours until we return.
         let out = unsafe { std::slice::from_raw_parts_mut(events, max) };
-        let mut n = set.collect(epfd, out, deep);
+        let fired = fired.borrow();
+        let deep =
+            |s: &Arc<Sock>| deep && fired.as_ref().map_or(true, |f| f.contains(&Arc::as_ptr(s)));
+        let mut n = set.collect(epfd, out, &deep);
         if kernel && n < max {
             // SAFETY: the rest of the program's array.
             let k = unsafe { real::epoll_wait(epfd, events.add(n), (max - n) as c_int, 0) };
@@ -472,7 +592,9 @@ fn wait(
                     return Err(e);
                 }
             } else {
-                n += k as usize;
+                // SAFETY: the rest of the program's array, `k` of them filled.
+                let rest = unsafe { std::slice::from_raw_parts_mut(events.add(n), max - n) };
+                n += set.hide_wake(rest, k as usize);
             }
         }
         Ok(n)
@@ -491,15 +613,23 @@ fn wait(
             })
             .collect();
         let mut shared = false;
-        for (s, _) in &live {
-            let s = stream_of(s);
+        // The connections without a wait descriptor of their own: looked at deeply.
+        let mut blind = Vec::new();
+        let first = fds.len();
+        let mut watched = Vec::new();
+        for (sock, _) in &live {
+            let s = stream_of(sock);
             shared |= s.shared_wait();
-            if let Some(w) = s.wait_fd() {
-                fds.push(pollfd {
-                    fd: w.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+            match s.wait_fd() {
+                Some(w) => {
+                    fds.push(pollfd {
+                        fd: w.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                    watched.push(Arc::as_ptr(sock));
+                }
+                None => blind.push(Arc::as_ptr(sock)),
             }
         }
         let ts = timespec_of(remaining, shared);
@@ -517,12 +647,22 @@ fn wait(
         for (s, want) in &live {
             stream_of(s).disarm(*want);
         }
+        *fired.borrow_mut() = (r > 0).then(|| {
+            let woke = fds[first..].iter().zip(&watched);
+            blind
+                .into_iter()
+                .chain(woke.filter(|(p, _)| p.revents != 0).map(|(_, s)| *s))
+                .collect()
+        });
         if r < 0 {
             return Err(err);
         }
         Ok(())
     };
-    wait_loop(pass, block, timeout)
+    set.waiters.fetch_add(1, Ordering::SeqCst);
+    let r = wait_loop(pass, block, timeout);
+    set.waiters.fetch_sub(1, Ordering::SeqCst);
+    r
 }
 
 fn emulated(
@@ -545,6 +685,41 @@ fn emulated(
     )
 }
 
+/// A wait the kernel serves alone (`call`: the set held no vmc connection when it
+/// began). If another thread added one meanwhile, the set's wake-up is among what
+/// the kernel returned: it is hidden, and if nothing else came the wait goes on,
+/// emulated, for what is left of `timeout`.
+fn forwarded(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: Option<Duration>,
+    sigmask: *const sigset_t,
+    call: impl FnOnce() -> c_int,
+) -> c_int {
+    // Only a process that has vmc descriptors can grow a side set meanwhile.
+    let start = (table::any() && timeout.is_some_and(|t| !t.is_zero())).then(Instant::now);
+    let n = call();
+    if n <= 0 || !table::any() {
+        return n;
+    }
+    let Some(sock) = set_of(epfd, false) else {
+        return n;
+    };
+    // SAFETY: the program's array, of which the kernel filled `n` (<= `max`).
+    let out = unsafe { std::slice::from_raw_parts_mut(events, n as usize) };
+    let kept = epoll_set(&sock).hide_wake(out, n as usize);
+    if kept > 0 {
+        return kept as c_int;
+    }
+    let remaining = match (timeout, start) {
+        (None, _) => None,
+        (Some(t), Some(s)) => Some(t.saturating_sub(s.elapsed())),
+        (Some(_), None) => Some(Duration::ZERO),
+    };
+    emulated(epfd, events, max, remaining, sigmask).unwrap_or(0)
+}
+
 fn ms(timeout: c_int) -> Option<Duration> {
     (timeout >= 0).then(|| Duration::from_millis(timeout as u64))
 }
@@ -562,8 +737,10 @@ pub unsafe extern "C" fn epoll_wait(
             return r;
         }
     }
-    // SAFETY: forwarding the program's arguments.
-    unsafe { real::epoll_wait(epfd, events, max, timeout) }
+    forwarded(epfd, events, max, ms(timeout), std::ptr::null(), || {
+        // SAFETY: forwarding the program's arguments.
+        unsafe { real::epoll_wait(epfd, events, max, timeout) }
+    })
 }
 
 /// `epoll_pwait2(2)`: `epoll_pwait` with a `timespec` timeout (null: forever).
@@ -575,20 +752,22 @@ pub unsafe extern "C" fn epoll_pwait2(
     timeout: *const timespec,
     sigmask: *const sigset_t,
 ) -> c_int {
+    // SAFETY: the program's timespec, if any.
+    let t = unsafe { timeout.as_ref() }.map(|t| {
+        Duration::new(
+            t.tv_sec.max(0) as u64,
+            t.tv_nsec.clamp(0, 999_999_999) as u32,
+        )
+    });
     if table::any() {
-        // SAFETY: the program's timespec, if any.
-        let t = unsafe { timeout.as_ref() }.map(|t| {
-            Duration::new(
-                t.tv_sec.max(0) as u64,
-                t.tv_nsec.clamp(0, 999_999_999) as u32,
-            )
-        });
         if let Some(r) = emulated(epfd, events, max, t, sigmask) {
             return r;
         }
     }
-    // SAFETY: forwarding the program's arguments.
-    unsafe { real::epoll_pwait2(epfd, events, max, timeout, sigmask) }
+    forwarded(epfd, events, max, t, sigmask, || {
+        // SAFETY: forwarding the program's arguments.
+        unsafe { real::epoll_pwait2(epfd, events, max, timeout, sigmask) }
+    })
 }
 
 /// `epoll_pwait(2)`: the signal mask applies while it sleeps.
@@ -605,6 +784,8 @@ pub unsafe extern "C" fn epoll_pwait(
             return r;
         }
     }
-    // SAFETY: forwarding the program's arguments.
-    unsafe { real::epoll_pwait(epfd, events, max, timeout, sigmask) }
+    forwarded(epfd, events, max, ms(timeout), sigmask, || {
+        // SAFETY: forwarding the program's arguments.
+        unsafe { real::epoll_pwait(epfd, events, max, timeout, sigmask) }
+    })
 }

@@ -30,7 +30,9 @@
 //! EPOLLOUT edge, RDHUP, HUP, nesting), `dup`, `fork`, `exec`, `threads`,
 //! `signals` (EINTR, SA_RESTART, SO_RCVTIMEO/SO_SNDTIMEO), `sendfile`
 //! (sendfile and splice), `exit`, `spawn` (vfork and posix_spawn as language
-//! runtimes use them, with a SIGCHLD handler waking a poll through a self-pipe).
+//! runtimes use them, with a SIGCHLD handler waking a poll through a self-pipe),
+//! `handoff` (one thread adds connections to the epoll set another thread
+//! sleeps on, as Apache's event MPM does).
 //! Each file's head comment says what it covers.
 //!
 //! Every run gets a fresh directory (mode 0700) holding its `VMC_REGISTRY_DIR`
@@ -832,5 +834,6 @@ cases!(
     signals,
     sendfile,
     exit,
-    spawn
+    spawn,
+    handoff
 );
