@@ -158,17 +158,24 @@ pub fn stats_dir() -> PathBuf {
 }
 
 fn open_table() -> io::Result<Table> {
-    let dir = vmc_os::SegmentDir::open(stats_dir())?;
+    let path = stats_dir();
+    // A process that became another user (a server's workers) has no directory of
+    // its own yet: the parent is made (and checked) like the registry's.
+    if let Some(parent) = path.parent().filter(|p| !p.exists()) {
+        vmc_os::SegmentDir::open(parent)?;
+    }
+    let dir = vmc_os::SegmentDir::open(path)?;
     static SEQ: AtomicU32 = AtomicU32::new(0);
     let path = dir.path().join(format!(
         "p-{}-{}.stats",
         vmc_os::pid(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let _ = std::fs::remove_file(&path); // left by a dead process that had our pid
-                                         // Tables of processes killed before they could remove theirs go now, so the
-                                         // directory holds at most the live processes' tables plus those of processes
-                                         // killed since the last one started.
+    // Left by a dead process that had our pid.
+    let _ = std::fs::remove_file(&path);
+    // Tables of processes killed before they could remove theirs go now, so the
+    // directory holds at most the live processes' tables plus those of processes
+    // killed since the last one started.
     if let Err(e) = scan(None) {
         tracing::debug!("reaping stats tables: {e}");
     }
