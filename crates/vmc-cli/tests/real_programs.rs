@@ -2501,50 +2501,14 @@ fn servers_running_as_another_user_accelerate_a_root_client() {
 /// Apache httpd as deployed: the master listens as root, its workers run as
 /// `www-data`; `{dir}` is a directory every user can read. `{mpm}` is replaced by
 /// the MPM's module and settings.
-const APACHE_CONF: &str = r#"
-ServerRoot /etc/apache2
-{mpm}
-LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
-LoadModule mime_module /usr/lib/apache2/modules/mod_mime.so
-ServerName localhost
-Listen 127.0.0.1:{port}
-User www-data
-Group www-data
-PidFile {dir}/httpd.pid
-ErrorLog {dir}/error.log
-Mutex file:{dir} default
-DocumentRoot {dir}/www
-<Directory {dir}/www>
-  Require all granted
-</Directory>
-KeepAlive On
-MaxKeepAliveRequests 0
-TypesConfig /etc/mime.types
-"#;
+const APACHE_CONF: &str = include_str!("../../../bench/apache/httpd.conf");
 
 /// Prefork: 64 single-threaded worker processes.
-const APACHE_PREFORK: &str = "
-LoadModule mpm_prefork_module /usr/lib/apache2/modules/mod_mpm_prefork.so
-StartServers 64
-ServerLimit 128
-MinSpareServers 64
-MaxSpareServers 128
-MaxRequestWorkers 128
-";
+const APACHE_PREFORK: &str = include_str!("../../../bench/apache/prefork.conf");
 
 /// Event: 2 processes of 128 worker threads, whose listener thread keeps the idle
 /// kept-alive connections (room for 200 of them, so that wrk's 200 are never shed).
-const APACHE_EVENT: &str = "
-LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
-StartServers 2
-ServerLimit 2
-ThreadsPerChild 128
-ThreadLimit 128
-MaxRequestWorkers 256
-MinSpareThreads 1
-MaxSpareThreads 256
-AsyncRequestWorkerFactor 8
-";
+const APACHE_EVENT: &str = include_str!("../../../bench/apache/event.conf");
 
 /// A number `ab` printed after `label` (for example `Failed requests:`).
 fn ab_field(out: &str, label: &str) -> Option<u64> {
