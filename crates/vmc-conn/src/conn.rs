@@ -1808,7 +1808,7 @@ impl Conn {
         // A deep look: the edges drained above may have been the peer's death.
         let r = self.readiness(want, true);
         if r.meets(want) {
-            self.disarm(want);
+            self.disarm(want, None);
             return Ok(Some(r));
         }
         Ok(None)
@@ -1816,7 +1816,10 @@ impl Conn {
 
     /// Ends a wait begun by [`Conn::arm`] for `want`. A ring another waiter still
     /// waits for stays armed.
-    pub(crate) fn disarm(&self, want: Interest) {
+    pub(crate) fn disarm(&self, want: Interest, readable: Option<bool>) {
+        if let Some(ws) = self.waitset.get() {
+            ws.woke(readable);
+        }
         let last = |n: &AtomicU32| {
             n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)) == Ok(1)
         };

@@ -84,6 +84,11 @@ pub(crate) struct WaitSet {
     epfd: OwnedFd,
     /// Registered descriptors and their events, to touch the kernel only on change.
     regs: Mutex<Vec<(RawFd, EventFlags)>>,
+    /// The set may hold edges that fired since it was last drained. Cleared by
+    /// [`WaitSet::drain`]; set again unless the waiter saw the set not readable
+    /// (see [`WaitSet::woke`]), so an event loop's sleep with many connections
+    /// drains only those that fired instead of one system call each.
+    stale: std::sync::atomic::AtomicBool,
 }
 
 impl WaitSet {
@@ -91,6 +96,7 @@ impl WaitSet {
         Ok(WaitSet {
             epfd: vmc_os::fdspace::lift(epoll::create(epoll::CreateFlags::CLOEXEC)?)?,
             regs: Mutex::new(Vec::new()),
+            stale: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -125,8 +131,21 @@ impl WaitSet {
         }
     }
 
+    /// What the sleep after an arm saw of the set: `Some(readable)` if the waiter
+    /// polled its descriptor, `None` if it cannot tell. A set seen not readable holds
+    /// no edge, so the next [`WaitSet::drain`] is skipped; if an edge fires after
+    /// that look, the set is readable at the next sleep, which then says so.
+    pub(crate) fn woke(&self, readable: Option<bool>) {
+        if readable != Some(false) {
+            self.stale.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     /// Consumes the edges that fired, so the set is readable again only on new ones.
     pub(crate) fn drain(&self) {
+        if !self.stale.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
         const BATCH: usize = 16;
         let mut events = [std::mem::MaybeUninit::<epoll::Event>::uninit(); BATCH];
         let zero = Timespec {

@@ -485,15 +485,27 @@ fn ctl(
     ev: *mut epoll_event,
 ) -> io::Result<()> {
     let errno = |e| Err(io::Error::from_raw_os_error(e));
-    // Let the kernel check `epfd` (EBADF, or EINVAL if not an epoll descriptor): the
-    // socket is never in its set (ENOENT), or leaves it now for ours.
-    let probe = {
+    // A MOD or DEL of one of our entries: `epfd` is the epoll descriptor we
+    // checked at its ADD (closing it would have dropped the set), and the kernel's
+    // set does not hold the socket. (wrk changes its interest twice a request.)
+    let ours = op != libc::EPOLL_CTL_ADD
+        && set_of(epfd, false).is_some_and(|set| {
+            epoll_set(&set)
+                .lock()
+                .iter()
+                .any(|e| e.fd == fd && e.sock.upgrade().is_some_and(|s| Arc::ptr_eq(&s, sock)))
+        });
+    if !ours {
+        // Let the kernel check `epfd` (EBADF, or EINVAL if not an epoll
+        // descriptor): the socket is never in its set (ENOENT), or leaves it now
+        // for ours.
         // SAFETY: removing the program's descriptor from the program's set.
         let r = unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
-        (r < 0).then(crate::errno)
-    };
-    if let Some(e @ (libc::EINVAL | libc::EBADF)) = probe {
-        return errno(e);
+        if r < 0 {
+            if let e @ (libc::EINVAL | libc::EBADF) = crate::errno() {
+                return errno(e);
+            }
+        }
     }
     let read_ev = || -> io::Result<(u32, u64)> {
         if ev.is_null() {
@@ -644,8 +656,18 @@ fn wait(
             )
         };
         let err = io::Error::last_os_error();
-        for (s, want) in &live {
-            stream_of(s).disarm(*want);
+        // Each connection's wait descriptor as the sleep saw it (`live` and `fds`
+        // list the watched ones in the same order).
+        let mut seen = fds[first..].iter().map(|p| p.revents != 0);
+        for (sock, want) in &live {
+            let s = stream_of(sock);
+            match (r >= 0 && s.wait_fd().is_some())
+                .then(|| seen.next())
+                .flatten()
+            {
+                Some(readable) => s.disarm_seen(*want, readable),
+                None => s.disarm(*want),
+            }
         }
         *fired.borrow_mut() = (r > 0).then(|| {
             let woke = fds[first..].iter().zip(&watched);
