@@ -146,6 +146,22 @@ fn explain(rr: &Suite, stream: &Suite) -> String {
              between the cores' caches, which keeps it from going much beyond."
         ),
     );
+    if let Some(ring) = stream.ring_gbytes_per_s {
+        let share = result(stream, Transport::Shm)
+            .and_then(|r| r.gbytes_per_s)
+            .map(|g| format!("; shm kept {:.0}% of it", 100.0 * g / ring))
+            .unwrap_or_default();
+        bullet(
+            &mut out,
+            &format!(
+                "The plain ring ({ring:.1} GB/s here{share}) is the other yardstick: the \
+                 same ring alone between two threads that only spin, measured just before \
+                 the transports. It is what a ring of this size does on the two cores this \
+                 run got, which may share a cache or be far apart; a transport's share of \
+                 it is what its protocol and its waiting keep."
+            ),
+        );
+    }
     bullet(
         &mut out,
         "Figures vary from run to run, more so on a shared or virtual machine: trust \
@@ -183,6 +199,8 @@ mod tests {
             conns: 1,
             duration: Duration::from_secs(1),
             memcpy_gbytes_per_s: None,
+            ring_gbytes_per_s: None,
+            capacity: 128 * 1024,
             results: vec![
                 rr_result(Transport::Shm, 2.0),
                 rr_result(Transport::Tcp, 20.0),
@@ -194,11 +212,14 @@ mod tests {
             conns: 1,
             duration: Duration::from_secs(1),
             memcpy_gbytes_per_s: Some(30.0),
+            ring_gbytes_per_s: Some(12.0),
+            capacity: 128 * 1024,
             results: vec![],
         };
         let text = explain(&rr, &stream);
         assert!(text.contains("10.0x faster"), "{text}");
         assert!(text.contains("here 15.0 GB/s"), "{text}");
+        assert!(text.contains("12.0 GB/s here"), "{text}");
         assert!(text.lines().all(|l| l.len() <= 78), "{text}");
         let empty = Suite {
             results: vec![],

@@ -166,6 +166,10 @@ struct BenchArgs {
     /// vmc: VMC_SPIN_US].
     #[arg(long, value_name = "N")]
     spin_us: Option<u64>,
+    /// Run the whole comparison (yardsticks and every transport) N times back to back,
+    /// then print the spread (min, median, max) of each figure.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    repeat: u16,
 }
 
 #[derive(Debug, clap::Args)]
@@ -283,7 +287,7 @@ fn run(cli: Cli) -> Result<()> {
                     .error(clap::error::ErrorKind::ArgumentConflict, message)
                     .exit()
             });
-            bench::command(&config, args.json)
+            bench::command(&config, args.json, usize::from(args.repeat))
         }
         Command::Demo(args) => demo::run(args.quick),
         Command::Stat(args) => stat::run(args.json),

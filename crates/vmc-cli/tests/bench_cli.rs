@@ -83,7 +83,7 @@ fn bench_stream_json() {
     let lines = json_lines(&vmc(&args));
     assert_eq!(lines.len(), 3, "{lines:?}");
     for (line, transport) in lines.iter().zip(["shm", "tcp", "unix"]) {
-        assert_eq!(line.as_object().unwrap().len(), 13, "{line}");
+        assert_eq!(line.as_object().unwrap().len(), 14, "{line}");
         assert_eq!(line["mode"], "stream");
         assert_eq!(line["conns"], 1);
         assert_eq!(line["transport"], transport);
@@ -91,6 +91,7 @@ fn bench_stream_json() {
         positive(line, "seconds");
         positive(line, "gbytes_per_s");
         positive(line, "memcpy_2copy_gbytes_per_s");
+        positive(line, "ring_gbytes_per_s");
         assert!(line["trans_per_s"].is_null(), "{line}");
         assert!(line["rtt_p50_us"].is_null(), "{line}");
     }

@@ -28,6 +28,7 @@ pub mod idle;
 pub mod memcpy;
 pub mod progress;
 pub mod report;
+pub mod ring;
 pub mod rr;
 pub mod stream;
 pub mod transport;
@@ -170,6 +171,10 @@ pub struct Suite {
     pub duration: Duration,
     /// Single-thread memcpy bandwidth measured before a stream suite.
     pub memcpy_gbytes_per_s: Option<f64>,
+    /// The plain-ring yardstick measured before a stream suite (see [`ring`]).
+    pub ring_gbytes_per_s: Option<f64>,
+    /// The ring capacity the yardstick and the shm transports use.
+    pub capacity: usize,
     /// Successful runs, in run order.
     pub results: Vec<RunResult>,
 }
@@ -179,14 +184,23 @@ pub struct Suite {
 /// A transport that fails is reported on stderr and skipped; the failures
 /// are returned next to the suite so the caller can decide the exit status.
 pub fn run_suite(config: &BenchConfig) -> (Suite, Vec<Failure>) {
-    let memcpy_gbytes_per_s = (config.mode == Mode::Stream)
-        .then(|| memcpy::bandwidth_gbytes_per_s(config.size, Duration::from_millis(300)));
+    let stream = config.mode == Mode::Stream;
+    let capacity = config
+        .tuning
+        .capacity
+        .unwrap_or(vmc_channel::config::DEFAULT_CAPACITY);
+    let memcpy_gbytes_per_s =
+        stream.then(|| memcpy::bandwidth_gbytes_per_s(config.size, Duration::from_millis(300)));
+    let ring_gbytes_per_s =
+        stream.then(|| ring::gbytes_per_s(config.size, capacity, Duration::from_millis(600)));
     let mut suite = Suite {
         mode: config.mode,
         size: config.size,
         conns: config.conns,
         duration: config.duration,
         memcpy_gbytes_per_s,
+        ring_gbytes_per_s,
+        capacity,
         results: Vec::new(),
     };
     let mut failures = Vec::new();
@@ -203,20 +217,39 @@ pub fn run_suite(config: &BenchConfig) -> (Suite, Vec<Failure>) {
     (suite, failures)
 }
 
-/// `vmc bench`: run the suite and print the table (or JSON lines).
-pub fn command(config: &BenchConfig, json: bool) -> Result<()> {
-    let (suite, failures) = run_suite(config);
-    let mut stdout = std::io::stdout().lock();
-    if json {
-        let bound = report::two_copy_bound(&suite);
-        for result in &suite.results {
-            writeln!(stdout, "{}", report::json_line(result, bound))?;
+/// `vmc bench`: run the suite `repeat` times and print each table (or JSON lines),
+/// then, after several, the spread of every figure.
+pub fn command(config: &BenchConfig, json: bool, repeat: usize) -> Result<()> {
+    let mut suites = Vec::new();
+    let mut failures = Vec::new();
+    for round in 0..repeat {
+        let (suite, failed) = run_suite(config);
+        let mut stdout = std::io::stdout().lock();
+        if json {
+            let bound = report::two_copy_bound(&suite);
+            for result in &suite.results {
+                writeln!(
+                    stdout,
+                    "{}",
+                    report::json_line(result, bound, suite.ring_gbytes_per_s)
+                )?;
+            }
+        } else if !suite.results.is_empty() {
+            if repeat > 1 {
+                writeln!(stdout, "run {} of {repeat}", round + 1)?;
+            }
+            writeln!(stdout, "{}", report::render(&suite))?;
         }
-    } else if !suite.results.is_empty() {
-        write!(stdout, "{}", report::render(&suite))?;
+        stdout.flush()?;
+        failures.extend(failed);
+        suites.push(suite);
     }
-    stdout.flush()?;
-    fail_if_any(&failures, config.transports.len())
+    if repeat > 1 && !json {
+        let mut stdout = std::io::stdout().lock();
+        write!(stdout, "{}", report::render_spread(&suites))?;
+        stdout.flush()?;
+    }
+    fail_if_any(&failures, config.transports.len() * repeat)
 }
 
 /// A run that did not produce a result; why was printed on stderr when it failed.

@@ -25,7 +25,8 @@ use super::{Mode, RunResult, Suite};
 /// Every mode has the fields up to `gbytes_per_s` (null where they do not
 /// apply) and `conns`, `accepted_conns`, `accelerated_conns` (null unless the
 /// transport is vmc); rr and crr add `per_conn_trans_per_s`, stream adds
-/// `per_conn_gbytes_per_s` and `memcpy_2copy_gbytes_per_s`, crr adds `conns_per_s`.
+/// `per_conn_gbytes_per_s`, `memcpy_2copy_gbytes_per_s` and `ring_gbytes_per_s` (the
+/// plain-ring yardstick of the same run), crr adds `conns_per_s`.
 #[derive(Serialize)]
 struct JsonLine {
     mode: Mode,
@@ -47,6 +48,8 @@ struct JsonLine {
     accelerated_conns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     memcpy_2copy_gbytes_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ring_gbytes_per_s: Option<f64>,
     #[serde(skip_serializing_if = "is_zero")]
     idle_conns: usize,
 }
@@ -57,8 +60,9 @@ fn is_zero(n: &usize) -> bool {
 
 /// The JSON object (one line, no newline) for one result.
 ///
-/// `memcpy_2copy` is the 2-copy bound in GB/s; it is emitted only for stream results.
-pub fn json_line(result: &RunResult, memcpy_2copy: Option<f64>) -> String {
+/// `memcpy_2copy` is the 2-copy bound and `ring` the plain-ring yardstick, in GB/s;
+/// they are emitted only for stream results.
+pub fn json_line(result: &RunResult, memcpy_2copy: Option<f64>, ring: Option<f64>) -> String {
     let line = JsonLine {
         mode: result.mode,
         transport: result.transport,
@@ -79,6 +83,10 @@ pub fn json_line(result: &RunResult, memcpy_2copy: Option<f64>) -> String {
         accelerated_conns: result.accelerated_conns,
         memcpy_2copy_gbytes_per_s: match result.mode {
             Mode::Stream => memcpy_2copy,
+            Mode::Rr | Mode::Crr => None,
+        },
+        ring_gbytes_per_s: match result.mode {
+            Mode::Stream => ring,
             Mode::Rr | Mode::Crr => None,
         },
         idle_conns: result.idle_conns,
@@ -205,6 +213,123 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// "min / median / max" of `values` formatted by `fmt` ("-" if there are none).
+fn spread(mut values: Vec<f64>, fmt: impl Fn(f64) -> String) -> String {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return "-".into();
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    let median = if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    };
+    format!(
+        "{} / {} / {}",
+        fmt(values[0]),
+        fmt(median),
+        fmt(values[values.len() - 1])
+    )
+}
+
+/// The spread over several runs of one comparison (`vmc bench --repeat N`): per
+/// transport its headline figure, its ratio to TCP and, for stream, its share of
+/// each run's own yardsticks, as min / median / max over the runs.
+pub fn render_spread(suites: &[Suite]) -> String {
+    let Some(first) = suites.first() else {
+        return String::new();
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "spread over {} runs of {} {} (min / median / max):",
+        suites.len(),
+        first.mode.name(),
+        fmt_size(first.size)
+    );
+    let mut transports: Vec<Transport> = Vec::new();
+    for r in suites.iter().flat_map(|s| &s.results) {
+        if !transports.contains(&r.transport) {
+            transports.push(r.transport);
+        }
+    }
+    // Each run's figure for `t`, computed from that run's suite.
+    let per_run = |t: Transport, f: &dyn Fn(&Suite, &RunResult) -> Option<f64>| -> Vec<f64> {
+        suites
+            .iter()
+            .filter_map(|s| {
+                let r = s.results.iter().find(|r| r.transport == t)?;
+                f(s, r)
+            })
+            .collect()
+    };
+    let vs_tcp = |s: &Suite, r: &RunResult| {
+        ratio_vs_tcp(r, s.results.iter().find(|r| r.transport == Transport::Tcp))
+    };
+    let ratio = |x: f64| format!("{x:.2}x");
+    let mut rows = Vec::new();
+    let headers: Vec<&str> = match first.mode {
+        Mode::Rr => {
+            for &t in &transports {
+                rows.push(vec![
+                    t.name().to_owned(),
+                    spread(per_run(t, &|_, r| r.rtt_p50_us), fmt_us),
+                    spread(per_run(t, &vs_tcp), ratio),
+                ]);
+            }
+            vec!["transport", "p50 us", "vs tcp"]
+        }
+        Mode::Crr => {
+            for &t in &transports {
+                rows.push(vec![
+                    t.name().to_owned(),
+                    spread(per_run(t, &|_, r| r.conns_per_s), fmt_count),
+                    spread(per_run(t, &vs_tcp), ratio),
+                ]);
+            }
+            vec!["transport", "conns/s", "vs tcp"]
+        }
+        Mode::Stream => {
+            let share = |y: fn(&Suite) -> Option<f64>| {
+                move |s: &Suite, r: &RunResult| Some(100.0 * r.gbytes_per_s? / y(s)?)
+            };
+            let ring = share(|s| s.ring_gbytes_per_s);
+            let bound = share(two_copy_bound);
+            for &t in &transports {
+                rows.push(vec![
+                    t.name().to_owned(),
+                    spread(per_run(t, &|_, r| r.gbytes_per_s), fmt_gbps),
+                    spread(per_run(t, &vs_tcp), ratio),
+                    spread(per_run(t, &ring), fmt_percent),
+                    spread(per_run(t, &bound), fmt_percent),
+                ]);
+            }
+            let yardstick = |name: &str, y: fn(&Suite) -> Option<f64>| {
+                vec![
+                    name.to_owned(),
+                    spread(suites.iter().filter_map(y).collect(), fmt_gbps),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ]
+            };
+            rows.push(yardstick("plain ring", |s| s.ring_gbytes_per_s));
+            rows.push(yardstick("2-copy bound", two_copy_bound));
+            vec![
+                "transport",
+                "GB/s",
+                "vs tcp",
+                "% of plain ring",
+                "% of 2-copy bound",
+            ]
+        }
+    };
+    out.push_str(&table(&headers, &rows));
+    out
+}
+
 /// The 2-copy bound (GB/s) of a stream suite: half the memcpy bandwidth.
 pub fn two_copy_bound(suite: &Suite) -> Option<f64> {
     suite.memcpy_gbytes_per_s.map(|m| m / 2.0)
@@ -283,6 +408,14 @@ pub fn render(suite: &Suite) -> String {
                     fmt_size(suite.size)
                 );
             }
+            let ring = suite.ring_gbytes_per_s;
+            if let Some(g) = ring {
+                let _ = writeln!(
+                    out,
+                    "plain ring ({} ring alone, two spinning threads, whole writes): {g:.2} GB/s",
+                    fmt_size(suite.capacity)
+                );
+            }
             vec![
                 ("conns", many, Box::new(|r: &RunResult| r.conns.to_string())),
                 ("accel", accel, Box::new(fmt_accel)),
@@ -302,6 +435,14 @@ pub fn render(suite: &Suite) -> String {
                     "vs tcp",
                     true,
                     Box::new(move |r: &RunResult| fmt_ratio(r.transport, ratio_vs_tcp(r, tcp))),
+                ),
+                (
+                    "% of plain ring",
+                    ring.is_some(),
+                    Box::new(move |r: &RunResult| match (r.gbytes_per_s, ring) {
+                        (Some(g), Some(b)) if b > 0.0 => fmt_percent(100.0 * g / b),
+                        _ => "-".into(),
+                    }),
                 ),
                 (
                     "% of 2-copy bound",
@@ -429,7 +570,7 @@ mod tests {
 
     #[test]
     fn rr_json_has_exactly_the_documented_fields() {
-        let line = json_line(&rr(Transport::Unix, 12.5), Some(9.0));
+        let line = json_line(&rr(Transport::Unix, 12.5), Some(9.0), Some(5.0));
         assert!(!line.contains('\n'));
         assert_eq!(
             keys(&line),
@@ -461,7 +602,7 @@ mod tests {
 
     #[test]
     fn crr_json_adds_the_connection_rate() {
-        let line = json_line(&crr(Transport::Vmc, 5000.0, 9000, 8999), None);
+        let line = json_line(&crr(Transport::Vmc, 5000.0, 9000, 8999), None, None);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(keys(&line).len(), 13, "{line}");
         assert_eq!(v["mode"], "crr");
@@ -472,13 +613,15 @@ mod tests {
         assert_eq!(v["accepted_conns"], 9000);
         assert_eq!(v["accelerated_conns"], 8999);
         assert!(v.get("memcpy_2copy_gbytes_per_s").is_none());
+        assert!(v.get("ring_gbytes_per_s").is_none());
     }
 
     #[test]
-    fn stream_json_adds_the_memcpy_bound() {
-        let line = json_line(&stream(Transport::Shm, 4.0), Some(8.0));
+    fn stream_json_adds_the_memcpy_bound_and_the_plain_ring() {
+        let line = json_line(&stream(Transport::Shm, 4.0), Some(8.0), Some(6.0));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(keys(&line).len(), 13, "{line}");
+        assert_eq!(keys(&line).len(), 14, "{line}");
+        assert_eq!(v["ring_gbytes_per_s"], 6.0);
         assert_eq!(v["mode"], "stream");
         assert_eq!(v["per_conn_gbytes_per_s"], 4.0);
         assert!(v.get("per_conn_trans_per_s").is_none());
@@ -535,6 +678,8 @@ mod tests {
             conns: 1,
             duration: Duration::from_secs(3),
             memcpy_gbytes_per_s: None,
+            ring_gbytes_per_s: None,
+            capacity: 128 * 1024,
             results: vec![rr(Transport::Shm, 2.0), rr(Transport::Tcp, 30.0)],
         };
         let text = render(&suite);
@@ -564,6 +709,8 @@ mod tests {
             conns: 1,
             duration: Duration::from_secs(3),
             memcpy_gbytes_per_s: Some(20.0),
+            ring_gbytes_per_s: Some(12.0),
+            capacity: 128 * 1024,
             results: vec![stream(Transport::Unix, 5.0)],
         };
         let text = render(&suite);
@@ -572,6 +719,45 @@ mod tests {
         assert!(row.starts_with("unix") && row.ends_with("50%"), "{text}");
         assert!(row.contains(" - "), "no tcp => '-' ratio: {text}");
         assert!(!text.contains("accel") && !text.contains("conns"), "{text}");
+        assert!(text.contains("plain ring (128 KiB ring alone"), "{text}");
+        assert!(row.contains(" 42% "), "5 of 12 GB/s: {text}");
+    }
+
+    #[test]
+    fn the_spread_of_repeated_runs_is_min_median_max_of_each_runs_own_figures() {
+        let run = |shm: f64, tcp: f64, ring: f64| Suite {
+            mode: Mode::Stream,
+            size: 65536,
+            conns: 1,
+            duration: Duration::from_secs(3),
+            memcpy_gbytes_per_s: Some(20.0),
+            ring_gbytes_per_s: Some(ring),
+            capacity: 128 * 1024,
+            results: vec![stream(Transport::Shm, shm), stream(Transport::Tcp, tcp)],
+        };
+        let suites = [run(4.0, 2.0, 8.0), run(6.0, 1.0, 6.0), run(5.0, 2.5, 10.0)];
+        let text = render_spread(&suites);
+        assert!(
+            text.starts_with("spread over 3 runs of stream 64 KiB"),
+            "{text}"
+        );
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} row: {text}"))
+                .to_owned()
+        };
+        let shm = row("shm");
+        // GB/s 4, 5, 6; vs tcp 2.0, 6.0, 2.0 per run; of each run's ring 50, 100, 50%.
+        assert!(shm.contains("4.00 / 5.00 / 6.00"), "{text}");
+        assert!(shm.contains("2.00x / 2.00x / 6.00x"), "{text}");
+        assert!(shm.contains("50% / 50% / 100%"), "{text}");
+        assert!(row("plain ring").contains("6.00 / 8.00 / 10.00"), "{text}");
+        assert!(
+            row("2-copy bound").contains("10.00 / 10.00 / 10.00"),
+            "{text}"
+        );
+        assert_eq!(render_spread(&[]), "");
     }
 
     #[test]
@@ -588,6 +774,8 @@ mod tests {
             conns: 4,
             duration: Duration::from_secs(2),
             memcpy_gbytes_per_s: None,
+            ring_gbytes_per_s: None,
+            capacity: 128 * 1024,
             results,
         };
         let text = render(&suite);
@@ -628,6 +816,8 @@ mod tests {
             conns: 2,
             duration: Duration::from_secs(2),
             memcpy_gbytes_per_s: None,
+            ring_gbytes_per_s: None,
+            capacity: 128 * 1024,
             results: vec![
                 crr(Transport::Vmc, 5000.0, 10_000, 10_000),
                 crr(Transport::Tcp, 20000.0, 40_000, 0),
