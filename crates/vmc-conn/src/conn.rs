@@ -61,19 +61,6 @@ use crate::wire::{self, Control, Path, Switch, SWITCH_LEN};
 /// answer its offer (see [`Conn::await_answer`]).
 const ANSWER_WAIT: Duration = Duration::from_millis(2);
 
-/// A blocking write that finds the ring full and the reader taking nothing for
-/// this long moves its direction to TCP, whose buffers (megabytes, where the ring
-/// has 128 KiB) carry on as they would without vmc: a program that keeps more in
-/// flight than the ring holds before it reads (both ends writing ahead) must not
-/// deadlock under vmc where TCP completes. The direction stays on TCP: coming back
-/// needs the reader to have read everything sent on TCP meanwhile, which the
-/// protocol cannot tell yet, and a move back before that would leave the next
-/// spill waiting for the reader (tried: 4 MiB written ahead deadlocked). Like any
-/// move, it needs the reader's answer to the previous one: a direction whose
-/// reader has not read since the handshake (so never entered the ring) cannot
-/// spill, and still waits for it (a gap for the protocol core to close).
-const SPILL_AFTER: Duration = Duration::from_millis(50);
-
 const PENDING: u8 = 0;
 const ACCELERATED: u8 = 1;
 const PLAIN: u8 = 2;
@@ -1045,9 +1032,6 @@ impl Conn {
                 Ok(n)
             }
             Path::Shm => {
-                if !dontwait && !tx.nonblocking && self.spill(tx, buf.len())? {
-                    return self.write_locked(tx, buf, dontwait);
-                }
                 let ring = tx.ring.as_mut().expect("shm path has a ring");
                 if dontwait && !buf.is_empty() && !ring.is_ready() {
                     if !ring.peer_alive() {
@@ -1081,42 +1065,6 @@ impl Conn {
                     Err(e) => Err(e),
                 }
             }
-        }
-    }
-
-    /// A blocking write about to wait on a full ring: waits up to [`SPILL_AFTER`]
-    /// (less if the write's own timeout is shorter) for space; if the reader took
-    /// nothing meanwhile, moves this direction to TCP and returns true (the write
-    /// goes there). False: there is space, or the move cannot be made without
-    /// waiting for the peer, or the timeout is too short to tell; the caller writes
-    /// on the ring as usual.
-    fn spill(&self, tx: &mut Tx, len: usize) -> io::Result<bool> {
-        let ring = tx.ring.as_mut().expect("shm path has a ring");
-        if len == 0 || tx.for_good || ring.is_ready() {
-            return Ok(false);
-        }
-        if tx.timeout.is_some_and(|t| t <= SPILL_AFTER) {
-            return Ok(false);
-        }
-        ring.set_timeout(Some(SPILL_AFTER))?;
-        let waited = ring.wait_ready();
-        ring.set_timeout(tx.timeout)?;
-        match waited {
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
-            // Space (or an error the write itself will report).
-            _ => return Ok(false),
-        }
-        match self.move_tx(tx, Path::Tcp, true) {
-            Ok(()) => {
-                tx.want = Path::Tcp;
-                tracing::debug!(
-                    "vmc connection: the reader took nothing from the full ring for \
-                     {SPILL_AFTER:?}; sending on TCP, whose buffers hold more"
-                );
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(e),
         }
     }
 
