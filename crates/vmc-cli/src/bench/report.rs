@@ -270,28 +270,29 @@ pub fn render_spread(suites: &[Suite]) -> String {
     };
     let ratio = |x: f64| format!("{x:.2}x");
     let mut rows = Vec::new();
-    let headers: Vec<&str> = match first.mode {
-        Mode::Rr => {
+    // rr and crr: one headline figure per transport, and its ratio to TCP.
+    type Headline = (
+        &'static str,
+        fn(&RunResult) -> Option<f64>,
+        fn(f64) -> String,
+    );
+    let headline: Option<Headline> = match first.mode {
+        Mode::Rr => Some(("p50 us", |r| r.rtt_p50_us, fmt_us)),
+        Mode::Crr => Some(("conns/s", |r| r.conns_per_s, fmt_count)),
+        Mode::Stream => None,
+    };
+    let headers: Vec<&str> = match headline {
+        Some((header, value, fmt)) => {
             for &t in &transports {
                 rows.push(vec![
                     t.name().to_owned(),
-                    spread(per_run(t, &|_, r| r.rtt_p50_us), fmt_us),
+                    spread(per_run(t, &|_, r| value(r)), fmt),
                     spread(per_run(t, &vs_tcp), ratio),
                 ]);
             }
-            vec!["transport", "p50 us", "vs tcp"]
+            vec!["transport", header, "vs tcp"]
         }
-        Mode::Crr => {
-            for &t in &transports {
-                rows.push(vec![
-                    t.name().to_owned(),
-                    spread(per_run(t, &|_, r| r.conns_per_s), fmt_count),
-                    spread(per_run(t, &vs_tcp), ratio),
-                ]);
-            }
-            vec!["transport", "conns/s", "vs tcp"]
-        }
-        Mode::Stream => {
+        None => {
             let share = |y: fn(&Suite) -> Option<f64>| {
                 move |s: &Suite, r: &RunResult| Some(100.0 * r.gbytes_per_s? / y(s)?)
             };
@@ -741,12 +742,7 @@ mod tests {
             text.starts_with("spread over 3 runs of stream 64 KiB"),
             "{text}"
         );
-        let row = |name: &str| {
-            text.lines()
-                .find(|l| l.starts_with(name))
-                .unwrap_or_else(|| panic!("no {name} row: {text}"))
-                .to_owned()
-        };
+        let row = |name: &str| row_of(&text, name);
         let shm = row("shm");
         // GB/s 4, 5, 6; vs tcp 2.0, 6.0, 2.0 per run; of each run's ring 50, 100, 50%.
         assert!(shm.contains("4.00 / 5.00 / 6.00"), "{text}");
@@ -758,6 +754,33 @@ mod tests {
             "{text}"
         );
         assert_eq!(render_spread(&[]), "");
+
+        let rr_run = |shm: f64| Suite {
+            mode: Mode::Rr,
+            size: 64,
+            memcpy_gbytes_per_s: None,
+            ring_gbytes_per_s: None,
+            results: vec![rr(Transport::Shm, shm), rr(Transport::Tcp, 30.0)],
+            ..run(0.0, 0.0, 0.0)
+        };
+        let text = render_spread(&[rr_run(2.0), rr_run(3.0)]);
+        assert!(text.lines().nth(1).unwrap().contains("p50 us"), "{text}");
+        assert!(
+            row_of(&text, "shm").contains("2.00 / 2.50 / 3.00"),
+            "{text}"
+        );
+        assert!(
+            row_of(&text, "shm").contains("10.00x / 12.50x / 15.00x"),
+            "{text}"
+        );
+        assert!(!text.contains("plain ring"), "{text}");
+    }
+
+    fn row_of(text: &str, name: &str) -> String {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} row: {text}"))
+            .to_owned()
     }
 
     #[test]
