@@ -191,8 +191,9 @@ pub fn run_suite(config: &BenchConfig) -> (Suite, Vec<Failure>) {
         .unwrap_or(vmc_channel::config::DEFAULT_CAPACITY);
     let memcpy_gbytes_per_s =
         stream.then(|| memcpy::bandwidth_gbytes_per_s(config.size, Duration::from_millis(300)));
-    let ring_gbytes_per_s =
-        stream.then(|| ring::gbytes_per_s(config.size, capacity, Duration::from_millis(600)));
+    let ring_gbytes_per_s = stream
+        .then(|| ring::gbytes_per_s(config.size, capacity, Duration::from_millis(600)))
+        .flatten();
     let mut suite = Suite {
         mode: config.mode,
         size: config.size,

@@ -20,11 +20,14 @@ use std::time::{Duration, Instant};
 const TRIALS: u32 = 3;
 
 /// Stream throughput in GB/s (1e9 bytes/s) of a `capacity`-byte ring carrying
-/// `size`-byte writes, for about `time`: the best of [`TRIALS`] trials.
-pub fn gbytes_per_s(size: usize, capacity: usize, time: Duration) -> f64 {
-    (0..TRIALS)
+/// `size`-byte writes, for about `time`: the best of [`TRIALS`] trials. `None` if
+/// `capacity` is not one a ring can have (the shm runs then say why).
+pub fn gbytes_per_s(size: usize, capacity: usize, time: Duration) -> Option<f64> {
+    vmc_ring::ChannelLayout::for_capacity(capacity).ok()?;
+    let best = (0..TRIALS)
         .map(|_| trial(size.max(1), capacity, time / TRIALS))
-        .fold(0.0, f64::max)
+        .fold(0.0, f64::max);
+    Some(best)
 }
 
 fn trial(size: usize, capacity: usize, time: Duration) -> f64 {
@@ -93,8 +96,13 @@ mod tests {
     fn the_ring_carries_small_and_large_writes() {
         let cap = vmc_channel::config::DEFAULT_CAPACITY;
         for size in [64, 65536, 1 << 20] {
-            let g = gbytes_per_s(size, cap, Duration::from_millis(30));
+            let g = gbytes_per_s(size, cap, Duration::from_millis(30)).unwrap();
             assert!(g > 0.0 && g < 10_000.0, "{size}-byte writes: {g} GB/s");
         }
+    }
+
+    #[test]
+    fn a_capacity_no_ring_can_have_gives_no_figure() {
+        assert_eq!(gbytes_per_s(64, 3, Duration::from_millis(10)), None);
     }
 }
