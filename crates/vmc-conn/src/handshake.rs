@@ -3,17 +3,20 @@
 //!
 //! ```text
 //!   client                                         accepting process
+//!   bind + listen offers/p-<pid>-<n>.sock
 //!   connect() ─────────────── TCP ───────────────▶ accept()
-//!   bind + listen offers/o-<ns>-<4-tuple>.sock
+//!   rename to offers/o-<ns>-<4-tuple>.sock
 //!   (first bytes on TCP)                           connect offers/o-<ns>-<4-tuple>.sock
 //!                            ◀── ATTACH(4-tuple) + HELLO(memfd) ──
 //!   accept, unlink, check ATTACH, map ── ACK ────▶
 //! ```
 //!
 //! The client learns from the registry that a vmc process listens on the
-//! destination, then binds an *offer socket* named by the listener's network
-//! namespace and the connection's 4-tuple ([`wire::offer_name`]) before its
-//! `connect` returns. The process that accepts the connection (the listener's, a
+//! destination and binds an *offer socket* under a name of its own before it
+//! connects ([`PreparedOffer`]); once `connect` has given the connection its local
+//! port, one `rename` names the socket by the listener's network namespace and the
+//! connection's 4-tuple ([`wire::offer_name`]), before `connect` returns to the
+//! program. The process that accepts the connection (the listener's, a
 //! forked worker, a thread, one the listener was handed to) computes the same name
 //! from what the kernel tells it, calls, and offers the channel: ATTACH with the
 //! 4-tuple as it sees it, then the channel's HELLO. The client attaches only if the
@@ -120,45 +123,96 @@ pub(crate) struct OfferSocket {
     replied: Option<Instant>,
 }
 
-impl OfferSocket {
-    /// Binds the offer socket of the connection `local` -> `peer`, to a listener in
-    /// `netns` whose processes look in `offers`. `public`: the listener is another
-    /// user's, and `offers` the directory every user shares: the socket is made
-    /// connectable by anyone, and callers of another user must prove who they are.
+/// A client's offer socket bound and listening before its `connect`, under a
+/// name of its own ([`PreparedOffer::bind`]); once `connect` has given the
+/// connection its local port, one `rename` publishes it under the connection's
+/// name ([`PreparedOffer::publish`]). An accepting side that looks at once, while
+/// the client's `connect` is still returning, then finds it; before, the client
+/// bound it only then, and that first look usually missed.
+pub(crate) struct PreparedOffer {
+    /// `None` once published (nothing left to remove).
+    listener: Option<UnixListener>,
+    offers: PathBuf,
+    /// Where it is bound until published.
+    path: PathBuf,
+    netns: NetNs,
+    peer: SocketAddr,
+    /// The process that bound it (only it removes the file).
+    owner: u32,
+}
+
+impl PreparedOffer {
+    /// Binds the offer socket of a connection to `peer`, a listener in `netns`
+    /// whose processes look in `offers`, under a name only this process uses.
+    /// `public`: the listener is another user's, and `offers` the directory every
+    /// user shares: the socket is made connectable by anyone, and callers of
+    /// another user must prove who they are.
     pub(crate) fn bind(
         offers: &Path,
         netns: NetNs,
-        local: SocketAddr,
         peer: SocketAddr,
         public: bool,
-    ) -> io::Result<OfferSocket> {
-        let path = offers.join(wire::offer_name(netns.ino, local, peer));
+    ) -> io::Result<PreparedOffer> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let owner = vmc_os::pid();
+        let path = offers.join(format!("p-{owner:x}-{seq:x}.sock"));
         let listener = match vmc_os::unix::listen_nonblocking(&path, 4) {
-            // Left by a client killed during a handshake of an earlier connection
-            // with this 4-tuple (a live one would hold the 4-tuple still). In the
-            // shared directory only our own leftovers can be removed (sticky).
+            // Left by a process of our pid that was killed while connecting. In
+            // the shared directory only our own leftovers can be removed (sticky).
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
                 let _ = std::fs::remove_file(&path);
                 vmc_os::unix::listen_nonblocking(&path, 4)?
             }
             r => r?,
         };
+        let prepared = PreparedOffer {
+            listener: Some(listener),
+            offers: offers.to_path_buf(),
+            path,
+            netns,
+            peer,
+            owner,
+        };
         if public {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+            std::fs::set_permissions(&prepared.path, std::fs::Permissions::from_mode(0o666))?;
         }
+        Ok(prepared)
+    }
+
+    /// Publishes the socket under the name of the connection `local` -> peer
+    /// ([`wire::offer_name`]). A file left there by an earlier connection with
+    /// this 4-tuple (its client killed during the handshake: a live one would
+    /// hold the 4-tuple still) is replaced.
+    pub(crate) fn publish(mut self, local: SocketAddr) -> io::Result<OfferSocket> {
+        let path = self
+            .offers
+            .join(wire::offer_name(self.netns.ino, local, self.peer));
+        std::fs::rename(&self.path, &path)?;
+        let listener = self.listener.take().expect("published once");
         Ok(OfferSocket {
             listener: Arc::new(listener),
             path,
-            owner: vmc_os::pid(),
+            owner: self.owner,
             unlinked: false,
             local,
-            peer,
+            peer: self.peer,
             deadline: Instant::now() + OFFER_TTL,
             replied: None,
         })
     }
+}
 
+impl Drop for PreparedOffer {
+    fn drop(&mut self) {
+        if self.listener.is_some() && vmc_os::pid() == self.owner {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl OfferSocket {
     /// The socket, to wait on (readable when the call comes).
     pub(crate) fn watch(&self) -> Arc<UnixListener> {
         Arc::clone(&self.listener)
@@ -524,6 +578,48 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let e = check_proof(&OwnedFd::from(l), client.as_fd(), local, peer).unwrap_err();
         assert!(e.to_string().contains("another connection"), "{e}");
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The offer socket is bound before `connect` and appears under the
+    /// connection's name with `publish`, so the accepting side's first look, at
+    /// accept, finds it; one never published leaves nothing behind.
+    #[test]
+    fn a_prepared_offer_is_found_under_the_connections_name_once_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = NetNs { dev: 0, ino: 7 };
+        let (c, _s) = pair();
+        let (local, peer) = (c.local_addr().unwrap(), c.peer_addr().unwrap());
+        let name = wire::offer_name(ns.ino, local, peer);
+
+        let unused = PreparedOffer::bind(dir.path(), ns, peer, false).unwrap();
+        assert_eq!(names(dir.path()).len(), 1);
+        drop(unused);
+        assert!(
+            names(dir.path()).is_empty(),
+            "a failed connect leaves no file"
+        );
+
+        // A leftover of an earlier connection with this 4-tuple is replaced.
+        std::fs::write(dir.path().join(&name), b"stale").unwrap();
+        let prepared = PreparedOffer::bind(dir.path(), ns, peer, false).unwrap();
+        let sock = prepared.publish(local).unwrap();
+        assert_eq!(names(dir.path()), vec![name.clone()]);
+        let called = vmc_os::unix::connect_nonblocking(&dir.path().join(&name));
+        assert!(
+            called.is_ok(),
+            "the published socket takes calls: {called:?}"
+        );
+        drop(sock);
+        assert!(names(dir.path()).is_empty(), "the offer is removed with it");
     }
 
     #[test]

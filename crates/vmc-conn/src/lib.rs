@@ -40,6 +40,6 @@ pub use vmc_channel::pool as spares;
 pub use fallback::Fallback;
 pub use handshake::{ATTACH_WINDOW, OFFER_TTL};
 pub use listener::TcpListener;
-pub use net::{forget_closed_fds, prepare_fork, RecvOpts, TcpStream, Traffic};
+pub use net::{forget_closed_fds, prepare_fork, PreparedConnect, RecvOpts, TcpStream, Traffic};
 pub use ready::{Interest, Ready};
 pub use wire::Path;

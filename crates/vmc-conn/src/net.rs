@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::conn::{Conn, ReadOpts};
 use crate::fallback::Fallback;
-use crate::handshake::OfferSocket;
+use crate::handshake::PreparedOffer;
 use crate::ready::{Interest, Ready};
 use crate::registry::Registry;
 use crate::wire::Path;
@@ -114,14 +114,24 @@ impl TcpStream {
         }
     }
 
-    /// Connects like `std::net::TcpStream::connect`, then offers a channel to the
-    /// peer if it is a co-resident vmc listener. Never waits for the peer's answer:
-    /// the first bytes go over TCP, later ones over shared memory once the peer has
-    /// attached.
+    /// Connects like `std::net::TcpStream::connect` (each address in turn), and
+    /// offers a channel to the peer if it is a co-resident vmc listener. Never
+    /// waits for the peer's answer: bytes written before it go over TCP, later
+    /// ones over shared memory once the peer has attached.
     pub fn connect(addr: impl ToSocketAddrs) -> io::Result<TcpStream> {
-        Ok(TcpStream::from_conn(client(std::net::TcpStream::connect(
-            addr,
-        )?)))
+        let mut last = None;
+        for addr in addr.to_socket_addrs()? {
+            match connect_to(addr) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "could not resolve to any addresses",
+            )
+        }))
     }
 
     /// Connects with a timeout, like `std::net::TcpStream::connect_timeout`.
@@ -135,6 +145,23 @@ impl TcpStream {
     /// front ends that intercept `connect` (the preload library).
     pub fn adopt_client(tcp: std::net::TcpStream, peer: SocketAddr) -> TcpStream {
         TcpStream::from_conn(client_to(tcp, peer))
+    }
+
+    /// The part of the offer that can be done before `connect(fd, peer)`: call
+    /// it before, then [`TcpStream::adopt_prepared`] once `connect` has succeeded
+    /// (or is in progress), so that the accepting side finds the offer at once;
+    /// drop it if `connect` failed. For front ends that intercept `connect`.
+    pub fn prepare_connect(fd: BorrowedFd<'_>, peer: SocketAddr) -> PreparedConnect {
+        PreparedConnect(prepare(fd, peer))
+    }
+
+    /// [`TcpStream::adopt_client`] with the offer prepared before `connect`.
+    pub fn adopt_prepared(
+        tcp: std::net::TcpStream,
+        peer: SocketAddr,
+        prepared: PreparedConnect,
+    ) -> TcpStream {
+        TcpStream::from_conn(client_prepared(tcp, peer, prepared.0))
     }
 
     /// Reads like `recv(2)` with `opts`.
@@ -418,6 +445,39 @@ impl std::fmt::Debug for TcpStream {
     }
 }
 
+/// An offer made ready before `connect` ([`TcpStream::prepare_connect`]).
+pub struct PreparedConnect(Result<PreparedOffer, Fallback>);
+
+impl std::fmt::Debug for PreparedConnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedConnect")
+            .field("offered", &self.0.is_ok())
+            .finish()
+    }
+}
+
+/// One address of [`TcpStream::connect`]: the offer socket is ready before the
+/// connection is made.
+fn connect_to(peer: SocketAddr) -> io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = match peer {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    let prepared = prepare(std::os::fd::AsFd::as_fd(&fd), peer);
+    loop {
+        match rustix::net::connect(&fd, &peer) {
+            Ok(()) | Err(rustix::io::Errno::ISCONN) => break,
+            // As std does: the connection goes on in the background.
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let tcp = std::net::TcpStream::from(fd);
+    Ok(TcpStream::from_conn(client_prepared(tcp, peer, prepared)))
+}
+
 /// Client side of the set-up: offer a channel if the peer is a registered,
 /// co-resident vmc listener; otherwise the connection stays TCP with a reason.
 fn client(tcp: std::net::TcpStream) -> Conn {
@@ -430,26 +490,40 @@ fn client(tcp: std::net::TcpStream) -> Conn {
 /// [`client`] for a connection that may still be connecting (its peer address is
 /// not known to the kernel yet).
 fn client_to(tcp: std::net::TcpStream, peer: SocketAddr) -> Conn {
-    match offer(&tcp, peer) {
+    let prepared = prepare(std::os::fd::AsFd::as_fd(&tcp), peer);
+    client_prepared(tcp, peer, prepared)
+}
+
+/// [`client_to`] with the offer socket prepared before `connect`
+/// ([`prepare`]): only its publication is left.
+fn client_prepared(
+    tcp: std::net::TcpStream,
+    peer: SocketAddr,
+    prepared: Result<PreparedOffer, Fallback>,
+) -> Conn {
+    let published = prepared.and_then(|prepared| {
+        let local = tcp
+            .local_addr()
+            .map_err(|e| Fallback::Handshake(e.to_string()))?;
+        let sock = prepared
+            .publish(local)
+            .map_err(|e| Fallback::Handshake(format!("offer socket: {e}")))?;
+        Ok((sock, local))
+    });
+    match published {
         Ok((sock, local)) => Conn::listening(tcp, sock, Some((local, peer))),
         Err(reason) => Conn::plain(tcp, reason),
     }
 }
 
-/// Binds the offer socket of the connection to the vmc listener of `peer` (see
-/// [`crate::handshake`]); returns it and the connection's local address.
-fn offer(
-    tcp: &std::net::TcpStream,
-    peer: SocketAddr,
-) -> Result<(OfferSocket, SocketAddr), Fallback> {
+/// Binds, under a name of its own, the offer socket of a connection from the TCP
+/// socket `fd` (connected or not yet) to the vmc listener of `peer` (see
+/// [`crate::handshake`]), if there is one and the policy allows it.
+fn prepare(fd: BorrowedFd<'_>, peer: SocketAddr) -> Result<PreparedOffer, Fallback> {
     if vmc_disabled() {
         return Err(Fallback::Disabled);
     }
-    let local = tcp
-        .local_addr()
-        .map_err(|e| Fallback::Handshake(e.to_string()))?;
     let reg = registry().map_err(|e| Fallback::Registry(e.to_string()))?;
-    let fd = std::os::fd::AsFd::as_fd(tcp);
     let shared_offers = |public: &Registry| {
         public
             .offers()
@@ -505,10 +579,9 @@ fn offer(
         .check(&subject)
         .map_err(|e| Fallback::Policy(e.to_string()))?;
     let public = other != me;
-    tracing::debug!(%local, %peer, offers = %offers.display(), public, "offering");
-    let sock = OfferSocket::bind(&offers, entry.netns, local, peer, public)
-        .map_err(|e| Fallback::Handshake(format!("offer socket: {e}")))?;
-    Ok((sock, local))
+    tracing::debug!(%peer, offers = %offers.display(), public, "offering");
+    PreparedOffer::bind(&offers, entry.netns, peer, public)
+        .map_err(|e| Fallback::Handshake(format!("offer socket: {e}")))
 }
 
 /// The registry every user shares (see [`Registry::open_public`]), opened once;

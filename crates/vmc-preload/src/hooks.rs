@@ -533,30 +533,57 @@ pub unsafe extern "C" fn accept4(
     r
 }
 
-/// `connect(2)`: the real connect (blocking or not), then, if the peer is a
-/// co-resident vmc listener, a channel offered beside the connection.
+/// `connect(2)`: if the peer is a co-resident vmc listener, its offer socket is
+/// made ready first (so the accepting side finds it at once); then the real
+/// connect (blocking or not) and, if it succeeded or is in progress, the offer is
+/// published beside the connection.
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    let peer = if enabled() {
+        // SAFETY: connect(2)'s contract: `addr` points to `len` readable bytes.
+        // (Read before the kernel checks it: an unreadable address faults here
+        // rather than failing with EFAULT, as in most libc wrappers.)
+        unsafe { sockaddr_of(addr, len) }
+    } else {
+        None
+    };
+    // Not inside vmc during the real connect: a signal handler of the program
+    // that runs meanwhile must see its other connections as usual.
+    let prepared = peer.and_then(|peer| {
+        let _g = enter()?;
+        if table::get(fd).is_some() || !is_tcp(fd) {
+            return None;
+        }
+        let saved = errno();
+        let prepared = shield(|| {
+            crate::init();
+            // SAFETY: the descriptor of the call in progress.
+            Ok(TcpStream::prepare_connect(unsafe { borrow(fd) }, peer))
+        });
+        set_errno(saved);
+        Some((peer, prepared.ok()?))
+    });
     // SAFETY: forwarding the program's arguments.
     let r = unsafe { real::connect(fd, addr, len) };
-    if (r != 0 && errno() != libc::EINPROGRESS) || !enabled() {
+    let Some((peer, prepared)) = prepared else {
         return r;
-    }
+    };
     let Some(_g) = enter() else { return r };
     let saved = errno();
-    // SAFETY: the program passed `len` bytes at `addr`, which connect accepted.
-    if let Some(peer) = unsafe { sockaddr_of(addr, len) } {
-        if table::get(fd).is_none() && is_tcp(fd) {
-            let r = shield(|| {
-                crate::init();
-                track(fd, TcpStream::adopt_client(dup_stream(fd)?, peer));
-                Ok(())
-            });
-            if let Err(e) = r {
-                tracing::debug!(fd, "connection stays plain: {e}");
-                crate::report::count_plain();
-            }
+    if r == 0 || saved == libc::EINPROGRESS {
+        let r = shield(|| {
+            track(
+                fd,
+                TcpStream::adopt_prepared(dup_stream(fd)?, peer, prepared),
+            );
+            Ok(())
+        });
+        if let Err(e) = r {
+            tracing::debug!(fd, "connection stays plain: {e}");
+            crate::report::count_plain();
         }
+    } else {
+        drop(prepared);
     }
     set_errno(saved);
     r
