@@ -1002,7 +1002,9 @@ fn open_dirs(path: &Path, root: &Path, public: bool) -> io::Result<SegmentDir> {
     SegmentDir::open(path).map_err(ctx)
 }
 
-/// Removes the offer sockets in `dir` older than `max_age`; returns how many.
+/// Removes the offer sockets in `dir` older than `max_age`, published (`o-`) or
+/// still under the name a client bound before its `connect` (`p-`, left by one
+/// killed meanwhile); returns how many.
 fn reap_stale_offers(dir: &SegmentDir, max_age: Duration) -> usize {
     let Ok(mut stream) = rustix::fs::Dir::read_from(dir.fd()) else {
         return 0;
@@ -1011,7 +1013,7 @@ fn reap_stale_offers(dir: &SegmentDir, max_age: Duration) -> usize {
     let now = SystemTime::now();
     while let Some(Ok(dent)) = stream.read() {
         let name = dent.file_name();
-        if !name.to_bytes().starts_with(b"o-") {
+        if !(name.to_bytes().starts_with(b"o-") || name.to_bytes().starts_with(b"p-")) {
             continue;
         }
         let Ok(st) = rustix::fs::statat(dir.fd(), name, AtFlags::SYMLINK_NOFOLLOW) else {
@@ -1704,18 +1706,24 @@ mod tests {
         assert_eq!(meta.mode() & 0o7777, 0o700);
         let young = offers.join("o-1-young.sock");
         let old = offers.join("o-1-old.sock");
+        // Bound before a connect whose process was killed before publishing it.
+        let unpublished = offers.join("p-1-0.sock");
         let other = offers.join("o-1-not-a-socket");
         let _l = UnixListener::bind(&young).unwrap();
         drop(UnixListener::bind(&old).unwrap());
+        drop(UnixListener::bind(&unpublished).unwrap());
         std::fs::write(&other, b"x").unwrap();
         assert_eq!(reap_stale_offers(reg.offers().unwrap(), OFFER_MAX_AGE), 0);
-        assert!(young.exists() && old.exists() && other.exists());
+        assert!(young.exists() && old.exists() && unpublished.exists() && other.exists());
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(
             reap_stale_offers(reg.offers().unwrap(), Duration::from_millis(10)),
-            2
+            3
         );
-        assert!(!young.exists() && !old.exists(), "old sockets removed");
+        assert!(
+            !young.exists() && !old.exists() && !unpublished.exists(),
+            "old sockets removed"
+        );
         assert!(other.exists(), "only sockets are offers");
     }
 
