@@ -604,12 +604,16 @@ fn fake_entry(addr: SocketAddr, offers: PathBuf) -> vmc_conn::registry::Registra
     reg.register(&e).unwrap()
 }
 
-/// The offer socket files in `dir`.
+/// The offer socket files in `dir`: published (`o-`) or still under the name
+/// bound before `connect` (`p-`, which must never outlive the connect).
 fn offer_sockets(dir: &std::path::Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("o-"))
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with("o-") || name.starts_with("p-")
+        })
         .collect()
 }
 
@@ -698,4 +702,26 @@ fn a_call_that_is_not_the_other_end_is_not_matched() {
     let _ = call.read_to_end(&mut rest);
     assert!(rest.is_empty(), "the impostor got nothing: {rest:?}");
     assert_all_tcp(s.traffic(), TOTAL);
+}
+
+/// A connect that fails (nobody listens on the registered port any more) is the
+/// program's error, as without vmc, and leaves no offer socket behind: the one
+/// bound before the connect is removed with it.
+#[test]
+fn a_failed_connect_to_a_registered_port_leaves_no_offer_socket() {
+    private_registry();
+    let tmp = tempfile::tempdir().unwrap();
+    let offers = tmp.path().join("offers");
+    std::fs::create_dir(&offers).unwrap();
+    let gone = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = gone.local_addr().unwrap();
+    let _reg = fake_entry(addr, offers.clone());
+    drop(gone);
+    let e = TcpStream::connect(addr).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    assert!(
+        offer_sockets(&offers).is_empty(),
+        "{:?}",
+        offer_sockets(&offers)
+    );
 }
