@@ -26,6 +26,7 @@ mod handshake;
 mod listener;
 mod net;
 pub mod policy;
+mod proto;
 pub mod ready;
 pub mod registry;
 pub mod stats;

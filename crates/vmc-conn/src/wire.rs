@@ -137,68 +137,135 @@ pub enum Control {
     Rewind(u64),
 }
 
+/// Where each field of a control frame is.
+mod control {
+    use std::ops::Range;
+    pub const MAGIC: Range<usize> = 0..4;
+    pub const KIND: usize = 4;
+    pub const RESERVED: Range<usize> = 5..8;
+    pub const OFFSET: Range<usize> = 8..16;
+
+    pub const SWITCH_TCP: u8 = 1;
+    pub const SWITCH_SHM: u8 = 2;
+    pub const LEFT_RING: u8 = 3;
+    pub const LEFT_TCP: u8 = 4;
+    pub const REWIND: u8 = 5;
+}
+
+/// Why a frame from the peer was refused: the field that was wrong and what it held.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrameError {
+    /// Which frame was being read.
+    pub frame: &'static str,
+    /// The offending field.
+    pub field: &'static str,
+    /// What it held (the first bytes, for a field wider than 8).
+    pub found: u64,
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "malformed {} frame: field `{}` holds {:#x}",
+            self.frame, self.field, self.found
+        )
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+impl Control {
+    /// The frame's encoding.
+    pub fn emit(&self) -> [u8; SWITCH_LEN] {
+        let (kind, offset) = match *self {
+            Control::Switch(Switch {
+                to: Path::Tcp,
+                offset,
+            }) => (control::SWITCH_TCP, offset),
+            Control::Switch(Switch {
+                to: Path::Shm,
+                offset,
+            }) => (control::SWITCH_SHM, offset),
+            Control::LeftRing(offset) => (control::LEFT_RING, offset),
+            Control::LeftTcp(offset) => (control::LEFT_TCP, offset),
+            Control::Rewind(offset) => (control::REWIND, offset),
+        };
+        let mut f = [0u8; SWITCH_LEN];
+        f[control::MAGIC].copy_from_slice(SWITCH_MAGIC);
+        f[control::KIND] = kind;
+        f[control::OFFSET].copy_from_slice(&offset.to_le_bytes());
+        f
+    }
+
+    /// Decodes a frame, refusing anything malformed with the field at fault.
+    pub fn parse(f: &[u8; SWITCH_LEN]) -> Result<Control, FrameError> {
+        let bad = |field, found| FrameError {
+            frame: "control",
+            field,
+            found,
+        };
+        let word = |r: std::ops::Range<usize>| {
+            f[r].iter()
+                .rev()
+                .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+        };
+        if &f[control::MAGIC] != SWITCH_MAGIC {
+            return Err(bad("magic", word(control::MAGIC)));
+        }
+        if f[control::RESERVED] != [0; 3] {
+            return Err(bad("reserved", word(control::RESERVED)));
+        }
+        let mut offset = [0u8; 8];
+        offset.copy_from_slice(&f[control::OFFSET]);
+        let offset = u64::from_le_bytes(offset);
+        Ok(match f[control::KIND] {
+            control::SWITCH_TCP => Control::Switch(Switch {
+                to: Path::Tcp,
+                offset,
+            }),
+            control::SWITCH_SHM => Control::Switch(Switch {
+                to: Path::Shm,
+                offset,
+            }),
+            control::LEFT_RING => Control::LeftRing(offset),
+            control::LEFT_TCP => Control::LeftTcp(offset),
+            control::REWIND => Control::Rewind(offset),
+            kind => return Err(bad("kind", u64::from(kind))),
+        })
+    }
+}
+
 /// Encodes a LEFT_RING (`from` = shm) or LEFT_TCP (`from` = TCP) answer.
 pub fn left(from: Path, offset: u64) -> [u8; SWITCH_LEN] {
-    let mut f = switch(Switch {
-        to: Path::Tcp,
-        offset,
-    });
-    f[4] = match from {
-        Path::Shm => 3,
-        Path::Tcp => 4,
-    };
-    f
+    match from {
+        Path::Shm => Control::LeftRing(offset),
+        Path::Tcp => Control::LeftTcp(offset),
+    }
+    .emit()
 }
 
 /// Encodes a REWIND: "I read your ring up to `offset`; send the rest on TCP".
 pub fn rewind(offset: u64) -> [u8; SWITCH_LEN] {
-    let mut f = switch(Switch {
-        to: Path::Tcp,
-        offset,
-    });
-    f[4] = 5;
-    f
+    Control::Rewind(offset).emit()
 }
 
-/// Decodes any control frame; `None` if malformed.
+/// Decodes any control frame; `None` if malformed (see [`Control::parse`] for why).
 pub fn parse_control(f: &[u8; SWITCH_LEN]) -> Option<Control> {
-    if &f[..4] == SWITCH_MAGIC && matches!(f[4], 3..=5) {
-        let offset = u64::from_le_bytes(f[8..].try_into().ok()?);
-        return Some(match f[4] {
-            3 => Control::LeftRing(offset),
-            4 => Control::LeftTcp(offset),
-            _ => Control::Rewind(offset),
-        });
-    }
-    parse_switch(f).map(Control::Switch)
+    Control::parse(f).ok()
 }
 
 /// Encodes a SWITCH.
 pub fn switch(s: Switch) -> [u8; SWITCH_LEN] {
-    let mut f = [0u8; SWITCH_LEN];
-    f[..4].copy_from_slice(SWITCH_MAGIC);
-    f[4] = match s.to {
-        Path::Tcp => 1,
-        Path::Shm => 2,
-    };
-    f[8..].copy_from_slice(&s.offset.to_le_bytes());
-    f
+    Control::Switch(s).emit()
 }
 
-/// Decodes a SWITCH; `None` if malformed.
+/// Decodes a SWITCH; `None` if malformed or another kind of frame.
 pub fn parse_switch(f: &[u8; SWITCH_LEN]) -> Option<Switch> {
-    if &f[..4] != SWITCH_MAGIC {
-        return None;
+    match Control::parse(f) {
+        Ok(Control::Switch(s)) => Some(s),
+        _ => None,
     }
-    let to = match f[4] {
-        1 => Path::Tcp,
-        2 => Path::Shm,
-        _ => return None,
-    };
-    Some(Switch {
-        to,
-        offset: u64::from_le_bytes(f[8..].try_into().ok()?),
-    })
 }
 
 #[cfg(test)]
@@ -268,5 +335,45 @@ mod tests {
         assert_eq!(parse_switch(&left(Path::Shm, 77)), None);
         assert_eq!(parse_control(&rewind(79)), Some(Control::Rewind(79)));
         assert_eq!(parse_switch(&rewind(79)), None);
+    }
+
+    #[test]
+    fn every_control_frame_roundtrips() {
+        let frames = [
+            Control::Switch(Switch {
+                to: Path::Tcp,
+                offset: 3,
+            }),
+            Control::Switch(Switch {
+                to: Path::Shm,
+                offset: u64::MAX,
+            }),
+            Control::LeftRing(0),
+            Control::LeftTcp(1 << 40),
+            Control::Rewind(17),
+        ];
+        for c in frames {
+            assert_eq!(Control::parse(&c.emit()), Ok(c));
+        }
+    }
+
+    #[test]
+    fn a_malformed_control_frame_names_its_field() {
+        let good = Control::Rewind(5).emit();
+        let field = |f: [u8; SWITCH_LEN]| Control::parse(&f).unwrap_err().field;
+        let mut f = good;
+        f[0] = b'X';
+        assert_eq!(field(f), "magic");
+        let mut f = good;
+        f[4] = 0;
+        assert_eq!(field(f), "kind");
+        f[4] = 6;
+        assert_eq!(field(f), "kind");
+        let mut f = good;
+        f[6] = 1;
+        assert_eq!(field(f), "reserved");
+        let e = Control::parse(&f).unwrap_err();
+        assert_eq!(e.found, 0x100);
+        assert!(e.to_string().contains("`reserved`"), "{e}");
     }
 }

@@ -1,0 +1,309 @@
+//! The receiving direction: which path to read, how far, and when to follow the
+//! peer's moves.
+
+use std::collections::VecDeque;
+
+use super::{ix, Violation};
+use crate::wire::{Control, Path, Switch};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RxPath {
+    /// Reading TCP; `until` is where the peer's SWITCH to shm said TCP ends.
+    Tcp {
+        until: Option<u64>,
+    },
+    Shm,
+}
+
+/// What a read does next, from [`Receiver::step`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RxStep {
+    /// Read the ring.
+    Ring,
+    /// Read TCP: at most `limit` bytes if it is known where the peer left it.
+    Tcp { limit: Option<u64> },
+    /// TCP delivered every byte the peer sent before moving to the ring: open the
+    /// ring, then [`Receiver::enter_ring`].
+    EnterRing,
+}
+
+/// The protocol state of this end's receiving direction.
+#[derive(Clone, Debug)]
+pub(crate) struct Receiver {
+    path: RxPath,
+    /// Bytes read from each path (`[tcp, shm]`).
+    received: [u64; 2],
+    /// The peer's moves, in order, not followed yet.
+    queued: VecDeque<Switch>,
+    /// Where the peer's sending direction is after the last move we know of, and
+    /// the offset its last move off each path named: what the next SWITCH is
+    /// checked against.
+    announced: Path,
+    announced_at: [u64; 2],
+    /// We stopped reading the ring for good (sent REWIND).
+    settled: bool,
+}
+
+impl Default for Receiver {
+    fn default() -> Self {
+        Receiver::new()
+    }
+}
+
+impl Receiver {
+    /// A direction that starts on TCP.
+    pub(crate) fn new() -> Receiver {
+        Receiver {
+            path: RxPath::Tcp { until: None },
+            received: [0; 2],
+            queued: VecDeque::new(),
+            announced: Path::Tcp,
+            announced_at: [0; 2],
+            settled: false,
+        }
+    }
+
+    pub(crate) fn path(&self) -> Path {
+        match self.path {
+            RxPath::Tcp { .. } => Path::Tcp,
+            RxPath::Shm => Path::Shm,
+        }
+    }
+
+    /// Bytes read from `path` so far.
+    pub(crate) fn received(&self, path: Path) -> u64 {
+        self.received[ix(path)]
+    }
+
+    /// True if the peer's bytes on TCP are known to end somewhere (reads there may
+    /// block as the socket says: no move can come before that end).
+    pub(crate) fn tcp_end_known(&self) -> bool {
+        matches!(self.path, RxPath::Tcp { until: Some(_) })
+    }
+
+    /// Bytes TCP may still give before the ring takes over (`None`: no end known).
+    pub(crate) fn tcp_room(&self) -> Option<u64> {
+        match self.path {
+            RxPath::Tcp { until: Some(end) } => Some(end - self.received[0]),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn is_settled(&self) -> bool {
+        self.settled
+    }
+
+    /// What to read next.
+    pub(crate) fn step(&self) -> RxStep {
+        match self.path {
+            RxPath::Shm => RxStep::Ring,
+            RxPath::Tcp { until: Some(end) } if self.received[0] == end => RxStep::EnterRing,
+            RxPath::Tcp { until } => RxStep::Tcp {
+                limit: until.map(|end| end - self.received[0]),
+            },
+        }
+    }
+
+    /// The peer's SWITCH arrived. Checked against the moves before it: a correct
+    /// peer alternates paths and its offsets only grow.
+    pub(crate) fn on_switch(&mut self, s: Switch) -> Result<(), Violation> {
+        if self.settled {
+            // Sent before the peer saw our REWIND: whatever it put on the ring
+            // since comes again on TCP.
+            return Ok(());
+        }
+        if s.to == self.announced {
+            return Err(Violation("SWITCH to the path the peer is on already"));
+        }
+        let from = ix(self.announced);
+        if s.offset < self.announced_at[from].max(self.received[from]) {
+            return Err(Violation("SWITCH at an offset already passed"));
+        }
+        self.announced = s.to;
+        self.announced_at[from] = s.offset;
+        self.queued.push_back(s);
+        Ok(())
+    }
+
+    /// A move of the peer's is queued, not followed yet.
+    pub(crate) fn has_switch(&self) -> bool {
+        !self.queued.is_empty()
+    }
+
+    /// `n` bytes were read from TCP.
+    pub(crate) fn read_tcp(&mut self, n: usize) {
+        self.received[0] += n as u64;
+        if let RxPath::Tcp { until: Some(end) } = self.path {
+            debug_assert!(self.received[0] <= end, "read TCP past the peer's move");
+        }
+    }
+
+    /// `n` bytes were read from the ring.
+    pub(crate) fn read_ring(&mut self, n: usize) {
+        self.received[1] += n as u64;
+    }
+
+    /// Reading TCP with no end known: if the peer announced a move to the ring,
+    /// learn where TCP ends (true).
+    pub(crate) fn follow(&mut self) -> Result<bool, Violation> {
+        if self.path != (RxPath::Tcp { until: None }) {
+            return Ok(false);
+        }
+        let Some(s) = self.queued.pop_front() else {
+            return Ok(false);
+        };
+        debug_assert_eq!(s.to, Path::Shm, "moves alternate (checked on arrival)");
+        if s.offset < self.received[0] {
+            return Err(Violation("the peer's TCP bytes went past its SWITCH"));
+        }
+        self.path = RxPath::Tcp {
+            until: Some(s.offset),
+        };
+        Ok(true)
+    }
+
+    /// Opens the ring at the end of the peer's TCP stretch ([`RxStep::EnterRing`]);
+    /// returns the LEFT_TCP answer to send.
+    pub(crate) fn enter_ring(&mut self) -> Control {
+        debug_assert_eq!(self.step(), RxStep::EnterRing);
+        self.path = RxPath::Shm;
+        Control::LeftTcp(self.received[0])
+    }
+
+    /// The ring is empty and ended (paused or shut down). If the peer moved to TCP
+    /// there (its SWITCH is queued), follow it: the LEFT_RING answer to send. `None`
+    /// is the end of the stream. The caller reads the control channel first: a
+    /// SWITCH is sent before the ring is paused.
+    pub(crate) fn ring_ended(&mut self) -> Result<Option<Control>, Violation> {
+        debug_assert_eq!(self.path, RxPath::Shm);
+        let Some(s) = self.queued.front().copied() else {
+            return Ok(None);
+        };
+        debug_assert_eq!(s.to, Path::Tcp, "moves alternate (checked on arrival)");
+        if s.offset != self.received[1] {
+            return Err(Violation(
+                "peer switched to TCP at an offset the ring did not reach",
+            ));
+        }
+        self.queued.pop_front();
+        self.path = RxPath::Tcp { until: None };
+        Ok(Some(Control::LeftRing(s.offset)))
+    }
+
+    /// Stops reading the ring for good: the REWIND to send. The ring's bytes from
+    /// where we are on come again on TCP, ahead of anything the peer sent there
+    /// after them (see [`super::Sender::tcp_waits_for_ring`]), so the moves the
+    /// peer announced are of no interest any more.
+    pub(crate) fn settle(&mut self) -> Control {
+        self.path = RxPath::Tcp { until: None };
+        self.queued.clear();
+        self.settled = true;
+        Control::Rewind(self.received[1])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sw(to: Path, offset: u64) -> Switch {
+        Switch { to, offset }
+    }
+
+    #[test]
+    fn a_move_to_the_ring_bounds_tcp_then_enters_the_ring_with_an_answer() {
+        let mut r = Receiver::new();
+        assert_eq!(r.step(), RxStep::Tcp { limit: None });
+        r.read_tcp(4);
+        assert!(!r.follow().unwrap(), "nothing queued");
+        r.on_switch(sw(Path::Shm, 10)).unwrap();
+        assert!(r.has_switch());
+        assert!(r.follow().unwrap());
+        assert!(r.tcp_end_known());
+        assert_eq!(r.step(), RxStep::Tcp { limit: Some(6) });
+        r.read_tcp(6);
+        assert_eq!(r.step(), RxStep::EnterRing);
+        assert_eq!(r.enter_ring(), Control::LeftTcp(10));
+        assert_eq!((r.step(), r.path()), (RxStep::Ring, Path::Shm));
+    }
+
+    #[test]
+    fn an_ended_ring_is_a_move_back_if_announced_else_the_end_of_the_stream() {
+        let mut r = Receiver::new();
+        r.on_switch(sw(Path::Shm, 0)).unwrap();
+        r.follow().unwrap();
+        r.enter_ring();
+        r.read_ring(7);
+        assert_eq!(r.ring_ended(), Ok(None), "end of stream");
+        r.on_switch(sw(Path::Tcp, 7)).unwrap();
+        assert_eq!(r.ring_ended(), Ok(Some(Control::LeftRing(7))));
+        assert_eq!(r.step(), RxStep::Tcp { limit: None });
+    }
+
+    #[test]
+    fn a_move_back_at_an_offset_the_ring_did_not_reach_is_a_violation() {
+        let mut r = Receiver::new();
+        r.on_switch(sw(Path::Shm, 0)).unwrap();
+        r.follow().unwrap();
+        r.enter_ring();
+        r.read_ring(3);
+        r.on_switch(sw(Path::Tcp, 9)).unwrap();
+        assert!(r.ring_ended().is_err());
+    }
+
+    #[test]
+    fn switches_that_do_not_alternate_or_go_back_in_offset_are_violations() {
+        let mut r = Receiver::new();
+        assert!(r.on_switch(sw(Path::Tcp, 0)).is_err(), "already on TCP");
+        r.read_tcp(5);
+        assert!(r.on_switch(sw(Path::Shm, 4)).is_err(), "read 5 already");
+        r.on_switch(sw(Path::Shm, 5)).unwrap();
+        assert!(r.on_switch(sw(Path::Shm, 9)).is_err(), "twice to shm");
+        r.on_switch(sw(Path::Tcp, 3)).unwrap();
+        assert!(
+            r.on_switch(sw(Path::Shm, 4)).is_err(),
+            "TCP offsets only grow"
+        );
+        r.on_switch(sw(Path::Shm, 5)).unwrap();
+        assert!(
+            r.on_switch(sw(Path::Tcp, 2)).is_err(),
+            "ring offsets only grow"
+        );
+    }
+
+    #[test]
+    fn tcp_bytes_past_the_announced_end_are_a_violation() {
+        let mut r = Receiver::new();
+        r.on_switch(sw(Path::Shm, 2)).unwrap();
+        r.read_tcp(3);
+        assert!(r.follow().is_err());
+    }
+
+    #[test]
+    fn settling_asks_for_the_ring_from_where_we_are_and_ignores_later_moves() {
+        let mut r = Receiver::new();
+        r.on_switch(sw(Path::Shm, 0)).unwrap();
+        r.follow().unwrap();
+        r.enter_ring();
+        r.read_ring(12);
+        assert_eq!(r.settle(), Control::Rewind(12));
+        assert!(r.is_settled());
+        assert_eq!(r.step(), RxStep::Tcp { limit: None });
+        r.on_switch(sw(Path::Tcp, 12)).unwrap();
+        r.on_switch(sw(Path::Tcp, 12)).unwrap();
+        assert!(!r.has_switch());
+        assert!(!r.follow().unwrap());
+    }
+
+    #[test]
+    fn settling_with_the_peers_move_off_the_ring_unread_asks_for_the_unread_bytes() {
+        let mut r = Receiver::new();
+        r.on_switch(sw(Path::Shm, 0)).unwrap();
+        r.follow().unwrap();
+        r.enter_ring();
+        r.read_ring(2);
+        r.on_switch(sw(Path::Tcp, 8)).unwrap();
+        assert_eq!(r.settle(), Control::Rewind(2));
+        assert_eq!(r.step(), RxStep::Tcp { limit: None });
+    }
+}

@@ -1,0 +1,530 @@
+//! Seeded simulation of one direction of a connection: the real [`Sender`] and
+//! [`Receiver`] machines, driven by the rules `conn.rs` follows, over a simulated
+//! TCP connection (bytes in flight for a random time), a ring (bounded, pausable,
+//! closable by its reader, as `vmc_channel`'s), and a control channel in each
+//! direction (frames visible to the other end as soon as they are sent, like a Unix
+//! socket's). A scheduler drawn from the seed interleaves writes of random sizes,
+//! reads, deliveries, path moves by the sender, a settle (REWIND) by the receiver or
+//! the sender, and finally a shutdown, then drains. Every run checks that the
+//! receiver got exactly the bytes sent, in order, and that it reached the end of the
+//! stream within a bounded number of steps.
+//!
+//! Runs `VMC_SIM_SCHEDULES` schedules (default 20,000) from `VMC_SIM_SEED` (default:
+//! drawn from the clock, printed). A failure prints the seed of its schedule and the
+//! command that replays it alone.
+
+use std::collections::VecDeque;
+
+use super::{Receiver, Rewind, RxStep, Sender};
+use crate::wire::{Control, Path};
+
+/// splitmix64: small, fast, and the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// Byte `i` of the stream: position-dependent, so a lost, doubled or reordered
+/// byte shows.
+fn byte(i: u64) -> u8 {
+    (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8
+}
+
+/// The simulated ring: what the writer half and reader half of a channel see.
+struct Ring {
+    cap: usize,
+    bytes: VecDeque<u8>,
+    /// Bytes ever written (the producer's position) and read.
+    written: u64,
+    read: u64,
+    paused: bool,
+    shut: bool,
+    reader_closed: bool,
+}
+
+enum RingRead {
+    Bytes(usize),
+    /// Empty and paused or shut: the reader looks for a SWITCH, else it is the end.
+    Ended,
+    Empty,
+}
+
+impl Ring {
+    fn write(&mut self, mut data: impl Iterator<Item = u8>, len: usize) -> Result<usize, ()> {
+        if self.reader_closed {
+            return Err(()); // BrokenPipe
+        }
+        assert!(!self.paused && !self.shut, "writing a paused or shut ring");
+        let n = len.min(self.cap - self.bytes.len());
+        for _ in 0..n {
+            self.bytes.push_back(data.next().unwrap());
+        }
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn read(&mut self, max: usize, out: &mut Vec<u8>) -> RingRead {
+        if !self.bytes.is_empty() {
+            let n = max.min(self.bytes.len());
+            out.extend(self.bytes.drain(..n));
+            self.read += n as u64;
+            return RingRead::Bytes(n);
+        }
+        if self.paused || self.shut {
+            RingRead::Ended
+        } else {
+            RingRead::Empty
+        }
+    }
+
+    /// `vmc_ring::Producer::take_back`: the bytes `from..written`, which the
+    /// reader never took (it names its own position).
+    fn take_back(&self, from: u64) -> Vec<u8> {
+        assert!(
+            self.read <= from && from <= self.written,
+            "take_back({from}) of a ring read to {} and written to {}",
+            self.read,
+            self.written
+        );
+        self.bytes
+            .iter()
+            .skip((from - self.read) as usize)
+            .copied()
+            .collect()
+    }
+}
+
+/// The simulated TCP connection, one way.
+#[derive(Default)]
+struct Tcp {
+    in_flight: VecDeque<u8>,
+    arrived: VecDeque<u8>,
+    fin_sent: bool,
+}
+
+impl Tcp {
+    fn deliver(&mut self, n: usize) {
+        let n = n.min(self.in_flight.len());
+        self.arrived.extend(self.in_flight.drain(..n));
+    }
+
+    fn fin_arrived(&self) -> bool {
+        self.fin_sent && self.in_flight.is_empty()
+    }
+}
+
+struct World {
+    rng: Rng,
+    tx: Sender,
+    rx: Receiver,
+    ring: Ring,
+    tcp: Tcp,
+    /// Control frames in flight: to the receiver, to the sender.
+    to_rx: VecDeque<Control>,
+    to_tx: VecDeque<Control>,
+    /// Stream positions: next byte the sender writes, bytes the receiver got.
+    next: u64,
+    got: u64,
+    eof: bool,
+    log: Vec<String>,
+}
+
+type Fail = String;
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut rng = Rng(seed);
+        let cap = 1 + rng.below(48) as usize;
+        World {
+            rng,
+            tx: Sender::new(),
+            rx: Receiver::new(),
+            ring: Ring {
+                cap,
+                bytes: VecDeque::new(),
+                written: 0,
+                read: 0,
+                paused: true,
+                shut: false,
+                reader_closed: false,
+            },
+            tcp: Tcp::default(),
+            to_rx: VecDeque::new(),
+            to_tx: VecDeque::new(),
+            next: 0,
+            got: 0,
+            eof: false,
+            log: Vec::new(),
+        }
+    }
+
+    fn note(&mut self, what: String) {
+        if self.log.len() > 400 {
+            self.log.remove(0);
+        }
+        self.log.push(what);
+    }
+
+    // ---- the sender's driver ---------------------------------------------------
+
+    /// Reads the frames the receiver sent (`read_control`).
+    fn tx_pump(&mut self) -> Result<(), Fail> {
+        while let Some(f) = self.to_tx.pop_front() {
+            self.note(format!("tx <- {f:?}"));
+            match f {
+                Control::LeftTcp(o) => self.tx.on_left(Path::Tcp, o),
+                Control::LeftRing(o) => self.tx.on_left(Path::Shm, o),
+                Control::Rewind(o) => {
+                    self.tx.on_rewind(o);
+                    Ok(())
+                }
+                Control::Switch(_) => Err(super::Violation("SWITCH to the sender")),
+            }
+            .map_err(|v| format!("sender refused a correct peer's frame: {v}"))?;
+        }
+        Ok(())
+    }
+
+    /// `serve_rewind` then `flush_backlog` (TCP here takes everything at once).
+    fn tx_serve(&mut self) -> Result<(), Fail> {
+        let Some(plan) = self.tx.serve_rewind().map_err(|v| v.to_string())? else {
+            return Ok(());
+        };
+        self.note(format!("tx serves {plan:?}"));
+        let back = match plan {
+            Rewind::Resend { from, pause } => {
+                if pause {
+                    self.ring.paused = true;
+                }
+                self.ring.take_back(from)
+            }
+            Rewind::Nothing => Vec::new(),
+            Rewind::Lost { from, at } => {
+                return Err(format!("the ring's bytes {from}..{at} were lost"));
+            }
+        };
+        self.tx.wrote(back.len());
+        self.tcp.in_flight.extend(back);
+        if self.tx.backlog_sent() {
+            self.tcp.fin_sent = true;
+        }
+        Ok(())
+    }
+
+    /// A readiness check or a read on the other direction: reads the control
+    /// channel and serves a REWIND.
+    fn tx_look(&mut self) -> Result<(), Fail> {
+        self.tx_pump()?;
+        self.tx_serve()
+    }
+
+    /// `move_tx`: false if the peer's answer to an earlier move is not in yet.
+    fn tx_move(&mut self, to: Path) -> Result<bool, Fail> {
+        self.tx_pump()?;
+        if self.tx.rewind_asked() {
+            // Read just now: it decides the path (TCP, for good).
+            self.tx_serve()?;
+            return Ok(true);
+        }
+        if !self.tx.may_move(to) {
+            return Ok(false);
+        }
+        let frame = self.tx.switch_to(to);
+        self.note(format!("tx moves: {frame:?}"));
+        match to {
+            Path::Shm => {
+                self.ring.paused = false;
+                self.to_rx.push_back(frame);
+            }
+            Path::Tcp => {
+                self.to_rx.push_back(frame);
+                self.ring.paused = true;
+            }
+        }
+        self.tx.moved(to);
+        Ok(true)
+    }
+
+    /// `write_locked`, once (a blocked write is a write that does not happen now).
+    fn tx_write(&mut self, len: usize) -> Result<(), Fail> {
+        assert!(!self.tx.is_shut());
+        // No look at the control channel here: only a REWIND someone read already.
+        self.tx_serve()?;
+        if self.tx.path() != self.tx.wants() && !self.tx_move(self.tx.wants())? {
+            return Ok(());
+        }
+        let start = self.next;
+        match self.tx.path() {
+            // Off the ring with bytes unread: TCP waits for the peer's answer.
+            Path::Tcp if self.tx.tcp_waits_for_ring() && !self.ring.bytes.is_empty() => {
+                return Ok(());
+            }
+            Path::Tcp => {
+                self.tcp
+                    .in_flight
+                    .extend((start..start + len as u64).map(byte));
+                self.tx.wrote(len);
+                self.next += len as u64;
+            }
+            Path::Shm => match self.ring.write((start..).map(byte), len) {
+                Ok(n) => {
+                    self.tx.wrote(n);
+                    self.next += n as u64;
+                }
+                // The receiver closed its end: its REWIND is queued.
+                Err(()) => {
+                    self.tx_pump()?;
+                    if !self.tx.rewind_asked() {
+                        return Err("ring closed by its reader without a REWIND".into());
+                    }
+                    return self.tx_write(len);
+                }
+            },
+        }
+        self.note(format!(
+            "tx wrote {} on {:?}",
+            self.next - start,
+            self.tx.path()
+        ));
+        Ok(())
+    }
+
+    fn tx_choose(&mut self, to: Path) {
+        let _ = self.tx.choose(to);
+    }
+
+    /// `settle_sending` (without waiting for the peer's verdict).
+    fn tx_settle(&mut self) -> Result<(), Fail> {
+        self.tx_pump()?;
+        self.tx.settle();
+        if self.tx.rewind_asked() {
+            self.tx_serve()?;
+        } else if self.tx.path() == Path::Shm && !self.tx.is_shut() {
+            // A blocked move is retried by the next write or readiness check.
+            self.tx_move(Path::Tcp)?;
+        }
+        if self.tx.take_fin() {
+            self.tcp.fin_sent = true;
+        }
+        Ok(())
+    }
+
+    fn tx_shutdown(&mut self) {
+        let shut = self.tx.shutdown();
+        if shut.first {
+            self.ring.shut = true;
+        }
+        if !shut.fin_waits {
+            self.tcp.fin_sent = true;
+        }
+        self.note(format!("tx shutdown: {shut:?}"));
+    }
+
+    // ---- the receiver's driver -------------------------------------------------
+
+    fn rx_pump(&mut self) -> Result<(), Fail> {
+        while let Some(f) = self.to_rx.pop_front() {
+            self.note(format!("rx <- {f:?}"));
+            let Control::Switch(s) = f else {
+                return Err(format!("receiver got {f:?}"));
+            };
+            self.rx
+                .on_switch(s)
+                .map_err(|v| format!("receiver refused a correct peer's SWITCH: {v}"))?;
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, bytes: &[u8]) -> Result<(), Fail> {
+        for &b in bytes {
+            if b != byte(self.got) {
+                return Err(format!(
+                    "byte {} is {b:#04x}, the stream has {:#04x} there",
+                    self.got,
+                    byte(self.got)
+                ));
+            }
+            self.got += 1;
+        }
+        Ok(())
+    }
+
+    /// `read_locked`, until it returns (bytes, end of stream) or would block.
+    fn rx_read(&mut self, max: usize) -> Result<(), Fail> {
+        for _ in 0..16 {
+            match self.rx.step() {
+                RxStep::Ring => {
+                    let mut out = Vec::new();
+                    match self.ring.read(max, &mut out) {
+                        RingRead::Bytes(n) => {
+                            self.rx.read_ring(n);
+                            self.note(format!("rx read {n} from the ring"));
+                            return self.deliver(&out);
+                        }
+                        RingRead::Empty => return Ok(()),
+                        RingRead::Ended => {
+                            self.rx_pump()?;
+                            match self.rx.ring_ended().map_err(|v| v.to_string())? {
+                                Some(answer) => self.to_tx.push_back(answer),
+                                None => {
+                                    self.note("rx: end of stream on the ring".into());
+                                    self.eof = true;
+                                    return Ok(());
+                                }
+                            }
+                        }
+                    }
+                }
+                RxStep::EnterRing => {
+                    let answer = self.rx.enter_ring();
+                    self.to_tx.push_back(answer);
+                }
+                RxStep::Tcp { limit } => {
+                    let n = (max as u64).min(limit.unwrap_or(u64::MAX)) as usize;
+                    let n = n.min(self.tcp.arrived.len());
+                    if n > 0 {
+                        let out: Vec<u8> = self.tcp.arrived.drain(..n).collect();
+                        self.rx.read_tcp(n);
+                        self.note(format!("rx read {n} from TCP"));
+                        return self.deliver(&out);
+                    }
+                    if limit.is_some() {
+                        return Ok(()); // the rest of the stretch is in flight
+                    }
+                    self.rx_pump()?;
+                    if self.rx.follow().map_err(|v| v.to_string())? {
+                        continue;
+                    }
+                    if self.tcp.fin_arrived() {
+                        self.note("rx: end of stream on TCP".into());
+                        self.eof = true;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        Err("a read went round 16 times without an outcome".into())
+    }
+
+    /// `settle_receiving`.
+    fn rx_settle(&mut self) -> Result<(), Fail> {
+        self.rx_pump()?;
+        let rewind = self.rx.settle();
+        self.note(format!("rx settles: {rewind:?}"));
+        self.to_tx.push_back(rewind);
+        self.ring.reader_closed = true;
+        Ok(())
+    }
+
+    // ---- the schedule ----------------------------------------------------------
+
+    fn run(&mut self) -> Result<(), Fail> {
+        let steps = 20 + self.rng.below(300);
+        let max_write = 1 + 2 * self.ring.cap as u64;
+        for _ in 0..steps {
+            match self.rng.below(100) {
+                0..=29 => {
+                    let n = 1 + self.rng.below(max_write) as usize;
+                    self.tx_write(n)?;
+                }
+                30..=54 => {
+                    let n = 1 + self.rng.below(max_write) as usize;
+                    self.rx_read(n)?;
+                }
+                55..=69 => {
+                    let n = self.rng.below(max_write) as usize;
+                    self.tcp.deliver(n);
+                }
+                70..=79 => {
+                    let to = if self.rng.chance(50) {
+                        Path::Tcp
+                    } else {
+                        Path::Shm
+                    };
+                    self.tx_choose(to);
+                }
+                80..=89 => self.tx_look()?,
+                90..=94 => self.rx_pump()?,
+                95 if !self.rx.is_settled() && self.rng.chance(30) => self.rx_settle()?,
+                96 if !self.tx.for_good() && self.rng.chance(30) => self.tx_settle()?,
+                _ => {}
+            }
+        }
+        // The end: the sender finishes any move it started, shuts down, and both
+        // sides run until the receiver sees the end of the stream.
+        self.tx_look()?;
+        if self.tx.path() != self.tx.wants() {
+            // Stays where it is, as a program that stops writing does.
+            self.tx.stay();
+        }
+        self.tx_shutdown();
+        for _ in 0..10_000 {
+            if self.eof {
+                break;
+            }
+            self.tx_look()?;
+            self.tcp.deliver(1 + self.rng.below(64) as usize);
+            let n = 1 + self.rng.below(max_write) as usize;
+            self.rx_read(n)?;
+        }
+        if !self.eof {
+            return Err("the receiver never reached the end of the stream".into());
+        }
+        if self.got != self.next {
+            return Err(format!(
+                "the receiver got {} bytes of {} at the end",
+                self.got, self.next
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn schedules() -> u64 {
+    std::env::var("VMC_SIM_SCHEDULES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000)
+}
+
+fn first_seed() -> u64 {
+    match std::env::var("VMC_SIM_SEED") {
+        Ok(s) => s.parse().expect("VMC_SIM_SEED is a number"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    }
+}
+
+#[test]
+fn every_schedule_delivers_the_exact_stream_and_ends() {
+    let first = first_seed();
+    let n = schedules();
+    eprintln!("proto::sim: {n} schedules from seed {first}");
+    for i in 0..n {
+        let seed = first.wrapping_add(i);
+        let mut w = World::new(seed);
+        if let Err(e) = w.run() {
+            panic!(
+                "schedule {seed} failed: {e}\nlast steps:\n  {}\nreplay: VMC_SIM_SEED={seed} \
+                 VMC_SIM_SCHEDULES=1 cargo test -p vmc-conn --lib proto::sim",
+                w.log.join("\n  ")
+            );
+        }
+    }
+}
