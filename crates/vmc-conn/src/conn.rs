@@ -53,6 +53,7 @@ use crate::dirlock::{DirGuard, DirLock};
 use crate::fallback::Fallback;
 pub(crate) use crate::handshake::Call;
 use crate::handshake::{Called, OfferSocket};
+use crate::proto::{Receiver, Rewind, RxStep, Sender};
 use crate::ready::{Interest, Ready, WaitSet};
 use crate::stats::{flag, Counters, Home};
 use crate::wire::{self, Control, Path, Switch, SWITCH_LEN};
@@ -94,58 +95,35 @@ impl Parts {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RxPath {
-    /// Reading TCP; `until` is where the peer's SWITCH to shm said TCP ends.
-    Tcp {
-        until: Option<u64>,
-    },
-    Shm,
-}
-
 struct Rx {
-    path: RxPath,
-    /// Bytes read from TCP so far.
-    tcp_in: u64,
+    /// Which path to read and how far (see [`crate::proto`]).
+    proto: Receiver,
     ring: Option<ReadHalf>,
     /// Set by `set_nonblocking` / `set_read_timeout`.
     nonblocking: bool,
     timeout: Option<Duration>,
 }
 
-/// What arrived on the control socket and is not used up yet.
+/// What arrived on the control socket and is not used up yet: whichever thread
+/// reads the socket sorts the frames into these, and each direction takes its own
+/// under its lock.
 #[derive(Default)]
 struct CtlIn {
     /// A partly received frame.
     frame: [u8; SWITCH_LEN],
     frame_len: usize,
-    /// The peer's moves, in order, not applied by our receiving side yet.
+    /// The peer's moves, in order, for our receiving side.
     switches: VecDeque<Switch>,
-    /// A REWIND our sending side has not served yet: the ring offset from which
-    /// the peer wants every byte again, on TCP.
-    rewind: Option<u64>,
+    /// The peer's LEFT answers and REWIND, in order, for our sending side.
+    for_tx: VecDeque<Control>,
 }
 
 struct Tx {
-    path: Path,
-    /// Times we moved our sending direction off each path: `[tcp, shm]`.
-    left: [u64; 2],
-    /// The path this end wants its sending direction on.
-    want: Path,
-    tcp_out: u64,
+    /// Which path to send on, where it may move (see [`crate::proto`]).
+    proto: Sender,
     ring: Option<WriteHalf>,
-    shut: bool,
-    /// Shut down while sending on the ring: the ring carries the end of the
-    /// stream, and TCP's FIN waits until the direction is on TCP for good (a
-    /// REWIND may still send bytes there) or the connection closes.
-    fin_owed: bool,
-    /// The peer asked for TCP for good (REWIND): never back to the ring.
-    for_good: bool,
     /// Bytes a REWIND must still put on TCP before anything else goes there.
     backlog: Vec<u8>,
-    /// `tcp_out` when we last moved off the ring: while it is unchanged, nothing
-    /// followed the ring's bytes on TCP yet, and a late REWIND can still be served.
-    tcp_mark: u64,
     nonblocking: bool,
     timeout: Option<Duration>,
 }
@@ -172,9 +150,6 @@ pub(crate) struct Conn {
     ctl_in: Mutex<CtlIn>,
     /// Serialises control frames we send (both halves send).
     ctl_out: Mutex<()>,
-    /// LEFT_TCP and LEFT_RING answers received (`[tcp, shm]`): how many times the
-    /// peer followed us off each path.
-    peer_left: [AtomicU64; 2],
     /// Byte counters and published state, visible to `vmc stat`.
     home: Home,
     /// The state bits last published (see `stats::flag`).
@@ -196,14 +171,14 @@ pub(crate) struct Conn {
     /// Another process (a fork of this one) owns the connection: dropping it here
     /// must not touch what the processes share (see [`Conn::abandon`]).
     abandoned: AtomicBool,
-    /// `ctl_in.rewind` is set: the sending side has a REWIND to serve.
-    rewind_asked: AtomicBool,
-    /// `tx.shut`, and the receiving direction saw the peer's end of stream on the
-    /// ring, as flags readiness can read without the other direction's lock.
+    /// `ctl_in.for_tx` has frames: the sending side has news (a REWIND to serve,
+    /// say), checked at every write without a lock.
+    tx_mail: AtomicBool,
+    /// The sending direction is shut, and the receiving direction saw the peer's
+    /// end of stream on the ring, as flags readiness can read without the other
+    /// direction's lock.
     tx_shut: AtomicBool,
     rx_ended: AtomicBool,
-    /// A REWIND arrived (the first is the only one served).
-    rewound: AtomicBool,
     /// We sent our REWIND (settling on TCP, step 1).
     rx_settled: AtomicBool,
     /// A write waited for the client's answer to our offer already.
@@ -347,29 +322,20 @@ impl Conn {
             parts: OnceLock::new(),
             fallback: OnceLock::new(),
             rx: DirLock::new(Rx {
-                path: RxPath::Tcp { until: None },
-                tcp_in: 0,
+                proto: Receiver::new(),
                 ring: None,
                 nonblocking: false,
                 timeout: None,
             }),
             tx: DirLock::new(Tx {
-                path: Path::Tcp,
-                left: [0, 0],
-                want: Path::Shm,
-                tcp_out: 0,
+                proto: Sender::new(),
                 ring: None,
-                shut: false,
-                fin_owed: false,
-                for_good: false,
                 backlog: Vec::new(),
-                tcp_mark: 0,
                 nonblocking: false,
                 timeout: None,
             }),
             ctl_in: Mutex::new(CtlIn::default()),
             ctl_out: Mutex::new(()),
-            peer_left: [AtomicU64::new(0), AtomicU64::new(0)],
             home,
             flags: AtomicU32::new(0),
             rx_blocked: AtomicU64::new(0),
@@ -379,8 +345,7 @@ impl Conn {
             armed_for: [AtomicU32::new(0), AtomicU32::new(0)],
             shared_kicked: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
-            rewind_asked: AtomicBool::new(false),
-            rewound: AtomicBool::new(false),
+            tx_mail: AtomicBool::new(false),
             tx_shut: AtomicBool::new(false),
             rx_ended: AtomicBool::new(false),
             rx_settled: AtomicBool::new(false),
@@ -578,7 +543,7 @@ impl Conn {
             // dead end left received bytes unread (then a reset): do the same.
             Err(e)
                 if e.kind() == io::ErrorKind::ConnectionReset
-                    && rx.path == RxPath::Shm
+                    && rx.proto.path() == Path::Shm
                     && self.peer_left_nothing_unread() =>
             {
                 Ok(0)
@@ -599,13 +564,13 @@ impl Conn {
         loop {
             // Before looking: a bell rung from here on ends the wait below (TCP
             // paths only) at once.
-            let mark = match rx.path {
-                RxPath::Tcp { .. } => self.bells.mark(bell::RX),
-                RxPath::Shm => 0,
+            let mark = match rx.proto.path() {
+                Path::Tcp => self.bells.mark(bell::RX),
+                Path::Shm => 0,
             };
             self.advance();
-            match rx.path {
-                RxPath::Shm => {
+            match rx.proto.step() {
+                RxStep::Ring => {
                     let ring = rx.ring.as_mut().expect("shm path has a ring");
                     let n = if opts.peek || opts.dontwait {
                         if !ring.is_ready() {
@@ -628,6 +593,7 @@ impl Conn {
                     };
                     if n > 0 {
                         if !opts.peek {
+                            rx.proto.read_ring(n);
                             bump(&self.counters().shm_in, n);
                         }
                         return Ok(n);
@@ -639,10 +605,9 @@ impl Conn {
                         return Ok(0);
                     }
                 }
-                RxPath::Tcp { until: Some(end) } if rx.tcp_in == end => self.enter_ring(rx, end)?,
-                RxPath::Tcp { until } => {
-                    let room = until.map_or(buf.len() as u64, |end| end - rx.tcp_in);
-                    let len = room.min(buf.len() as u64) as usize;
+                RxStep::EnterRing => self.enter_ring(rx)?,
+                RxStep::Tcp { limit } => {
+                    let len = limit.map_or(buf.len(), |room| room.min(buf.len() as u64) as usize);
                     let want = &mut buf[..len];
                     let mut flags = RecvFlags::empty();
                     if opts.peek {
@@ -651,19 +616,17 @@ impl Conn {
                     if opts.dontwait {
                         flags |= RecvFlags::DONTWAIT;
                     }
-                    if until.is_some() || self.state.load(Ordering::Acquire) == PLAIN {
+                    if limit.is_some() || self.state.load(Ordering::Acquire) == PLAIN {
                         // Plain TCP, or bytes the peer already sent before moving:
                         // the socket's own blocking rules apply.
                         let (n, _) = recv(&self.tcp, &mut *want, flags)?;
                         if !opts.peek {
-                            rx.tcp_in += n as u64;
+                            rx.proto.read_tcp(n);
                             bump(&self.counters().tcp_in, n);
-                        }
-                        if let Some(end) = until.filter(|&e| e == rx.tcp_in && n > 0) {
-                            if !opts.peek && n < buf.len() {
+                            if n > 0 && n < buf.len() && rx.proto.step() == RxStep::EnterRing {
                                 // The TCP stretch ended inside this read: like the
                                 // kernel, return what the ring has too (no waiting).
-                                self.enter_ring(rx, end)?;
+                                self.enter_ring(rx)?;
                                 return Ok(n + self.ring_read_ready(rx, &mut buf[n..])?);
                             }
                         }
@@ -674,12 +637,12 @@ impl Conn {
                     match recv(&self.tcp, &mut *want, flags | RecvFlags::DONTWAIT) {
                         // TCP ended. If the peer moved to the ring first, the end of
                         // the stream is there (its SWITCH is queued): follow it.
-                        Ok((0, _)) if self.is_accelerated() && self.next_switch()?.is_some() => {}
+                        Ok((0, _)) if self.is_accelerated() && self.rx_news(rx)? => {}
                         Ok((n, _)) => {
                             if opts.peek {
                                 return Ok(n);
                             }
-                            rx.tcp_in += n as u64;
+                            rx.proto.read_tcp(n);
                             bump(&self.counters().tcp_in, n);
                             if self.is_pending() {
                                 // The peer's first bytes: a vmc client has bound its
@@ -688,13 +651,13 @@ impl Conn {
                             }
                             // A short read may end exactly where the peer moved to
                             // the ring: like the kernel, return what follows too.
-                            if n < buf.len() && self.is_accelerated() && self.follow_to_ring(rx)? {
-                                if let RxPath::Tcp { until: Some(end) } = rx.path {
-                                    if end == rx.tcp_in {
-                                        self.enter_ring(rx, end)?;
-                                        return Ok(n + self.ring_read_ready(rx, &mut buf[n..])?);
-                                    }
-                                }
+                            if n < buf.len()
+                                && self.is_accelerated()
+                                && self.follow_to_ring(rx)?
+                                && rx.proto.step() == RxStep::EnterRing
+                            {
+                                self.enter_ring(rx)?;
+                                return Ok(n + self.ring_read_ready(rx, &mut buf[n..])?);
                             }
                             return Ok(n);
                         }
@@ -721,6 +684,7 @@ impl Conn {
             return Ok(0);
         }
         let n = ring.read(buf)?;
+        rx.proto.read_ring(n);
         bump(&self.counters().shm_in, n);
         Ok(n)
     }
@@ -740,28 +704,24 @@ impl Conn {
     /// The ring ended: if the peer moved this direction to TCP (its SWITCH is
     /// queued), follow it and return true; false at the real end of the stream.
     fn leave_ring(&self, rx: &mut Rx) -> io::Result<bool> {
-        match self.next_switch()? {
-            Some(s) if s.to == Path::Tcp => {
-                let pos = rx.ring.as_ref().map_or(0, |r| r.position());
-                if s.offset != pos {
-                    return Err(protocol(
-                        "peer switched to TCP at an offset the ring did not reach",
-                    ));
-                }
-                self.pop_switch();
-                rx.path = RxPath::Tcp { until: None };
+        self.rx_news(rx)?;
+        debug_assert_eq!(
+            rx.ring.as_ref().map(|r| r.position()),
+            Some(rx.proto.received(Path::Shm))
+        );
+        match rx.proto.ring_ended()? {
+            Some(answer) => {
                 self.publish(flag::RX_SHM, false);
-                self.answer(wire::left(Path::Shm, pos));
+                self.answer(answer);
                 Ok(true)
             }
-            Some(_) => Err(protocol("SWITCH to shm while already on shm")),
             None => Ok(false),
         }
     }
 
     /// TCP delivered every byte the peer sent before moving to the ring: read the
     /// ring from now on.
-    fn enter_ring(&self, rx: &mut Rx, end: u64) -> io::Result<()> {
+    fn enter_ring(&self, rx: &mut Rx) -> io::Result<()> {
         if rx.ring.is_none() {
             let mut ring = self
                 .parts()
@@ -771,28 +731,49 @@ impl Conn {
             ring.set_timeout(rx.timeout)?;
             rx.ring = Some(ring);
         }
-        rx.path = RxPath::Shm;
+        let answer = rx.proto.enter_ring();
         self.publish(flag::RX_SHM, true);
-        self.answer(wire::left(Path::Tcp, end));
+        self.answer(answer);
         Ok(())
     }
 
     /// Reading TCP with no end known: if the peer announced a move to the ring,
     /// learn where TCP ends (true).
     fn follow_to_ring(&self, rx: &mut Rx) -> io::Result<bool> {
-        match self.next_switch()? {
-            Some(s) => {
-                if s.to != Path::Shm || s.offset < rx.tcp_in {
-                    return Err(protocol("unexpected SWITCH while reading TCP"));
-                }
-                self.pop_switch();
-                rx.path = RxPath::Tcp {
-                    until: Some(s.offset),
-                };
-                Ok(true)
-            }
-            None => Ok(false),
+        self.rx_news(rx)?;
+        Ok(rx.proto.follow()?)
+    }
+
+    /// Reads the control socket and hands the receiving side the peer's moves;
+    /// true if one is waiting to be followed.
+    fn rx_news(&self, rx: &mut Rx) -> io::Result<bool> {
+        self.pump_control()?;
+        let moves = std::mem::take(&mut lock(&self.ctl_in).switches);
+        for s in moves {
+            rx.proto.on_switch(s)?;
         }
+        Ok(rx.proto.has_switch())
+    }
+
+    /// Hands the sending side the frames meant for it (LEFT answers, a REWIND).
+    fn tx_news(&self, tx: &mut Tx) -> io::Result<()> {
+        if !self.tx_mail.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let frames = {
+            let mut ctl = lock(&self.ctl_in);
+            self.tx_mail.store(false, Ordering::Release);
+            std::mem::take(&mut ctl.for_tx)
+        };
+        for f in frames {
+            match f {
+                Control::LeftTcp(at) => tx.proto.on_left(Path::Tcp, at)?,
+                Control::LeftRing(at) => tx.proto.on_left(Path::Shm, at)?,
+                Control::Rewind(from) => tx.proto.on_rewind(from),
+                Control::Switch(_) => unreachable!("sorted to the receiving side"),
+            }
+        }
+        Ok(())
     }
 
     /// Reads whatever control frames the socket has, without waiting. A REWIND
@@ -800,7 +781,7 @@ impl Conn {
     /// thread that holds it, see [`Conn::serve_rewind`]).
     fn pump_control(&self) -> io::Result<()> {
         self.read_control()?;
-        if self.rewind_asked.load(Ordering::Acquire) {
+        if self.tx_mail.load(Ordering::Acquire) {
             if let Some(mut tx) = self.tx.try_lock() {
                 if let Err(e) = self.serve_rewind(&mut tx) {
                     tracing::debug!("vmc connection: serving a rewind: {e}");
@@ -832,30 +813,17 @@ impl Conn {
                     ctl.frame_len += n;
                     if ctl.frame_len == SWITCH_LEN {
                         ctl.frame_len = 0;
-                        match wire::parse_control(&ctl.frame) {
-                            Some(Control::Switch(s)) => {
+                        match Control::parse(&ctl.frame) {
+                            Ok(Control::Switch(s)) => {
                                 ctl.switches.push_back(s);
                                 self.bells.ring(bell::RX);
                             }
-                            Some(Control::LeftTcp(_)) => {
-                                self.peer_left[0].fetch_add(1, Ordering::AcqRel);
+                            Ok(frame) => {
+                                ctl.for_tx.push_back(frame);
+                                self.tx_mail.store(true, Ordering::Release);
                                 self.bells.ring(bell::TX);
                             }
-                            Some(Control::LeftRing(_)) => {
-                                self.peer_left[1].fetch_add(1, Ordering::AcqRel);
-                                self.bells.ring(bell::TX);
-                            }
-                            // One per connection: later ones (a confused peer) are
-                            // ignored.
-                            Some(Control::Rewind(offset))
-                                if !self.rewound.swap(true, Ordering::AcqRel) =>
-                            {
-                                ctl.rewind = Some(offset);
-                                self.rewind_asked.store(true, Ordering::Release);
-                                self.bells.ring(bell::TX);
-                            }
-                            Some(Control::Rewind(_)) => {}
-                            None => return Err(protocol("malformed control frame")),
+                            Err(e) => return Err(protocol(&e.to_string())),
                         }
                     }
                 }
@@ -864,16 +832,6 @@ impl Conn {
                 Err(e) => return Err(e.into()),
             }
         }
-    }
-
-    /// The peer's oldest move not applied yet (reading the socket first).
-    fn next_switch(&self) -> io::Result<Option<Switch>> {
-        self.pump_control()?;
-        Ok(lock(&self.ctl_in).switches.front().copied())
-    }
-
-    fn pop_switch(&self) {
-        lock(&self.ctl_in).switches.pop_front();
     }
 
     /// Waits until TCP, the control socket or the handshake may have news.
@@ -989,45 +947,51 @@ impl Conn {
     }
 
     fn write_locked(&self, tx: &mut Tx, buf: &[u8], dontwait: bool) -> io::Result<usize> {
-        if tx.shut {
+        if tx.proto.is_shut() {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "vmc connection: write after shutdown",
             ));
         }
         if let Some(to) = self.home.take_request() {
-            // `vmc migrate`: as `set_tx_path`, at this write.
-            if !(tx.for_good && to == Path::Shm) {
-                tx.want = to;
-            }
+            // `vmc migrate`: as `set_tx_path`, at this write (the ring is refused
+            // once the direction is on TCP for good).
+            let _ = tx.proto.choose(to);
         }
-        if self.rewind_asked.load(Ordering::Acquire) {
-            self.serve_rewind(tx)?;
-        }
+        self.serve_rewind(tx)?;
         if !tx.backlog.is_empty() && !self.flush_backlog(tx, dontwait)? {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        if tx.path != tx.want && self.is_accelerated() {
-            let to = tx.want;
-            if let Err(e) = self.move_tx(tx, to, dontwait) {
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    return Err(e);
-                }
+        if tx.proto.path() != tx.proto.wants() && self.is_accelerated() {
+            let to = tx.proto.wants();
+            match self.move_tx(tx, to, dontwait) {
+                // A REWIND came meanwhile and was served: its bytes go first.
+                Ok(true) => return self.write_locked(tx, buf, dontwait),
+                Ok(false) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
                 // The control socket is gone with the peer: there is nobody to
                 // announce a move to, so stay on this path and let it report the
                 // peer's state (as TCP would: one more write, then EPIPE).
-                tracing::debug!("vmc connection: cannot move sending to {to:?}: {e}");
-                tx.want = tx.path;
+                Err(e) => {
+                    tracing::debug!("vmc connection: cannot move sending to {to:?}: {e}");
+                    tx.proto.stay();
+                }
             }
         }
-        match tx.path {
+        match tx.proto.path() {
             Path::Tcp => {
+                if self.is_accelerated() && self.ring_unread(tx) {
+                    // Off the ring with bytes the peer has not read: nothing may
+                    // go on TCP before its answer (see `Sender::tcp_waits_for_ring`).
+                    self.wait_for_peer(tx, dontwait, |c, tx| !c.ring_unread(tx))?;
+                    return self.write_locked(tx, buf, dontwait);
+                }
                 let mut flags = SendFlags::NOSIGNAL;
                 if dontwait {
                     flags |= SendFlags::DONTWAIT;
                 }
                 let n = send(&self.tcp, buf, flags)?;
-                tx.tcp_out += n as u64;
+                tx.proto.wrote(n);
                 bump(&self.counters().tcp_out, n);
                 Ok(n)
             }
@@ -1041,6 +1005,7 @@ impl Conn {
                 }
                 match ring.write(buf) {
                     Ok(n) => {
+                        tx.proto.wrote(n);
                         bump(&self.counters().shm_out, n);
                         Ok(n)
                     }
@@ -1049,7 +1014,8 @@ impl Conn {
                     Err(e)
                         if e.kind() == io::ErrorKind::BrokenPipe
                             && self.read_control().is_ok()
-                            && self.rewind_asked.load(Ordering::Acquire) =>
+                            && self.tx_news(tx).is_ok()
+                            && tx.proto.rewind_asked() =>
                     {
                         self.serve_rewind(tx)?;
                         self.write_locked(tx, buf, dontwait)
@@ -1068,51 +1034,49 @@ impl Conn {
         }
     }
 
+    /// True if TCP must wait for the peer's answer to our move off the ring: it
+    /// has not said it read the ring to the end, and the ring is not empty.
+    fn ring_unread(&self, tx: &mut Tx) -> bool {
+        let _ = self.tx_news(tx);
+        tx.proto.tcp_waits_for_ring() && tx.ring.as_mut().is_some_and(|r| r.queued() > 0)
+    }
+
     /// Serves the peer's REWIND, if one is queued: our sending direction moves to
     /// TCP for good, starting with every byte the peer did not read from the ring.
     /// Called with the sending side locked, by whichever thread gets there first
     /// (a writer, an event loop's readiness check, a reader pumping the control
     /// socket).
     fn serve_rewind(&self, tx: &mut Tx) -> io::Result<()> {
-        let Some(from) = lock(&self.ctl_in).rewind.take() else {
+        self.tx_news(tx)?;
+        let Some(plan) = tx.proto.serve_rewind()? else {
             return Ok(());
         };
-        self.rewind_asked.store(false, Ordering::Release);
-        tx.want = Path::Tcp;
-        tx.for_good = true;
-        // On the ring: take the unread bytes back. Already off it (both ends settled
-        // at once): still possible while nothing followed on TCP.
-        let resend = match (tx.path, tx.ring.as_ref()) {
-            (Path::Shm, Some(_)) => true,
-            (Path::Tcp, Some(ring)) => {
-                ring.position() != from && tx.tcp_out == tx.tcp_mark && tx.backlog.is_empty()
-            }
-            _ => false,
-        };
-        let at = tx.ring.as_ref().map_or(0, |r| r.position());
-        let Some(ring) = tx.ring.as_mut().filter(|_| resend) else {
-            if at != from {
-                tracing::warn!(
-                    "vmc connection: the peer asked for the ring's bytes from {from} again, \
-                     but we left the ring at {at}: they cannot be sent again"
+        match plan {
+            Rewind::Resend { from, pause } => {
+                let ring = tx
+                    .ring
+                    .as_mut()
+                    .ok_or_else(|| protocol("REWIND of a ring never written"))?;
+                let back = ring.take_back(from).map_err(|e| {
+                    protocol(&format!("REWIND to an offset the ring cannot give: {e}"))
+                })?;
+                if pause {
+                    ring.pause();
+                    self.publish(flag::TX_SHM, false);
+                }
+                tracing::debug!(
+                    "vmc connection: the peer stopped reading the ring at {from}; {} \
+                     byte(s) go again, on TCP, ahead of everything after them",
+                    back.len()
                 );
+                tx.backlog = back;
             }
-            return Ok(());
-        };
-        let back = ring
-            .take_back(from)
-            .map_err(|e| protocol(&format!("REWIND to an offset the ring cannot give: {e}")))?;
-        if tx.path == Path::Shm {
-            ring.pause();
-            tx.path = Path::Tcp;
-            self.publish(flag::TX_SHM, false);
+            Rewind::Nothing => {}
+            Rewind::Lost { from, at } => tracing::warn!(
+                "vmc connection: the peer asked for the ring's bytes from {from} again, \
+                 but we left the ring at {at} and sent on TCP since: they cannot be sent again"
+            ),
         }
-        tracing::debug!(
-            "vmc connection: the peer stopped reading the ring at {from}; {} byte(s) go \
-             again, on TCP, ahead of everything after them",
-            back.len()
-        );
-        tx.backlog = back;
         self.flush_backlog(tx, true)?;
         Ok(())
     }
@@ -1130,7 +1094,7 @@ impl Conn {
             ) {
                 Ok(n) => {
                     tx.backlog.drain(..n);
-                    tx.tcp_out += n as u64;
+                    tx.proto.wrote(n);
                     bump(&self.counters().tcp_out, n);
                 }
                 Err(rustix::io::Errno::INTR) => {}
@@ -1159,8 +1123,7 @@ impl Conn {
             }
         }
         tx.backlog = Vec::new();
-        if tx.fin_owed && tx.for_good {
-            tx.fin_owed = false;
+        if tx.proto.backlog_sent() {
             self.tcp.shutdown(Shutdown::Write)?;
         }
         Ok(true)
@@ -1212,19 +1175,17 @@ impl Conn {
         }
         let parts = self.parts().ok_or_else(|| protocol("no channel"))?;
         let reader = rx.ring.take().or_else(|| lock(&parts.reader).take());
-        let from = reader.as_ref().map_or(0, |r| r.position());
-        if rx.path == RxPath::Shm && matches!(self.next_switch(), Ok(Some(_))) {
-            tracing::warn!(
-                "vmc connection: moving to TCP for good while the peer's own move to \
-                 TCP is unread: bytes it left on the ring are lost"
-            );
-        }
-        self.send_control(wire::rewind(from))?;
-        // Closing our end wakes a peer blocked on a full ring.
-        drop(reader);
-        rx.path = RxPath::Tcp { until: None };
+        debug_assert_eq!(
+            reader.as_ref().map_or(0, |r| r.position()),
+            rx.proto.received(Path::Shm)
+        );
+        // From here on the receiving side reads TCP only, whatever the peer says.
+        let rewind = rx.proto.settle();
         self.publish(flag::RX_SHM, false);
         self.rx_settled.store(true, Ordering::Release);
+        self.send_control(rewind.emit())?;
+        // Closing our end wakes a peer blocked on a full ring.
+        drop(reader);
         Ok(())
     }
 
@@ -1240,11 +1201,11 @@ impl Conn {
             return Ok(());
         }
         self.read_control()?;
-        tx.want = Path::Tcp;
-        tx.for_good = true;
-        if self.rewind_asked.load(Ordering::Acquire) {
+        self.tx_news(&mut tx)?;
+        tx.proto.settle();
+        if tx.proto.rewind_asked() {
             self.serve_rewind(&mut tx)?;
-        } else if tx.path == Path::Shm && !tx.shut {
+        } else if tx.proto.path() == Path::Shm && !tx.proto.is_shut() {
             let own = tx.timeout;
             let left = deadline
                 .saturating_duration_since(Instant::now())
@@ -1255,8 +1216,7 @@ impl Conn {
             moved?;
             self.await_peer_verdict(&mut tx, deadline)?;
         }
-        if tx.fin_owed {
-            tx.fin_owed = false;
+        if tx.proto.take_fin() {
             self.tcp.shutdown(Shutdown::Write)?;
         }
         self.state.store(PLAIN, Ordering::Release);
@@ -1275,12 +1235,11 @@ impl Conn {
         };
         while tx.ring.as_mut().is_some_and(|r| r.queued() > 0) {
             self.read_control()?;
-            if self.rewind_asked.load(Ordering::Acquire) {
+            self.tx_news(tx)?;
+            if tx.proto.rewind_asked() {
                 return self.serve_rewind(tx);
             }
-            if self.peer_left[1].load(Ordering::Acquire) >= tx.left[1]
-                || self.ctl_eof.load(Ordering::Acquire)
-            {
+            if !tx.proto.tcp_waits_for_ring() || self.ctl_eof.load(Ordering::Acquire) {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1303,8 +1262,8 @@ impl Conn {
 
     /// Sends a LEFT answer. A peer that is gone needs none, and its absence shows on
     /// the data paths, so a failure here is not an error of this read.
-    fn answer(&self, frame: [u8; SWITCH_LEN]) {
-        if let Err(e) = self.send_control(frame) {
+    fn answer(&self, frame: Control) {
+        if let Err(e) = self.send_control(frame.emit()) {
             tracing::debug!("vmc connection: could not answer a switch: {e}");
         }
     }
@@ -1332,61 +1291,64 @@ impl Conn {
         Ok(())
     }
 
-    /// Moves our sending direction to `to` at the current byte boundary.
-    fn move_tx(&self, tx: &mut Tx, to: Path, dontwait: bool) -> io::Result<()> {
-        if tx.path == to {
-            return Ok(());
+    /// Moves our sending direction to `to` at the current byte boundary. True if a
+    /// REWIND came first and was served instead (the direction is on TCP for good,
+    /// with the REWIND's bytes perhaps still in the backlog).
+    fn move_tx(&self, tx: &mut Tx, to: Path, dontwait: bool) -> io::Result<bool> {
+        if tx.proto.path() == to {
+            return Ok(false);
         }
+        // The peer must have left `to` where we last moved off it, or it could read
+        // what we send there now before the stretch on the other path in between.
+        self.wait_for_peer(tx, dontwait, |_, tx| {
+            tx.proto.may_move(to) || tx.proto.rewind_asked()
+        })?;
+        if tx.proto.rewind_asked() {
+            self.serve_rewind(tx)?;
+            return Ok(true);
+        }
+        let switch = tx.proto.switch_to(to).emit();
         match to {
             Path::Shm => {
-                // The peer must have left the ring where we last paused it, or it
-                // could read what we write now before the TCP stretch in between.
-                self.wait_peer_left(tx, Path::Shm, dontwait)?;
                 if tx.ring.is_none() {
                     tx.ring = self.parts().and_then(|p| lock(&p.writer).take());
                 }
-                let tcp_out = tx.tcp_out;
                 let ring = tx
                     .ring
                     .as_mut()
                     .ok_or_else(|| protocol("no channel to move onto"))?;
                 ring.set_nonblocking(tx.nonblocking);
                 ring.set_timeout(tx.timeout)?;
+                // Open before announcing: the receiver must find the ring open.
                 ring.resume();
-                self.send_control(wire::switch(Switch {
-                    to: Path::Shm,
-                    offset: tcp_out,
-                }))?;
-                tx.left[0] += 1;
+                self.send_control(switch)?;
             }
             Path::Tcp => {
-                // Likewise the peer must have left TCP where we last moved off it.
-                self.wait_peer_left(tx, Path::Tcp, dontwait)?;
-                let ring = tx.ring.as_mut().expect("shm path has a ring");
-                self.send_control(wire::switch(Switch {
-                    to: Path::Tcp,
-                    offset: ring.position(),
-                }))?;
-                ring.pause();
-                tx.left[1] += 1;
-                tx.tcp_mark = tx.tcp_out;
+                self.send_control(switch)?;
+                // Paused after announcing: a receiver that finds the ring paused
+                // finds the SWITCH too (else it is the end of the stream).
+                tx.ring.as_mut().expect("shm path has a ring").pause();
             }
         }
-        tx.path = to;
+        tx.proto.moved(to);
         self.publish(flag::TX_SHM, to == Path::Shm);
-        Ok(())
+        Ok(false)
     }
 
-    /// Waits until the peer followed every move of ours away from `path`, so that
-    /// going back to it cannot put bytes on it before the receiver knows where the
-    /// previous stretch there ended.
-    fn wait_peer_left(&self, tx: &Tx, path: Path, dontwait: bool) -> io::Result<()> {
-        let i = path as usize;
+    /// Waits until the peer's news make `done` true (reading the control socket as
+    /// they come), as the direction's mode and timeout say.
+    fn wait_for_peer(
+        &self,
+        tx: &mut Tx,
+        dontwait: bool,
+        done: impl Fn(&Conn, &mut Tx) -> bool,
+    ) -> io::Result<()> {
         let started = Instant::now();
         loop {
             let mark = self.bells.mark(bell::TX);
             self.pump_control()?;
-            if self.peer_left[i].load(Ordering::Acquire) >= tx.left[i] {
+            self.tx_news(tx)?;
+            if done(self, tx) {
                 return Ok(());
             }
             if tx.nonblocking || dontwait {
@@ -1431,7 +1393,8 @@ impl Conn {
             }
             if ctl_gone {
                 self.pump_control()?;
-                if self.peer_left[i].load(Ordering::Acquire) < tx.left[i] {
+                self.tx_news(tx)?;
+                if !done(self, tx) {
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionReset,
                         "vmc connection: the peer is gone",
@@ -1446,47 +1409,40 @@ impl Conn {
     pub(crate) fn set_tx_path(&self, to: Path) -> io::Result<()> {
         self.advance();
         let mut tx = self.tx.lock();
-        if tx.for_good && to == Path::Shm {
+        if tx.proto.choose(to).is_err() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "vmc connection: moved to TCP for good",
             ));
         }
-        tx.want = to;
-        if self.is_accelerated() && !tx.shut {
+        if self.is_accelerated() && !tx.proto.is_shut() {
             self.move_tx(&mut tx, to, false)?;
         }
         Ok(())
     }
 
     pub(crate) fn tx_path(&self) -> Path {
-        self.tx.lock().path
+        self.tx.lock().proto.path()
     }
 
     pub(crate) fn rx_path(&self) -> Path {
-        match self.rx.lock().path {
-            RxPath::Shm => Path::Shm,
-            RxPath::Tcp { .. } => Path::Tcp,
-        }
+        self.rx.lock().proto.path()
     }
 
     pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         let mut how = how;
         if matches!(how, Shutdown::Write | Shutdown::Both) {
             let mut tx = self.tx.lock();
-            if !tx.shut {
-                tx.shut = true;
+            let shut = tx.proto.shutdown();
+            if shut.first {
                 self.tx_shut.store(true, Ordering::Release);
                 if let Some(ring) = tx.ring.as_mut() {
                     ring.shutdown();
                 }
-                // The ring carries this end of stream (or a backlog still has to
-                // go first): TCP's FIN waits, see `Tx::fin_owed`.
-                if tx.path == Path::Shm || !tx.backlog.is_empty() {
-                    tx.fin_owed = true;
-                }
             }
-            if tx.fin_owed {
+            // The ring carries this end of stream (or a backlog still has to go
+            // first): TCP's FIN waits, see `Shut::fin_waits`.
+            if shut.fin_waits {
                 match how {
                     Shutdown::Write => return Ok(()),
                     _ => how = Shutdown::Read,
@@ -1576,16 +1532,14 @@ impl Conn {
                     Err(_) => (true, false),
                 };
                 r.read_closed = ended;
-                let queued = match rx.path {
+                let queued = match rx.proto.path() {
                     // Everything published: an edge-triggered waiter is owed an
                     // event whenever more bytes arrived, read or not.
-                    RxPath::Shm => rx
+                    Path::Shm => rx
                         .ring
                         .as_mut()
                         .map_or(0, |ring| ring.arrived().unwrap_or(0)),
-                    RxPath::Tcp { .. } => {
-                        rustix::io::ioctl_fionread(&self.tcp).unwrap_or(0) as usize
-                    }
+                    Path::Tcp => rustix::io::ioctl_fionread(&self.tcp).unwrap_or(0) as usize,
                 };
                 let c = self.counters();
                 r.rx_mark = c.tcp_in.load(Ordering::Relaxed)
@@ -1637,8 +1591,8 @@ impl Conn {
         tcp: &mut Option<PollFlags>,
     ) -> io::Result<RxReady> {
         loop {
-            match rx.path {
-                RxPath::Shm => {
+            match rx.proto.step() {
+                RxStep::Ring => {
                     let ring = rx.ring.as_mut().expect("shm path has a ring");
                     if ring.is_ready() {
                         if ring.available()? > 0 {
@@ -1655,13 +1609,13 @@ impl Conn {
                     }
                     return Ok(RxReady::No);
                 }
-                RxPath::Tcp { until: Some(end) } if rx.tcp_in == end => self.enter_ring(rx, end)?,
-                RxPath::Tcp { until } => {
+                RxStep::EnterRing => self.enter_ring(rx)?,
+                RxStep::Tcp { limit } => {
                     let ev = *tcp.get_or_insert_with(|| self.tcp_events());
                     if ev.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
                         return Ok(RxReady::Bytes);
                     }
-                    if until.is_none() && self.is_accelerated() && self.follow_to_ring(rx)? {
+                    if limit.is_none() && self.is_accelerated() && self.follow_to_ring(rx)? {
                         continue;
                     }
                     return Ok(RxReady::No);
@@ -1671,25 +1625,30 @@ impl Conn {
     }
 
     fn tx_ready(&self, tx: &mut Tx, deep: bool, tcp: &mut Option<PollFlags>) -> io::Result<bool> {
-        if self.rewind_asked.load(Ordering::Acquire) {
-            self.serve_rewind(tx)?;
-        }
+        self.serve_rewind(tx)?;
         let flushed = tx.backlog.is_empty() || self.flush_backlog(tx, true)?;
-        if tx.shut {
+        if tx.proto.is_shut() {
             return Ok(true);
         }
         if !flushed {
             return Ok(false);
         }
-        let mut path = tx.path;
-        if tx.path != tx.want && self.is_accelerated() {
-            // The next write moves first, which needs the peer's LEFT answer.
+        let mut path = tx.proto.path();
+        if path != tx.proto.wants() && self.is_accelerated() {
+            // The next write moves first, which needs the peer's LEFT answer (or
+            // serves a REWIND that came meanwhile).
             self.pump_control()?;
-            let i = tx.want as usize;
-            if self.peer_left[i].load(Ordering::Acquire) < tx.left[i] {
+            self.tx_news(tx)?;
+            if tx.proto.rewind_asked() {
+                return Ok(true);
+            }
+            if !tx.proto.may_move(tx.proto.wants()) {
                 return Ok(false);
             }
-            path = tx.want;
+            path = tx.proto.wants();
+        } else if path == Path::Tcp && self.is_accelerated() && self.ring_unread(tx) {
+            // Waits for the peer's answer to our move off the ring.
+            return Ok(false);
         }
         match path {
             Path::Shm => Ok(match tx.ring.as_mut() {
@@ -1745,9 +1704,9 @@ impl Conn {
         // (Only for a write interest: a reader's arm must not take the sending
         // side's lock, see `readiness`.)
         let sends_tcp = || {
-            self.tx
-                .try_lock()
-                .map_or(true, |tx| tx.path == Path::Tcp || tx.want == Path::Tcp)
+            self.tx.try_lock().map_or(true, |tx| {
+                tx.proto.path() == Path::Tcp || tx.proto.wants() == Path::Tcp
+            })
         };
         if want.write && sends_tcp() {
             tcp_ev |= EventFlags::OUT;
@@ -1784,12 +1743,10 @@ impl Conn {
                 // next bytes come on the ring, so that is what must be armed (the
                 // look below would enter the ring only after arming, and the wait
                 // would then sleep on a ring nobody was asked to wake us for).
-                if let RxPath::Tcp { until: Some(end) } = rx.path {
-                    if rx.tcp_in == end {
-                        let _ = self.enter_ring(&mut rx, end);
-                    }
+                if rx.proto.step() == RxStep::EnterRing {
+                    let _ = self.enter_ring(&mut rx);
                 }
-                if rx.path == RxPath::Shm {
+                if rx.proto.path() == Path::Shm {
                     if let Some(ring) = rx.ring.as_mut() {
                         ring.arm();
                     }
@@ -1798,7 +1755,7 @@ impl Conn {
         }
         if want.write {
             if let Some(mut tx) = self.tx.try_lock() {
-                if tx.path == Path::Shm {
+                if tx.proto.path() == Path::Shm {
                     if let Some(ring) = tx.ring.as_mut() {
                         ring.arm();
                     }
@@ -1856,11 +1813,11 @@ impl Conn {
     /// Bytes a read could take now without waiting (`FIONREAD`).
     pub(crate) fn available(&self) -> io::Result<usize> {
         let mut rx = self.rx.lock();
-        match rx.path {
-            RxPath::Shm => rx.ring.as_mut().map_or(Ok(0), |r| r.available()),
-            RxPath::Tcp { until } => {
+        match rx.proto.path() {
+            Path::Shm => rx.ring.as_mut().map_or(Ok(0), |r| r.available()),
+            Path::Tcp => {
                 let n = rustix::io::ioctl_fionread(&self.tcp)?;
-                Ok(until.map_or(n, |end| n.min(end - rx.tcp_in)) as usize)
+                Ok(rx.proto.tcp_room().map_or(n, |room| n.min(room)) as usize)
             }
         }
     }

@@ -38,7 +38,7 @@ mod sender;
 mod sim;
 
 pub(crate) use receiver::{Receiver, RxStep};
-pub(crate) use sender::{Rewind, Sender, Shut};
+pub(crate) use sender::{Rewind, Sender};
 
 /// A frame or an event the peer could not have caused by following the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]

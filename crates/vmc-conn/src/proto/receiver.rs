@@ -75,12 +75,6 @@ impl Receiver {
         self.received[ix(path)]
     }
 
-    /// True if the peer's bytes on TCP are known to end somewhere (reads there may
-    /// block as the socket says: no move can come before that end).
-    pub(crate) fn tcp_end_known(&self) -> bool {
-        matches!(self.path, RxPath::Tcp { until: Some(_) })
-    }
-
     /// Bytes TCP may still give before the ring takes over (`None`: no end known).
     pub(crate) fn tcp_room(&self) -> Option<u64> {
         match self.path {
@@ -89,6 +83,7 @@ impl Receiver {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn is_settled(&self) -> bool {
         self.settled
     }
@@ -219,7 +214,6 @@ mod tests {
         r.on_switch(sw(Path::Shm, 10)).unwrap();
         assert!(r.has_switch());
         assert!(r.follow().unwrap());
-        assert!(r.tcp_end_known());
         assert_eq!(r.step(), RxStep::Tcp { limit: Some(6) });
         r.read_tcp(6);
         assert_eq!(r.step(), RxStep::EnterRing);

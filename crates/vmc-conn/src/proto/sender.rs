@@ -100,6 +100,7 @@ impl Sender {
         self.want
     }
 
+    #[cfg(test)]
     pub(crate) fn for_good(&self) -> bool {
         self.for_good
     }

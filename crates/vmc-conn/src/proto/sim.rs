@@ -4,10 +4,12 @@
 //! closable by its reader, as `vmc_channel`'s), and a control channel in each
 //! direction (frames visible to the other end as soon as they are sent, like a Unix
 //! socket's). A scheduler drawn from the seed interleaves writes of random sizes,
-//! reads, deliveries, path moves by the sender, a settle (REWIND) by the receiver or
-//! the sender, and finally a shutdown, then drains. Every run checks that the
-//! receiver got exactly the bytes sent, in order, and that it reached the end of the
-//! stream within a bounded number of steps.
+//! reads, deliveries, path moves by the sender (which may be preempted between the
+//! two halves of a move: the ring opened or paused, the SWITCH sent), a settle
+//! (REWIND) by the receiver or the sender, the sender's death at any step, and
+//! finally a shutdown, then drains. Every run checks that the receiver got exactly
+//! the bytes sent, in order (up to the sender's death: a prefix of them), and that
+//! it reached an end (of the stream, or an error) within a bounded number of steps.
 //!
 //! Runs `VMC_SIM_SCHEDULES` schedules (default 20,000) from `VMC_SIM_SEED` (default:
 //! drawn from the clock, printed). A failure prints the seed of its schedule and the
@@ -55,6 +57,8 @@ struct Ring {
     paused: bool,
     shut: bool,
     reader_closed: bool,
+    /// The writer's process died (`vmc_channel`'s liveness check says so).
+    writer_dead: bool,
 }
 
 enum RingRead {
@@ -62,6 +66,9 @@ enum RingRead {
     /// Empty and paused or shut: the reader looks for a SWITCH, else it is the end.
     Ended,
     Empty,
+    /// Empty, and the writer is dead: the read fails (conn.rs reports the end of
+    /// the stream or a reset).
+    Dead,
 }
 
 impl Ring {
@@ -87,6 +94,8 @@ impl Ring {
         }
         if self.paused || self.shut {
             RingRead::Ended
+        } else if self.writer_dead {
+            RingRead::Dead
         } else {
             RingRead::Empty
         }
@@ -115,6 +124,9 @@ struct Tcp {
     in_flight: VecDeque<u8>,
     arrived: VecDeque<u8>,
     fin_sent: bool,
+    /// The sender died with bytes it had received unread: its kernel reset the
+    /// connection, and what was in flight is gone.
+    reset: bool,
 }
 
 impl Tcp {
@@ -140,6 +152,9 @@ struct World {
     /// Stream positions: next byte the sender writes, bytes the receiver got.
     next: u64,
     got: u64,
+    /// The sender was preempted between the two halves of a move to this path.
+    mid_move: Option<(Path, Control)>,
+    tx_dead: bool,
     eof: bool,
     log: Vec<String>,
 }
@@ -162,12 +177,15 @@ impl World {
                 paused: true,
                 shut: false,
                 reader_closed: false,
+                writer_dead: false,
             },
             tcp: Tcp::default(),
             to_rx: VecDeque::new(),
             to_tx: VecDeque::new(),
             next: 0,
             got: 0,
+            mid_move: None,
+            tx_dead: false,
             eof: false,
             log: Vec::new(),
         }
@@ -229,6 +247,7 @@ impl World {
     /// A readiness check or a read on the other direction: reads the control
     /// channel and serves a REWIND.
     fn tx_look(&mut self) -> Result<(), Fail> {
+        self.finish_move();
         self.tx_pump()?;
         self.tx_serve()
     }
@@ -247,22 +266,49 @@ impl World {
         let frame = self.tx.switch_to(to);
         self.note(format!("tx moves: {frame:?}"));
         match to {
-            Path::Shm => {
-                self.ring.paused = false;
-                self.to_rx.push_back(frame);
-            }
-            Path::Tcp => {
-                self.to_rx.push_back(frame);
-                self.ring.paused = true;
-            }
+            Path::Shm => self.ring.paused = false,
+            Path::Tcp => self.to_rx.push_back(frame),
+        }
+        self.mid_move = Some((to, frame));
+        if self.rng.chance(30) {
+            self.note("tx preempted in the middle of its move".into());
+            return Ok(false);
+        }
+        self.finish_move();
+        Ok(true)
+    }
+
+    /// The second half of a move: the SWITCH after opening the ring, or the pause
+    /// after announcing the move off it.
+    fn finish_move(&mut self) {
+        let Some((to, frame)) = self.mid_move.take() else {
+            return;
+        };
+        match to {
+            Path::Shm => self.to_rx.push_back(frame),
+            Path::Tcp => self.ring.paused = true,
         }
         self.tx.moved(to);
-        Ok(true)
+    }
+
+    /// The sender dies: its kernel closes TCP (a FIN after what is in flight, or a
+    /// reset), the ring's liveness check reports it, its control socket closes.
+    fn tx_die(&mut self) {
+        self.tx_dead = true;
+        self.ring.writer_dead = true;
+        if self.rng.chance(50) {
+            self.tcp.fin_sent = true;
+        } else {
+            self.tcp.reset = true;
+            self.tcp.in_flight.clear();
+        }
+        self.note(format!("tx dies (reset: {})", self.tcp.reset));
     }
 
     /// `write_locked`, once (a blocked write is a write that does not happen now).
     fn tx_write(&mut self, len: usize) -> Result<(), Fail> {
         assert!(!self.tx.is_shut());
+        self.finish_move();
         // No look at the control channel here: only a REWIND someone read already.
         self.tx_serve()?;
         if self.tx.path() != self.tx.wants() && !self.tx_move(self.tx.wants())? {
@@ -310,6 +356,7 @@ impl World {
 
     /// `settle_sending` (without waiting for the peer's verdict).
     fn tx_settle(&mut self) -> Result<(), Fail> {
+        self.finish_move();
         self.tx_pump()?;
         self.tx.settle();
         if self.tx.rewind_asked() {
@@ -325,6 +372,7 @@ impl World {
     }
 
     fn tx_shutdown(&mut self) {
+        self.finish_move();
         let shut = self.tx.shutdown();
         if shut.first {
             self.ring.shut = true;
@@ -377,6 +425,11 @@ impl World {
                             return self.deliver(&out);
                         }
                         RingRead::Empty => return Ok(()),
+                        RingRead::Dead => {
+                            self.note("rx: the writer is dead".into());
+                            self.eof = true;
+                            return Ok(());
+                        }
                         RingRead::Ended => {
                             self.rx_pump()?;
                             match self.rx.ring_ended().map_err(|v| v.to_string())? {
@@ -394,6 +447,11 @@ impl World {
                     let answer = self.rx.enter_ring();
                     self.to_tx.push_back(answer);
                 }
+                RxStep::Tcp { .. } if self.tcp.reset && self.tcp.arrived.is_empty() => {
+                    self.note("rx: TCP reset".into());
+                    self.eof = true;
+                    return Ok(());
+                }
                 RxStep::Tcp { limit } => {
                     let n = (max as u64).min(limit.unwrap_or(u64::MAX)) as usize;
                     let n = n.min(self.tcp.arrived.len());
@@ -404,6 +462,12 @@ impl World {
                         return self.deliver(&out);
                     }
                     if limit.is_some() {
+                        if self.tcp.fin_arrived() {
+                            // recv returns 0 before the stretch's end: the sender
+                            // died (a live one sends the stretch before its FIN).
+                            assert!(self.tx_dead, "a FIN inside a TCP stretch");
+                            self.eof = true;
+                        }
                         return Ok(()); // the rest of the stretch is in flight
                     }
                     self.rx_pump()?;
@@ -437,6 +501,9 @@ impl World {
         let steps = 20 + self.rng.below(300);
         let max_write = 1 + 2 * self.ring.cap as u64;
         for _ in 0..steps {
+            if self.tx_dead {
+                break;
+            }
             match self.rng.below(100) {
                 0..=29 => {
                     let n = 1 + self.rng.below(max_write) as usize;
@@ -462,8 +529,20 @@ impl World {
                 90..=94 => self.rx_pump()?,
                 95 if !self.rx.is_settled() && self.rng.chance(30) => self.rx_settle()?,
                 96 if !self.tx.for_good() && self.rng.chance(30) => self.tx_settle()?,
+                97 if self.rng.chance(10) => self.tx_die(),
                 _ => {}
             }
+        }
+        if self.tx_dead {
+            for _ in 0..10_000 {
+                if self.eof {
+                    return Ok(());
+                }
+                self.tcp.deliver(1 + self.rng.below(64) as usize);
+                let n = 1 + self.rng.below(max_write) as usize;
+                self.rx_read(n)?;
+            }
+            return Err("the receiver of a dead sender never came to an end".into());
         }
         // The end: the sender finishes any move it started, shuts down, and both
         // sides run until the receiver sees the end of the stream.
