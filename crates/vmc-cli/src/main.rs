@@ -8,6 +8,8 @@
 //! `__bench-server` that `bench` spawns for the other end of each run.
 //! Logging goes to stderr, filtered by `VMC_LOG` (e.g. `VMC_LOG=debug`).
 
+#![forbid(unsafe_code)]
+
 mod bench;
 mod demo;
 mod run;

@@ -59,7 +59,7 @@ pub const ATTACH_WINDOW: Duration = Duration::from_millis(200);
 /// How long a client keeps its offer socket for a call that does not come. A
 /// connection may wait that long in a busy server's backlog before a worker
 /// accepts it (and calls at once); a server that does not run vmc is known
-/// sooner, at its first bytes (see [`OfferSocket::answer`]).
+/// sooner, at its first bytes (see `OfferSocket::answer`).
 pub const OFFER_TTL: Duration = Duration::from_secs(30);
 
 /// The first wait between two looks of the accepting side (it grows fourfold).

@@ -11,7 +11,7 @@
 //! the bytes sent, in order (up to the sender's death: a prefix of them), and that
 //! it reached an end (of the stream, or an error) within a bounded number of steps.
 //!
-//! Runs `VMC_SIM_SCHEDULES` schedules (default 20,000) from `VMC_SIM_SEED` (default:
+//! Runs `VMC_SIM_SCHEDULES` schedules (default 100,000) from `VMC_SIM_SEED` (default:
 //! drawn from the clock, printed). A failure prints the seed of its schedule and the
 //! command that replays it alone.
 
@@ -578,7 +578,7 @@ fn schedules() -> u64 {
     std::env::var("VMC_SIM_SCHEDULES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(20_000)
+        .unwrap_or(100_000)
 }
 
 fn first_seed() -> u64 {
