@@ -388,6 +388,15 @@ impl WriteHalf {
         wait_until(&mut self.tx, &mut self.waiter, &self.core, Dir::Write)
     }
 
+    /// Waits, as a write would (spin, sleep, timeout, non-blocking mode), until a
+    /// write would not wait; writes nothing.
+    pub fn wait_ready(&mut self) -> io::Result<()> {
+        if self.is_ready() {
+            return Ok(());
+        }
+        self.wait_writable()
+    }
+
     /// Zero-copy write: calls `f` with the free space (two slices, before and after
     /// the wrap; at least one byte in total) and publishes as many bytes as `f`
     /// returns. Blocks like [`WriteHalf::write`] until there is space.

@@ -56,11 +56,16 @@ use crate::handshake::{Called, OfferSocket};
 use crate::proto::{Receiver, Rewind, RxStep, Sender};
 use crate::ready::{Interest, Ready, WaitSet};
 use crate::stats::{flag, Counters, Home};
-use crate::wire::{self, Control, Path, Switch, SWITCH_LEN};
+use crate::wire::{self, Control, Path, SWITCH_LEN};
 
 /// How long the accepting side's first blocking write waits for the client to
 /// answer its offer (see [`Conn::await_answer`]).
 const ANSWER_WAIT: Duration = Duration::from_millis(2);
+
+/// A blocking write that finds the ring full waits in slices this long; after each,
+/// it pleads with the peer to let it go on over TCP (SPILL), and answers the
+/// peer's own plea if there is one (see [`Conn::wait_ring_room`]).
+const SPILL_AFTER: Duration = Duration::from_millis(50);
 
 const PENDING: u8 = 0;
 const ACCELERATED: u8 = 1;
@@ -112,8 +117,8 @@ struct CtlIn {
     /// A partly received frame.
     frame: [u8; SWITCH_LEN],
     frame_len: usize,
-    /// The peer's moves, in order, for our receiving side.
-    switches: VecDeque<Switch>,
+    /// The peer's moves and SPILLs, in order, for our receiving side.
+    for_rx: VecDeque<Control>,
     /// The peer's LEFT answers and REWIND, in order, for our sending side.
     for_tx: VecDeque<Control>,
 }
@@ -174,6 +179,8 @@ pub(crate) struct Conn {
     /// `ctl_in.for_tx` has frames: the sending side has news (a REWIND to serve,
     /// say), checked at every write without a lock.
     tx_mail: AtomicBool,
+    /// The peer sent SPILL: it waits for room in the ring we read.
+    spill_asked: AtomicBool,
     /// The sending direction is shut, and the receiving direction saw the peer's
     /// end of stream on the ring, as flags readiness can read without the other
     /// direction's lock.
@@ -346,6 +353,7 @@ impl Conn {
             shared_kicked: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             tx_mail: AtomicBool::new(false),
+            spill_asked: AtomicBool::new(false),
             tx_shut: AtomicBool::new(false),
             rx_ended: AtomicBool::new(false),
             rx_settled: AtomicBool::new(false),
@@ -748,9 +756,13 @@ impl Conn {
     /// true if one is waiting to be followed.
     fn rx_news(&self, rx: &mut Rx) -> io::Result<bool> {
         self.pump_control()?;
-        let moves = std::mem::take(&mut lock(&self.ctl_in).switches);
-        for s in moves {
-            rx.proto.on_switch(s)?;
+        let frames = std::mem::take(&mut lock(&self.ctl_in).for_rx);
+        for f in frames {
+            match f {
+                Control::Switch(s) => rx.proto.on_switch(s)?,
+                Control::Spill(at) => rx.proto.on_spill(at)?,
+                _ => unreachable!("sorted to the sending side"),
+            }
         }
         Ok(rx.proto.has_switch())
     }
@@ -770,7 +782,9 @@ impl Conn {
                 Control::LeftTcp(at) => tx.proto.on_left(Path::Tcp, at)?,
                 Control::LeftRing(at) => tx.proto.on_left(Path::Shm, at)?,
                 Control::Rewind(from) => tx.proto.on_rewind(from),
-                Control::Switch(_) => unreachable!("sorted to the receiving side"),
+                Control::Switch(_) | Control::Spill(_) => {
+                    unreachable!("sorted to the receiving side")
+                }
             }
         }
         Ok(())
@@ -814,9 +828,13 @@ impl Conn {
                     if ctl.frame_len == SWITCH_LEN {
                         ctl.frame_len = 0;
                         match Control::parse(&ctl.frame) {
-                            Ok(Control::Switch(s)) => {
-                                ctl.switches.push_back(s);
+                            Ok(frame @ Control::Switch(_)) => {
+                                ctl.for_rx.push_back(frame);
                                 self.bells.ring(bell::RX);
+                            }
+                            Ok(frame @ Control::Spill(_)) => {
+                                ctl.for_rx.push_back(frame);
+                                self.spill_asked.store(true, Ordering::Release);
                             }
                             Ok(frame) => {
                                 ctl.for_tx.push_back(frame);
@@ -987,15 +1005,31 @@ impl Conn {
                     return self.write_locked(tx, buf, dontwait);
                 }
                 let mut flags = SendFlags::NOSIGNAL;
-                if dontwait {
+                // While the ring carries the other direction, a blocking send
+                // must hear the peer's pleas as it waits (see `wait_tcp_room`).
+                let sliced = !dontwait
+                    && !tx.nonblocking
+                    && tx.timeout.is_none()
+                    && !buf.is_empty()
+                    && self.is_accelerated();
+                if dontwait || sliced {
                     flags |= SendFlags::DONTWAIT;
                 }
-                let n = send(&self.tcp, buf, flags)?;
+                let n = loop {
+                    match send(&self.tcp, buf, flags) {
+                        Err(rustix::io::Errno::AGAIN) if sliced => self.wait_tcp_room(tx, None)?,
+                        Err(rustix::io::Errno::INTR) if sliced => {}
+                        r => break r?,
+                    }
+                };
                 tx.proto.wrote(n);
                 bump(&self.counters().tcp_out, n);
                 Ok(n)
             }
             Path::Shm => {
+                if !dontwait && !tx.nonblocking && tx.timeout.is_none() && !buf.is_empty() {
+                    self.wait_ring_room(tx)?;
+                }
                 let ring = tx.ring.as_mut().expect("shm path has a ring");
                 if dontwait && !buf.is_empty() && !ring.is_ready() {
                     if !ring.peer_alive() {
@@ -1032,6 +1066,115 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// A blocking write (no timeout) waits for room in the ring, in slices of
+    /// [`SPILL_AFTER`]. Two programs that each write more than a ring holds before
+    /// reading would otherwise wait for each other for ever, where TCP's buffers
+    /// (megabytes) let them finish. After each slice: if the peer pleaded (SPILL)
+    /// while we wait here, and so do not read, our receiving direction goes to TCP
+    /// for good (REWIND), which frees the peer; and we plead ourselves. Returns
+    /// once a write would not wait (room, the reader closed, the peer died).
+    fn wait_ring_room(&self, tx: &mut Tx) -> io::Result<()> {
+        loop {
+            let ring = tx.ring.as_mut().expect("shm path has a ring");
+            if ring.is_ready() {
+                return Ok(());
+            }
+            ring.set_timeout(Some(SPILL_AFTER))?;
+            let waited = ring.wait_ready();
+            ring.set_timeout(None)?;
+            match waited {
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                // Room, or an error the write itself reports.
+                _ => return Ok(()),
+            }
+            if vmc_os::interrupt::pending() {
+                return Err(vmc_os::interrupt::error());
+            }
+            self.plead(tx)?;
+        }
+    }
+
+    /// Waits until TCP takes more (or `limit` passes: then `WouldBlock`). While the
+    /// connection is accelerated, in slices of [`SPILL_AFTER`] after which it
+    /// answers the peer's plea: the peer may wait for room in the ring we read,
+    /// while we wait for it to read TCP (see [`Conn::wait_ring_room`]).
+    fn wait_tcp_room(&self, tx: &mut Tx, limit: Option<Duration>) -> io::Result<()> {
+        let started = Instant::now();
+        loop {
+            let mut slice = limit.map(|l| l.saturating_sub(started.elapsed()));
+            if slice.is_some_and(|s| s.is_zero()) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let sliced = self.is_accelerated();
+            if sliced {
+                slice = Some(slice.map_or(SPILL_AFTER, |s| s.min(SPILL_AFTER)));
+            }
+            let ts = slice.map(|d| Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as i64,
+            });
+            let mut fds = [PollFd::new(&self.tcp, PollFlags::OUT)];
+            match poll(&mut fds, ts.as_ref()) {
+                Ok(0) if sliced => {
+                    if vmc_os::interrupt::pending() {
+                        return Err(vmc_os::interrupt::error());
+                    }
+                    self.plead(tx)?;
+                }
+                Ok(0) => {}
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => {
+                    if vmc_os::interrupt::pending() {
+                        return Err(vmc_os::interrupt::error());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// A blocking write has waited a slice for the peer in vain: answer the
+    /// peer's plea if it made one (both of us wait, neither reads), and plead.
+    fn plead(&self, tx: &mut Tx) -> io::Result<()> {
+        self.read_control()?;
+        if self.spill_asked.load(Ordering::Acquire) {
+            self.answer_spill()?;
+        }
+        if let Some(plea) = tx.proto.spill() {
+            tracing::debug!("vmc connection: a write waits for the peer; pleading {plea:?}");
+            self.send_control(plea.emit())?;
+        }
+        Ok(())
+    }
+
+    /// The peer waits for room in the ring we read, and we wait in a write: move
+    /// our receiving direction to TCP for good, so that the peer goes on there.
+    fn answer_spill(&self) -> io::Result<()> {
+        // A reader holding the lock is reading: the peer's wait ends without us.
+        let Some(mut rx) = self.rx.try_lock() else {
+            return Ok(());
+        };
+        self.rx_news(&mut rx)?;
+        self.spill_asked.store(false, Ordering::Release);
+        // Where the ring we read ends now: a plea made there is current.
+        let parts = self.parts().ok_or_else(|| protocol("no channel"))?;
+        let end = match rx.ring.as_mut() {
+            Some(ring) => ring.position() + ring.arrived()? as u64,
+            None => match lock(&parts.reader).as_mut() {
+                Some(ring) => ring.position() + ring.arrived()? as u64,
+                None => return Ok(()),
+            },
+        };
+        if !rx.proto.spill_asked(end) {
+            return Ok(());
+        }
+        tracing::debug!(
+            "vmc connection: both ends wait for room in a ring; the peer's bytes to us \
+             go on over TCP"
+        );
+        self.settle_rx_locked(&mut rx)
     }
 
     /// True if TCP must wait for the peer's answer to our move off the ring: it
@@ -1109,15 +1252,7 @@ impl Conn {
                         },
                         None => None,
                     };
-                    let ts = left.map(|d| Timespec {
-                        tv_sec: d.as_secs() as i64,
-                        tv_nsec: d.subsec_nanos() as i64,
-                    });
-                    let mut fds = [PollFd::new(&self.tcp, PollFlags::OUT)];
-                    match poll(&mut fds, ts.as_ref()) {
-                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                        Err(e) => return Err(e.into()),
-                    }
+                    self.wait_tcp_room(tx, left)?;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -1173,6 +1308,12 @@ impl Conn {
             // Another thread settled it while we waited for the lock.
             return Ok(());
         }
+        self.settle_rx_locked(&mut rx)
+    }
+
+    /// Stops reading the ring for good: REWIND tells the peer from where to send
+    /// everything again, on TCP.
+    fn settle_rx_locked(&self, rx: &mut Rx) -> io::Result<()> {
         let parts = self.parts().ok_or_else(|| protocol("no channel"))?;
         let reader = rx.ring.take().or_else(|| lock(&parts.reader).take());
         debug_assert_eq!(
@@ -1388,6 +1529,7 @@ impl Conn {
             }
             drop(nap);
             match polled {
+                Ok(0) => self.plead(tx)?,
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }

@@ -5,7 +5,7 @@
 //!            (then the channel's own HELLO with the segment, see vmc-channel)
 //!   SWITCH   either way, after ACK "VMCS" kind:u8 0:u8 0:u16 offset:u64
 //!            kind 1: moved to TCP, 2: moved to shm, 3: LEFT_RING, 4: LEFT_TCP,
-//!            5: REWIND
+//!            5: REWIND, 6: SPILL
 //! ```
 //!
 //! LEFT_RING and LEFT_TCP are the receiver's answers to a move: "I read your ring (or
@@ -20,6 +20,12 @@
 //! program image cannot read the ring; the sender finds the bytes still in its ring
 //! (see `vmc_ring::Producer::take_back`), so nothing is lost even if the sender
 //! only acts on it much later.
+//!
+//! SPILL is a sender's plea: "I have waited for room in your ring, which is full up
+//! to `offset`". Two programs that each write more than a ring holds before reading
+//! would wait for each other for ever, where TCP's larger buffers let them finish. A
+//! receiver that gets SPILL while it waits in a write of its own answers with
+//! REWIND, and the plea's direction goes on over TCP, for good.
 //!
 //! The client of a connection to a vmc listener binds an *offer socket* named by
 //! [`offer_name`] (the listener's network namespace and the connection's 4-tuple);
@@ -135,6 +141,10 @@ pub enum Control {
     /// The receiver read the ring up to this offset and will read no more of it:
     /// send everything from there on TCP, for good.
     Rewind(u64),
+    /// The sender has been waiting for room in a full ring, having written up to
+    /// this offset: a receiver that is itself stuck writing (so not reading) answers
+    /// with REWIND, and the direction goes on over TCP, whose buffers hold more.
+    Spill(u64),
 }
 
 /// Where each field of a control frame is.
@@ -150,6 +160,7 @@ mod control {
     pub const LEFT_RING: u8 = 3;
     pub const LEFT_TCP: u8 = 4;
     pub const REWIND: u8 = 5;
+    pub const SPILL: u8 = 6;
 }
 
 /// Why a frame from the peer was refused: the field that was wrong and what it held.
@@ -190,6 +201,7 @@ impl Control {
             Control::LeftRing(offset) => (control::LEFT_RING, offset),
             Control::LeftTcp(offset) => (control::LEFT_TCP, offset),
             Control::Rewind(offset) => (control::REWIND, offset),
+            Control::Spill(offset) => (control::SPILL, offset),
         };
         let mut f = [0u8; SWITCH_LEN];
         f[control::MAGIC].copy_from_slice(SWITCH_MAGIC);
@@ -231,6 +243,7 @@ impl Control {
             control::LEFT_RING => Control::LeftRing(offset),
             control::LEFT_TCP => Control::LeftTcp(offset),
             control::REWIND => Control::Rewind(offset),
+            control::SPILL => Control::Spill(offset),
             kind => return Err(bad("kind", u64::from(kind))),
         })
     }
@@ -351,6 +364,7 @@ mod tests {
             Control::LeftRing(0),
             Control::LeftTcp(1 << 40),
             Control::Rewind(17),
+            Control::Spill(1 << 17),
         ];
         for c in frames {
             assert_eq!(Control::parse(&c.emit()), Ok(c));
@@ -367,7 +381,7 @@ mod tests {
         let mut f = good;
         f[4] = 0;
         assert_eq!(field(f), "kind");
-        f[4] = 6;
+        f[4] = 7;
         assert_eq!(field(f), "kind");
         let mut f = good;
         f[6] = 1;

@@ -219,3 +219,68 @@ fn a_second_waiter_does_not_disarm_the_first() {
     s.write_all(b"z").unwrap();
     assert!(waiter.join().unwrap(), "the reader's wake-up was lost");
 }
+
+/// A client that keeps far more in flight than a ring holds before it reads (4 MiB
+/// written ahead, against 128 KiB rings) and an echo server that writes back each
+/// piece before reading the next: over TCP the kernel's buffers carry it; under vmc
+/// both ends would wait on full rings for ever. Each end's blocked write pleads
+/// (SPILL) and answers the other's plea (REWIND), so the directions go on over TCP
+/// and everything arrives, in order. `round_trip_first`: whether the client's ring
+/// was entered before (else the server has not read from the ring yet either).
+fn write_far_ahead_of_reading(round_trip_first: bool) {
+    private_registry();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).unwrap();
+        }
+        s.is_accelerated()
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    if round_trip_first {
+        c.write_all(b"?").unwrap();
+        let mut one = [0u8; 1];
+        c.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"?");
+    }
+    let total = 16usize << 20;
+    let ahead = 4usize << 20;
+    let msg: Vec<u8> = (0..total as u32).map(|i| (i ^ (i >> 11)) as u8).collect();
+    let mut back = vec![0u8; total];
+    let (mut sent, mut got) = (0, 0);
+    while sent < total {
+        let end = (sent + 64 * 1024).min(total);
+        c.write_all(&msg[sent..end]).unwrap();
+        sent = end;
+        while sent - got > ahead {
+            got += c.read(&mut back[got..]).unwrap();
+        }
+    }
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    while got < total {
+        let n = c.read(&mut back[got..]).unwrap();
+        assert!(n > 0, "end of stream after {got} of {total} bytes");
+        got += n;
+    }
+    let first_bad = back.iter().zip(&msg).position(|(a, b)| a != b);
+    assert_eq!(first_bad, None, "the echo differs from what was sent");
+    assert!(c.is_accelerated(), "fallback: {:?}", c.fallback_reason());
+    assert!(server.join().unwrap());
+}
+
+#[test]
+fn writing_far_ahead_of_reading_does_not_deadlock() {
+    write_far_ahead_of_reading(true);
+}
+
+#[test]
+fn writing_far_ahead_before_any_read_does_not_deadlock() {
+    write_far_ahead_of_reading(false);
+}

@@ -42,6 +42,8 @@ pub(crate) struct Receiver {
     announced_at: [u64; 2],
     /// We stopped reading the ring for good (sent REWIND).
     settled: bool,
+    /// The ring offset of the peer's last SPILL: it waits for room there.
+    spill: Option<u64>,
 }
 
 impl Default for Receiver {
@@ -60,6 +62,7 @@ impl Receiver {
             announced: Path::Tcp,
             announced_at: [0; 2],
             settled: false,
+            spill: None,
         }
     }
 
@@ -118,6 +121,28 @@ impl Receiver {
         self.announced_at[from] = s.offset;
         self.queued.push_back(s);
         Ok(())
+    }
+
+    /// The peer's SPILL: it waits for room in the ring, which it filled up to
+    /// `offset`. A receiver that cannot read now (it waits in a write of its own)
+    /// answers by settling ([`Receiver::settle`]).
+    pub(crate) fn on_spill(&mut self, offset: u64) -> Result<(), Violation> {
+        if self.settled {
+            return Ok(());
+        }
+        // (It may be stale: we may have read past it since it was sent.)
+        if self.spill.is_some_and(|o| offset < o) {
+            return Err(Violation("SPILL behind an earlier one"));
+        }
+        self.spill = Some(offset);
+        Ok(())
+    }
+
+    /// The peer still waits for room, as its SPILL said: the ring it writes ends
+    /// at `ring_end` (what we read plus what it holds), where the plea was made. A
+    /// plea the writer has written past since is stale.
+    pub(crate) fn spill_asked(&self, ring_end: u64) -> bool {
+        !self.settled && self.spill == Some(ring_end)
     }
 
     /// A move of the peer's is queued, not followed yet.
@@ -193,6 +218,7 @@ impl Receiver {
         self.path = RxPath::Tcp { until: None };
         self.queued.clear();
         self.settled = true;
+        self.spill = None;
         Control::Rewind(self.received[1])
     }
 }
@@ -263,6 +289,25 @@ mod tests {
             r.on_switch(sw(Path::Tcp, 2)).is_err(),
             "ring offsets only grow"
         );
+    }
+
+    #[test]
+    fn a_spill_is_current_while_the_ring_ends_where_it_was_made() {
+        let mut r = Receiver::new();
+        r.on_switch(sw(Path::Shm, 0)).unwrap();
+        r.follow().unwrap();
+        r.enter_ring();
+        r.read_ring(10);
+        r.on_spill(9).unwrap();
+        assert!(!r.spill_asked(10), "read past it already");
+        r.on_spill(30).unwrap();
+        assert!(r.spill_asked(30));
+        assert!(!r.spill_asked(31), "the writer wrote on since: stale");
+        assert!(r.on_spill(29).is_err(), "offsets only grow");
+        assert_eq!(r.settle(), Control::Rewind(10));
+        assert!(!r.spill_asked(30));
+        r.on_spill(0).unwrap(); // late: ignored
+        assert!(!r.spill_asked(0));
     }
 
     #[test]

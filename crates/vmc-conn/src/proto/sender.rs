@@ -64,6 +64,8 @@ pub(crate) struct Sender {
     fin_owed: bool,
     /// A REWIND's bytes are not all on TCP yet.
     backlog: bool,
+    /// The ring offset our last SPILL named.
+    spilled_at: Option<u64>,
 }
 
 impl Default for Sender {
@@ -88,6 +90,7 @@ impl Sender {
             shut: false,
             fin_owed: false,
             backlog: false,
+            spilled_at: None,
         }
     }
 
@@ -243,6 +246,21 @@ impl Sender {
     pub(crate) fn backlog_sent(&mut self) -> bool {
         self.backlog = false;
         self.for_good && self.take_fin()
+    }
+
+    /// A write has waited long for the peer: for room in the full ring, for its
+    /// answer to a move (which it gives once it has read the ring to the move),
+    /// or before TCP ([`Sender::tcp_waits_for_ring`]). The SPILL to send, once per
+    /// ring offset (`None` if this one was named already, or once the peer's
+    /// REWIND came): a peer that cannot read because it waits in a write itself answers
+    /// with REWIND, which ends every one of these waits.
+    pub(crate) fn spill(&mut self) -> Option<Control> {
+        let at = self.sent[1];
+        if self.rewinding != Rewinding::No || self.spilled_at == Some(at) {
+            return None;
+        }
+        self.spilled_at = Some(at);
+        Some(Control::Spill(at))
     }
 
     /// This end moves its sending direction to TCP for good (before exec, or for
@@ -403,6 +421,20 @@ mod tests {
         assert!(!s.may_move(Path::Tcp));
         s.serve_rewind().unwrap();
         assert_eq!(s.path(), Path::Tcp);
+    }
+
+    #[test]
+    fn a_spill_is_sent_once_per_offset_until_a_rewind_comes() {
+        let mut s = Sender::new();
+        on_ring(&mut s);
+        s.wrote(64);
+        assert_eq!(s.spill(), Some(Control::Spill(64)));
+        assert_eq!(s.spill(), None);
+        s.wrote(1);
+        assert_eq!(s.spill(), Some(Control::Spill(65)));
+        s.wrote(1);
+        s.on_rewind(0);
+        assert_eq!(s.spill(), None);
     }
 
     #[test]

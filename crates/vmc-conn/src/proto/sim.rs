@@ -6,8 +6,10 @@
 //! socket's). A scheduler drawn from the seed interleaves writes of random sizes,
 //! reads, deliveries, path moves by the sender (which may be preempted between the
 //! two halves of a move: the ring opened or paused, the SWITCH sent), a settle
-//! (REWIND) by the receiver or the sender, the sender's death at any step, and
-//! finally a shutdown, then drains. Every run checks that the receiver got exactly
+//! (REWIND) by the receiver or the sender, the sender's death at any step, the
+//! receiver stuck in a write of its own until the sender has written far ahead
+//! (the both-ends-write-first deadlock, which SPILL breaks), and finally a
+//! shutdown, then drains. Every run checks that the receiver got exactly
 //! the bytes sent, in order (up to the sender's death: a prefix of them), and that
 //! it reached an end (of the stream, or an error) within a bounded number of steps.
 //!
@@ -155,6 +157,12 @@ struct World {
     /// The sender was preempted between the two halves of a move to this path.
     mid_move: Option<(Path, Control)>,
     tx_dead: bool,
+    /// The receiver waits in a write of its own (so reads nothing) until the sender
+    /// has written up to here: the peer of a program that writes far ahead before
+    /// it reads.
+    rx_stuck_until: Option<u64>,
+    /// The sender's writes in a row that waited for the peer in vain.
+    full_in_a_row: u32,
     eof: bool,
     log: Vec<String>,
 }
@@ -186,6 +194,8 @@ impl World {
             got: 0,
             mid_move: None,
             tx_dead: false,
+            rx_stuck_until: None,
+            full_in_a_row: 0,
             eof: false,
             log: Vec::new(),
         }
@@ -211,7 +221,9 @@ impl World {
                     self.tx.on_rewind(o);
                     Ok(())
                 }
-                Control::Switch(_) => Err(super::Violation("SWITCH to the sender")),
+                Control::Switch(_) | Control::Spill(_) => {
+                    Err(super::Violation("a sender's frame to the sender"))
+                }
             }
             .map_err(|v| format!("sender refused a correct peer's frame: {v}"))?;
         }
@@ -250,6 +262,18 @@ impl World {
         self.finish_move();
         self.tx_pump()?;
         self.tx_serve()
+    }
+
+    /// A blocking write's wait slice ended with the peer's news still missing:
+    /// after two in a row, plead (`Conn::wait_ring_room`, `Conn::wait_for_peer`).
+    fn waited(&mut self) {
+        self.full_in_a_row += 1;
+        if self.full_in_a_row >= 2 {
+            if let Some(plea) = self.tx.spill() {
+                self.note(format!("tx pleads: {plea:?}"));
+                self.to_rx.push_back(plea);
+            }
+        }
     }
 
     /// `move_tx`: false if the peer's answer to an earlier move is not in yet.
@@ -312,12 +336,21 @@ impl World {
         // No look at the control channel here: only a REWIND someone read already.
         self.tx_serve()?;
         if self.tx.path() != self.tx.wants() && !self.tx_move(self.tx.wants())? {
+            if self.mid_move.is_none() {
+                self.waited(); // for the peer's answer to an earlier move
+            }
             return Ok(());
         }
         let start = self.next;
         match self.tx.path() {
             // Off the ring with bytes unread: TCP waits for the peer's answer.
             Path::Tcp if self.tx.tcp_waits_for_ring() && !self.ring.bytes.is_empty() => {
+                // `wait_for_peer`: reads the control channel as it waits.
+                self.tx_pump()?;
+                if self.tx.rewind_asked() {
+                    return self.tx_write(len);
+                }
+                self.waited();
                 return Ok(());
             }
             Path::Tcp => {
@@ -328,7 +361,9 @@ impl World {
                 self.next += len as u64;
             }
             Path::Shm => match self.ring.write((start..).map(byte), len) {
+                Ok(0) => self.waited(),
                 Ok(n) => {
+                    self.full_in_a_row = 0;
                     self.tx.wrote(n);
                     self.next += n as u64;
                 }
@@ -388,12 +423,12 @@ impl World {
     fn rx_pump(&mut self) -> Result<(), Fail> {
         while let Some(f) = self.to_rx.pop_front() {
             self.note(format!("rx <- {f:?}"));
-            let Control::Switch(s) = f else {
-                return Err(format!("receiver got {f:?}"));
-            };
-            self.rx
-                .on_switch(s)
-                .map_err(|v| format!("receiver refused a correct peer's SWITCH: {v}"))?;
+            match f {
+                Control::Switch(s) => self.rx.on_switch(s),
+                Control::Spill(at) => self.rx.on_spill(at),
+                _ => return Err(format!("receiver got {f:?}")),
+            }
+            .map_err(|v| format!("receiver refused a correct peer's frame: {v}"))?;
         }
         Ok(())
     }
@@ -485,6 +520,30 @@ impl World {
         Err("a read went round 16 times without an outcome".into())
     }
 
+    /// The receiver, stuck in a write of its own, at the end of a wait slice
+    /// (`answer_spill`): if the sender's plea is current, settle.
+    fn rx_slice(&mut self) -> Result<(), Fail> {
+        self.rx_pump()?;
+        if self.rx.spill_asked(self.ring.written) {
+            self.note("rx answers the plea".into());
+            self.rx_settle()?;
+        }
+        Ok(())
+    }
+
+    /// A read, unless the receiver is stuck in its write: then a wait slice.
+    fn rx_turn(&mut self, max: usize) -> Result<(), Fail> {
+        match self.rx_stuck_until {
+            Some(until) if self.next < until => self.rx_slice(),
+            Some(_) => {
+                self.note("rx's write goes through: it reads again".into());
+                self.rx_stuck_until = None;
+                self.rx_read(max)
+            }
+            None => self.rx_read(max),
+        }
+    }
+
     /// `settle_receiving`.
     fn rx_settle(&mut self) -> Result<(), Fail> {
         self.rx_pump()?;
@@ -511,7 +570,7 @@ impl World {
                 }
                 30..=54 => {
                     let n = 1 + self.rng.below(max_write) as usize;
-                    self.rx_read(n)?;
+                    self.rx_turn(n)?;
                 }
                 55..=69 => {
                     let n = self.rng.below(max_write) as usize;
@@ -530,6 +589,11 @@ impl World {
                 95 if !self.rx.is_settled() && self.rng.chance(30) => self.rx_settle()?,
                 96 if !self.tx.for_good() && self.rng.chance(30) => self.tx_settle()?,
                 97 if self.rng.chance(10) => self.tx_die(),
+                98 if self.rx_stuck_until.is_none() && self.rng.chance(20) => {
+                    let ahead = self.next + 2 * self.ring.cap as u64 + self.rng.below(64);
+                    self.note(format!("rx is stuck in a write until tx wrote {ahead}"));
+                    self.rx_stuck_until = Some(ahead);
+                }
                 _ => {}
             }
         }
@@ -544,6 +608,35 @@ impl World {
             }
             return Err("the receiver of a dead sender never came to an end".into());
         }
+        // A receiver still stuck waits for the sender to write far enough ahead,
+        // which it must manage without the receiver reading.
+        let mut turns = 0;
+        while let Some(until) = self.rx_stuck_until.filter(|&u| self.next < u) {
+            turns += 1;
+            if turns > 1_000 {
+                return Err(format!(
+                    "deadlock: the sender is stuck at {} of {until} and the receiver in \
+                     its write\n  sender: {:?}\n  receiver: {:?}\n  ring: {} bytes, \
+                     written {}, paused {}",
+                    self.next,
+                    self.tx,
+                    self.rx,
+                    self.ring.bytes.len(),
+                    self.ring.written,
+                    self.ring.paused
+                ));
+            }
+            let n = 1 + self.rng.below(max_write) as usize;
+            if self.tx.path() != self.tx.wants() && self.rng.chance(50) {
+                self.tx.stay();
+            }
+            self.tx_write(n)?;
+            self.tcp.deliver(self.rng.below(max_write) as usize);
+            if self.rng.chance(50) {
+                self.rx_slice()?;
+            }
+        }
+        self.rx_stuck_until = None;
         // The end: the sender finishes any move it started, shuts down, and both
         // sides run until the receiver sees the end of the stream.
         self.tx_look()?;
