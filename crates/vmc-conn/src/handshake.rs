@@ -335,9 +335,8 @@ fn read_attach(
             proof.get_or_insert(fd);
         }
     }
-    let tuple = wire::parse_attach(&frame).ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidData, "vmc handshake: not an ATTACH")
-    })?;
+    let tuple = wire::decode_attach(&frame)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("vmc handshake: {e}")))?;
     Ok((tuple, proof))
 }
 

@@ -78,28 +78,74 @@ pub fn canonical(a: SocketAddr) -> (Ipv6Addr, u16) {
     (Ipv6Addr::from(ip16(a.ip())), a.port())
 }
 
+/// Where each field of an ATTACH frame is.
+mod attach {
+    use std::ops::Range;
+    pub const MAGIC: Range<usize> = 0..4;
+    pub const VERSION: usize = 4;
+    pub const RESERVED: Range<usize> = 5..8;
+    pub const LOCAL_IP: Range<usize> = 8..24;
+    pub const LOCAL_PORT: Range<usize> = 24..26;
+    pub const REMOTE_IP: Range<usize> = 26..42;
+    pub const REMOTE_PORT: Range<usize> = 42..44;
+    pub const TAIL: Range<usize> = 44..48;
+}
+
 /// Encodes an ATTACH for the connection `local` -> `remote` (the sender's view).
 pub fn attach(local: SocketAddr, remote: SocketAddr) -> [u8; ATTACH_LEN] {
     let mut f = [0u8; ATTACH_LEN];
-    f[..4].copy_from_slice(ATTACH_MAGIC);
-    f[4] = VERSION;
-    f[8..24].copy_from_slice(&ip16(local.ip()));
-    f[24..26].copy_from_slice(&local.port().to_be_bytes());
-    f[26..42].copy_from_slice(&ip16(remote.ip()));
-    f[42..44].copy_from_slice(&remote.port().to_be_bytes());
+    f[attach::MAGIC].copy_from_slice(ATTACH_MAGIC);
+    f[attach::VERSION] = VERSION;
+    f[attach::LOCAL_IP].copy_from_slice(&ip16(local.ip()));
+    f[attach::LOCAL_PORT].copy_from_slice(&local.port().to_be_bytes());
+    f[attach::REMOTE_IP].copy_from_slice(&ip16(remote.ip()));
+    f[attach::REMOTE_PORT].copy_from_slice(&remote.port().to_be_bytes());
     f
 }
 
-/// The connection an ATTACH names, as `(sender's local, sender's remote)` in
-/// canonical form; `None` for anything that is not a well-formed ATTACH of our
-/// version.
-pub fn parse_attach(f: &[u8]) -> Option<((Ipv6Addr, u16), (Ipv6Addr, u16))> {
-    if f.len() != ATTACH_LEN || &f[..4] != ATTACH_MAGIC || f[4] != VERSION {
-        return None;
+/// An endpoint as an ATTACH carries it: the address in canonical (v4-mapped) form.
+pub type Endpoint = (Ipv6Addr, u16);
+
+/// Decodes an ATTACH: the connection it names, as `(sender's local, sender's
+/// remote)` in canonical form. Anything else (another length, magic or version,
+/// reserved bytes set) is refused with the field at fault.
+pub fn decode_attach(f: &[u8]) -> Result<(Endpoint, Endpoint), FrameError> {
+    let bad = |field, found| FrameError {
+        frame: "ATTACH",
+        field,
+        found,
+    };
+    if f.len() != ATTACH_LEN {
+        return Err(bad("length", f.len() as u64));
     }
-    let ip = |r: std::ops::Range<usize>| <[u8; 16]>::try_from(&f[r]).ok().map(Ipv6Addr::from);
-    let port = |i: usize| u16::from_be_bytes([f[i], f[i + 1]]);
-    Some(((ip(8..24)?, port(24)), (ip(26..42)?, port(42))))
+    let word = |r: std::ops::Range<usize>| f[r].iter().fold(0u64, |a, &b| (a << 8) | u64::from(b));
+    if &f[attach::MAGIC] != ATTACH_MAGIC {
+        return Err(bad("magic", word(attach::MAGIC)));
+    }
+    if f[attach::VERSION] != VERSION {
+        return Err(bad("version", u64::from(f[attach::VERSION])));
+    }
+    if f[attach::RESERVED] != [0; 3] {
+        return Err(bad("reserved", word(attach::RESERVED)));
+    }
+    if f[attach::TAIL] != [0; 4] {
+        return Err(bad("tail", word(attach::TAIL)));
+    }
+    let ip = |r: std::ops::Range<usize>| {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&f[r]);
+        Ipv6Addr::from(a)
+    };
+    let port = |r: std::ops::Range<usize>| u16::from_be_bytes([f[r.start], f[r.start + 1]]);
+    Ok((
+        (ip(attach::LOCAL_IP), port(attach::LOCAL_PORT)),
+        (ip(attach::REMOTE_IP), port(attach::REMOTE_PORT)),
+    ))
+}
+
+/// [`decode_attach`], without the reason.
+pub fn parse_attach(f: &[u8]) -> Option<(Endpoint, Endpoint)> {
+    decode_attach(f).ok()
 }
 
 /// The file name of the offer socket of the connection from `client` to `server`,
@@ -292,10 +338,21 @@ mod tests {
         let (pl, pr) = parse_attach(&attach(l, r)).unwrap();
         assert_eq!(pl, canonical(l));
         assert_eq!(pr, canonical("127.0.0.1:80".parse().unwrap()));
-        let mut bad = attach(l, r);
+        let field = |f: &[u8]| decode_attach(f).unwrap_err().field;
+        let good = attach(l, r);
+        let mut bad = good;
         bad[4] = 9;
-        assert_eq!(parse_attach(&bad), None);
-        assert_eq!(parse_attach(&bad[..10]), None);
+        assert_eq!(field(&bad), "version");
+        assert_eq!(field(&good[..10]), "length");
+        let mut bad = good;
+        bad[1] = 0;
+        assert_eq!(field(&bad), "magic");
+        let mut bad = good;
+        bad[6] = 1;
+        assert_eq!(field(&bad), "reserved");
+        let mut bad = good;
+        bad[47] = 1;
+        assert_eq!(field(&bad), "tail");
     }
 
     #[test]
@@ -368,6 +425,32 @@ mod tests {
         ];
         for c in frames {
             assert_eq!(Control::parse(&c.emit()), Ok(c));
+        }
+    }
+
+    proptest::proptest! {
+        /// Any bytes either parse into a frame that encodes back to the same bytes,
+        /// or are refused: no two encodings of one frame, nothing half-read.
+        #[test]
+        fn control_frames_parse_only_into_their_own_encoding(f in proptest::array::uniform16(0u8..)) {
+            if let Ok(c) = Control::parse(&f) {
+                proptest::prop_assert_eq!(c.emit(), f);
+            }
+        }
+
+        #[test]
+        fn every_attach_frame_encodes_back_to_its_bytes(f in proptest::collection::vec(0u8.., 48)) {
+            let mut f = f;
+            f[..4].copy_from_slice(ATTACH_MAGIC);
+            f[4] = VERSION;
+            f[5..8].fill(0);
+            f[44..].fill(0);
+            let ((lip, lport), (rip, rport)) = decode_attach(&f).unwrap();
+            let again = attach(
+                SocketAddr::new(IpAddr::V6(lip), lport),
+                SocketAddr::new(IpAddr::V6(rip), rport),
+            );
+            proptest::prop_assert_eq!(&again[..], &f[..]);
         }
     }
 
