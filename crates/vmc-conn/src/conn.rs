@@ -3,29 +3,21 @@
 //! two at exact byte boundaries.
 //!
 //! # Paths and boundaries
-//! Every connection starts on TCP. Each *direction* is owned by its sender, which may
-//! move it to the other path at any time: it announces `SWITCH { to, offset }` on the
-//! control socket, `offset` being the bytes it sent on the path it leaves, and from
-//! then on writes to the new path. The receiver keeps reading the old path until it
-//! has exactly `offset` bytes from it, then reads the new one. Nothing is lost,
-//! duplicated or reordered, and neither end waits for the other (XenVMC's send and
-//! receive sequence exchange).
-//!
-//! - TCP -> shm: the sender resumes its ring, then sends SWITCH (so the receiver,
-//!   which learns of the switch from the socket, finds the ring open).
-//! - shm -> TCP: the sender sends SWITCH, then pauses its ring. The receiver drains the
-//!   ring, sees it paused, and finds the SWITCH already queued on the socket; a paused
-//!   ring without a SWITCH is the real end of stream.
-//! - For good, from the receiving end (before exec, [`Conn::settle_on_tcp`]): the
-//!   receiver stops reading the ring, sends REWIND with the offset it reached and
-//!   closes its end; the sender, at its next use of the connection (a write, a
-//!   read, a readiness check), takes the unread bytes back out of its ring and puts
-//!   them on TCP ahead of everything else, and never returns to the ring. Our own
-//!   sending direction moves as above. Neither end waits for the other.
+//! Every connection starts on TCP, and each direction moves between TCP and the
+//! ring at exact byte boundaries, by the rules of [`crate::proto`]: its two
+//! machines decide, this file does what they decide (reads and writes on TCP and
+//! the ring, frames on the control channel of [`crate::control`], waits) and tells
+//! them what happened. The frames a thread reads from the control channel are
+//! sorted into one inbox per direction; each direction takes its own under its
+//! lock ([`Conn::rx_news`], [`Conn::tx_news`]).
 //!
 //! A shutdown while sending on the ring ends the stream on the ring; TCP's FIN
 //! follows once the direction is on TCP for good or the connection closes (a
 //! REWIND may still have bytes to put on TCP).
+//!
+//! Every blocking wait of a writer on the peer (room in the ring, the answer to a
+//! move, room in TCP) runs in slices and pleads at each (SPILL): two programs that
+//! both write far ahead before reading finish, as over TCP ([`Conn::wait_ring_room`]).
 //!
 //! # Setting up
 //! The client connects TCP and binds an offer socket named by the connection; the
@@ -49,6 +41,7 @@ use rustix::net::{recv, send, RecvFlags, SendFlags};
 use vmc_channel::{Channel, Offer, ReadHalf, WriteHalf};
 
 use crate::bell::{self, Bells, Nap};
+use crate::control::{ControlChannel, Drained, UnixControl};
 use crate::dirlock::{DirGuard, DirLock};
 use crate::fallback::Fallback;
 pub(crate) use crate::handshake::Call;
@@ -56,7 +49,7 @@ use crate::handshake::{Called, OfferSocket};
 use crate::proto::{Receiver, Rewind, RxStep, Sender};
 use crate::ready::{Interest, Ready, WaitSet};
 use crate::stats::{flag, Counters, Home};
-use crate::wire::{self, Control, Path, SWITCH_LEN};
+use crate::wire::{self, Control, Path};
 
 /// How long the accepting side's first blocking write waits for the client to
 /// answer its offer (see [`Conn::await_answer`]).
@@ -86,17 +79,16 @@ enum Setup {
 struct Parts {
     reader: Mutex<Option<ReadHalf>>,
     writer: Mutex<Option<WriteHalf>>,
-    /// The rings' wake-up eventfds, for event loops, and the control socket (the
-    /// channel's handshake socket), both alive as long as this handle.
+    /// The rings' wake-up eventfds, for event loops.
     wake: vmc_channel::WakeFds,
+    /// The protocol's frames to and from the peer.
+    ctl: Box<dyn ControlChannel>,
 }
 
 impl Parts {
-    /// The control socket.
+    /// What turns readable when a control frame may have come.
     fn ctl(&self) -> BorrowedFd<'_> {
-        self.wake
-            .control_fd()
-            .expect("a channel without a control socket is refused at install")
+        self.ctl.wait_fd()
     }
 }
 
@@ -114,9 +106,6 @@ struct Rx {
 /// under its lock.
 #[derive(Default)]
 struct CtlIn {
-    /// A partly received frame.
-    frame: [u8; SWITCH_LEN],
-    frame_len: usize,
     /// The peer's moves and SPILLs, in order, for our receiving side.
     for_rx: VecDeque<Control>,
     /// The peer's LEFT answers and REWIND, in order, for our sending side.
@@ -153,8 +142,6 @@ pub(crate) struct Conn {
     rx: DirLock<Rx>,
     tx: DirLock<Tx>,
     ctl_in: Mutex<CtlIn>,
-    /// Serialises control frames we send (both halves send).
-    ctl_out: Mutex<()>,
     /// Byte counters and published state, visible to `vmc stat`.
     home: Home,
     /// The state bits last published (see `stats::flag`).
@@ -342,7 +329,6 @@ impl Conn {
                 timeout: None,
             }),
             ctl_in: Mutex::new(CtlIn::default()),
-            ctl_out: Mutex::new(()),
             home,
             flags: AtomicU32::new(0),
             rx_blocked: AtomicU64::new(0),
@@ -434,15 +420,15 @@ impl Conn {
     }
 
     fn install(&self, channel: Channel) -> io::Result<()> {
-        if channel.control_fd().is_none() {
-            return Err(protocol("channel without a control socket"));
-        }
+        let ctl = UnixControl::new(channel.wake_fds())
+            .ok_or_else(|| protocol("channel without a control socket"))?;
         let wake = channel.wake_fds();
         let (r, w) = channel.split();
         let parts = Parts {
             reader: Mutex::new(Some(r)),
             writer: Mutex::new(Some(w)),
             wake,
+            ctl: Box::new(ctl),
         };
         if self.parts.set(parts).is_err() {
             return Err(protocol("channel attached twice"));
@@ -813,43 +799,28 @@ impl Conn {
             return Ok(());
         }
         let mut ctl = lock(&self.ctl_in);
-        loop {
-            let at = ctl.frame_len;
-            match recv(parts.ctl(), &mut ctl.frame[at..], RecvFlags::DONTWAIT) {
-                // The peer is gone (or exec'd): the data paths report it (as EOF
-                // after its last byte, or as a reset), the control socket has
-                // nothing more to say.
-                Ok((0, _)) | Err(rustix::io::Errno::CONNRESET) => {
-                    self.ctl_eof.store(true, Ordering::Release);
-                    return Ok(());
-                }
-                Ok((n, _)) => {
-                    ctl.frame_len += n;
-                    if ctl.frame_len == SWITCH_LEN {
-                        ctl.frame_len = 0;
-                        match Control::parse(&ctl.frame) {
-                            Ok(frame @ Control::Switch(_)) => {
-                                ctl.for_rx.push_back(frame);
-                                self.bells.ring(bell::RX);
-                            }
-                            Ok(frame @ Control::Spill(_)) => {
-                                ctl.for_rx.push_back(frame);
-                                self.spill_asked.store(true, Ordering::Release);
-                            }
-                            Ok(frame) => {
-                                ctl.for_tx.push_back(frame);
-                                self.tx_mail.store(true, Ordering::Release);
-                                self.bells.ring(bell::TX);
-                            }
-                            Err(e) => return Err(protocol(&e.to_string())),
-                        }
-                    }
-                }
-                Err(rustix::io::Errno::AGAIN) => return Ok(()),
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
+        let ctl = &mut *ctl;
+        let drained = parts.ctl.drain(&mut |frame| match frame {
+            Control::Switch(_) => {
+                ctl.for_rx.push_back(frame);
+                self.bells.ring(bell::RX);
             }
+            Control::Spill(_) => {
+                ctl.for_rx.push_back(frame);
+                self.spill_asked.store(true, Ordering::Release);
+            }
+            Control::LeftRing(_) | Control::LeftTcp(_) | Control::Rewind(_) => {
+                ctl.for_tx.push_back(frame);
+                self.tx_mail.store(true, Ordering::Release);
+                self.bells.ring(bell::TX);
+            }
+        })?;
+        // The peer is gone (or exec'd): the data paths report it (as EOF after its
+        // last byte, or as a reset), the control channel has nothing more to say.
+        if drained == Drained::Closed {
+            self.ctl_eof.store(true, Ordering::Release);
         }
+        Ok(())
     }
 
     /// Waits until TCP, the control socket or the handshake may have news.
@@ -1144,7 +1115,7 @@ impl Conn {
         }
         if let Some(plea) = tx.proto.spill() {
             tracing::debug!("vmc connection: a write waits for the peer; pleading {plea:?}");
-            self.send_control(plea.emit())?;
+            self.send_control(plea)?;
         }
         Ok(())
     }
@@ -1324,7 +1295,7 @@ impl Conn {
         let rewind = rx.proto.settle();
         self.publish(flag::RX_SHM, false);
         self.rx_settled.store(true, Ordering::Release);
-        self.send_control(rewind.emit())?;
+        self.send_control(rewind)?;
         // Closing our end wakes a peer blocked on a full ring.
         drop(reader);
         Ok(())
@@ -1404,32 +1375,14 @@ impl Conn {
     /// Sends a LEFT answer. A peer that is gone needs none, and its absence shows on
     /// the data paths, so a failure here is not an error of this read.
     fn answer(&self, frame: Control) {
-        if let Err(e) = self.send_control(frame.emit()) {
+        if let Err(e) = self.send_control(frame) {
             tracing::debug!("vmc connection: could not answer a switch: {e}");
         }
     }
 
-    fn send_control(&self, frame: [u8; SWITCH_LEN]) -> io::Result<()> {
+    fn send_control(&self, frame: Control) -> io::Result<()> {
         let parts = self.parts().ok_or_else(|| protocol("no control socket"))?;
-        let _serial = lock(&self.ctl_out);
-        let mut sent = 0;
-        while sent < frame.len() {
-            match send(parts.ctl(), &frame[sent..], SendFlags::NOSIGNAL) {
-                Ok(n) => sent += n,
-                Err(rustix::io::Errno::INTR) => {}
-                // A listener's socket is non-blocking: wait for room as a blocking
-                // one would.
-                Err(rustix::io::Errno::AGAIN) => {
-                    let mut fds = [PollFd::from_borrowed_fd(parts.ctl(), PollFlags::OUT)];
-                    match poll(&mut fds, None) {
-                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
+        parts.ctl.send(frame)
     }
 
     /// Moves our sending direction to `to` at the current byte boundary. True if a
@@ -1448,7 +1401,7 @@ impl Conn {
             self.serve_rewind(tx)?;
             return Ok(true);
         }
-        let switch = tx.proto.switch_to(to).emit();
+        let switch = tx.proto.switch_to(to);
         match to {
             Path::Shm => {
                 if tx.ring.is_none() {

@@ -13,6 +13,8 @@
 //! - `handshake.rs`: how the two ends of a connection meet (offer sockets named by
 //!   the connection, called by whichever process accepted it).
 //! - `conn.rs`: the per-connection state machine (paths, boundaries, set-up).
+//! - `proto/`: the path-switching protocol as two state machines without I/O, and
+//!   its seeded simulation; `control.rs`: the channel its frames travel on.
 //! - `bell.rs`: how one thread wakes another waiting on the same connection.
 //! - [`wire`]: the messages on the Unix socket beside each connection.
 //! - [`stats`]: live connections of this user, for `vmc stat`.
@@ -20,6 +22,7 @@
 
 mod bell;
 mod conn;
+mod control;
 mod dirlock;
 mod fallback;
 mod handshake;
