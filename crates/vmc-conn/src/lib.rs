@@ -12,7 +12,10 @@
 //! - [`Fallback`]: why a connection stays on TCP.
 //! - `handshake.rs`: how the two ends of a connection meet (offer sockets named by
 //!   the connection, called by whichever process accepted it).
-//! - `conn.rs`: the per-connection state machine (paths, boundaries, set-up).
+//! - `conn/`: one connection, the driver of the protocol machines: set-up and state
+//!   (`mod.rs`), receiving (`recv.rs`), sending (`send.rs`), control frames
+//!   (`frames.rs`), moving to TCP for good (`settle.rs`), event-loop readiness
+//!   (`readiness.rs`).
 //! - `proto/`: the path-switching protocol as two state machines without I/O, and
 //!   its seeded simulation; `control.rs`: the channel its frames travel on.
 //! - `bell.rs`: how one thread wakes another waiting on the same connection.

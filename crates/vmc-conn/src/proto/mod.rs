@@ -1,6 +1,6 @@
 //! The path-switching protocol of one connection, as two state machines that do no
 //! I/O, read no clock and take no lock: [`Sender`] for the direction this end sends,
-//! [`Receiver`] for the one it receives. `conn.rs` drives them: it feeds them what
+//! [`Receiver`] for the one it receives. `conn/` drives them: it feeds them what
 //! happened (bytes written or read on a path, a control frame from the peer, a ring
 //! found empty) and performs what they decide (send this frame, resume or pause the
 //! ring, read TCP up to here, take bytes back from the ring). The seeded simulation in

@@ -1,5 +1,5 @@
 //! Seeded simulation of one direction of a connection: the real [`Sender`] and
-//! [`Receiver`] machines, driven by the rules `conn.rs` follows, over a simulated
+//! [`Receiver`] machines, driven by the rules `conn/` follows, over a simulated
 //! TCP connection (bytes in flight for a random time), a ring (bounded, pausable,
 //! closable by its reader, as `vmc_channel`'s), and a control channel in each
 //! direction (frames visible to the other end as soon as they are sent, like a Unix
@@ -68,7 +68,7 @@ enum RingRead {
     /// Empty and paused or shut: the reader looks for a SWITCH, else it is the end.
     Ended,
     Empty,
-    /// Empty, and the writer is dead: the read fails (conn.rs reports the end of
+    /// Empty, and the writer is dead: the read fails (`conn/recv.rs` reports the end of
     /// the stream or a reset).
     Dead,
 }

@@ -1,0 +1,143 @@
+//! Moving a connection to TCP for good, exact at the byte, without waiting for
+//! the peer to act (before exec, or for another process after fork).
+
+use super::*;
+
+impl Conn {
+    /// Moves both directions to TCP for good, at exact byte boundaries, without
+    /// waiting for the peer to act (before exec: the new program image cannot use
+    /// the rings). Receiving: we stop reading the ring and tell the peer where
+    /// (REWIND); it sends everything from there on TCP, whenever it next runs.
+    /// Sending: as [`Conn::set_tx_path`] to TCP, which may need the peer's answer
+    /// to an earlier move; `patience` bounds that wait, and the wait for another
+    /// thread of ours that holds a direction.
+    pub(crate) fn settle_on_tcp(&self, patience: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + patience;
+        self.settle_receiving(deadline)?;
+        self.settle_sending(deadline)
+    }
+
+    /// [`Conn::settle_on_tcp`], first step: the receiving direction (REWIND).
+    /// Doing it for every connection before the second step lets two ends that
+    /// settle at once (in one process, before exec) each find the other's REWIND
+    /// when they move their sending direction.
+    pub(crate) fn settle_receiving(&self, deadline: Instant) -> io::Result<()> {
+        // Only an offer made may have a channel on the other side already: wait
+        // for its answer, give anything earlier up at once.
+        let offered = || matches!(*lock(&self.setup), Setup::Offered(_));
+        while self.is_pending() && offered() && Instant::now() < deadline {
+            self.advance();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.is_pending() {
+            // For good means now: the handshake ends here, unfinished (the peer
+            // falls back when its side of it goes away).
+            let mut setup = lock(&self.setup);
+            if self.is_pending() {
+                *setup = Setup::Done;
+                self.give_up(Fallback::Handshake(
+                    "moved to TCP for good before the handshake finished".into(),
+                ));
+            }
+        }
+        if !self.is_accelerated() || self.rx_settled.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut rx = lock_until(&self.rx, deadline).ok_or_else(busy)?;
+        if !self.is_accelerated() || self.rx_settled.load(Ordering::Acquire) {
+            // Another thread settled it while we waited for the lock.
+            return Ok(());
+        }
+        self.settle_rx_locked(&mut rx)
+    }
+
+    /// Stops reading the ring for good: REWIND tells the peer from where to send
+    /// everything again, on TCP.
+    pub(super) fn settle_rx_locked(&self, rx: &mut Rx) -> io::Result<()> {
+        let parts = self.parts().ok_or_else(|| protocol("no channel"))?;
+        let reader = rx.ring.take().or_else(|| lock(&parts.reader).take());
+        debug_assert_eq!(
+            reader.as_ref().map_or(0, |r| r.position()),
+            rx.proto.received(Path::Shm)
+        );
+        // From here on the receiving side reads TCP only, whatever the peer says.
+        let rewind = rx.proto.settle();
+        self.publish(flag::RX_SHM, false);
+        self.rx_settled.store(true, Ordering::Release);
+        self.send_control(rewind)?;
+        // Closing our end wakes a peer blocked on a full ring.
+        drop(reader);
+        Ok(())
+    }
+
+    /// [`Conn::settle_on_tcp`], second step: the sending direction (serving the
+    /// peer's REWIND if it sent one, else a SWITCH), then the connection is plain.
+    pub(crate) fn settle_sending(&self, deadline: Instant) -> io::Result<()> {
+        self.settle_receiving(deadline)?;
+        if !self.is_accelerated() {
+            return Ok(());
+        }
+        let mut tx = lock_until(&self.tx, deadline).ok_or_else(busy)?;
+        if !self.is_accelerated() {
+            return Ok(());
+        }
+        self.read_control()?;
+        self.tx_news(&mut tx)?;
+        tx.proto.settle();
+        if tx.proto.rewind_asked() {
+            self.serve_rewind(&mut tx)?;
+        } else if tx.proto.path() == Path::Shm && !tx.proto.is_shut() {
+            let own = tx.timeout;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            tx.timeout = Some(left);
+            let moved = self.move_tx(&mut tx, Path::Tcp, false);
+            tx.timeout = own;
+            moved?;
+            self.await_peer_verdict(&mut tx, deadline)?;
+        }
+        if tx.proto.take_fin() {
+            self.tcp.shutdown(Shutdown::Write)?;
+        }
+        self.state.store(PLAIN, Ordering::Release);
+        self.publish(flag::ACCELERATED, false);
+        Ok(())
+    }
+
+    /// After moving our sending direction off the ring for good: if the ring still
+    /// holds bytes the peer has not read, the peer either reads them (LEFT_RING)
+    /// or is moving to TCP for good itself and asks for them again (REWIND), which
+    /// must be served before our connection stops looking at the control socket.
+    /// Waits for one or the other until `deadline`.
+    pub(super) fn await_peer_verdict(&self, tx: &mut Tx, deadline: Instant) -> io::Result<()> {
+        let Some(parts) = self.parts() else {
+            return Ok(());
+        };
+        while tx.ring.as_mut().is_some_and(|r| r.queued() > 0) {
+            self.read_control()?;
+            self.tx_news(tx)?;
+            if tx.proto.rewind_asked() {
+                return self.serve_rewind(tx);
+            }
+            if !tx.proto.tcp_waits_for_ring() || self.ctl_eof.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            let slice = left.min(Duration::from_millis(10));
+            let ts = Timespec {
+                tv_sec: 0,
+                tv_nsec: slice.as_nanos() as i64,
+            };
+            let mut fds = [PollFd::from_borrowed_fd(parts.ctl(), PollFlags::IN)];
+            match poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
