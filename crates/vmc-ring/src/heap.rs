@@ -78,18 +78,12 @@ pub fn ring_pair(capacity: usize) -> (Producer, Consumer) {
 /// A fresh ring of `capacity` bytes whose atomics and cells are loom's.
 #[cfg(loom)]
 pub fn ring_pair(capacity: usize) -> (Producer, Consumer) {
-    use crate::layout::{Line, RingControl, RingState};
+    use crate::layout::{Index, Line, RingControl, RingState};
     use crate::ring::RingMem;
-    use crate::sync::{AtomicU32, AtomicU64};
     let ctl = Arc::new(RingControl {
-        tail: Line(AtomicU64::new(0)),
-        head: Line(AtomicU64::new(0)),
-        state: Line(RingState {
-            reader_sleep: AtomicU32::new(0),
-            writer_sleep: AtomicU32::new(0),
-            writer_closed: AtomicU32::new(0),
-            reader_closed: AtomicU32::new(0),
-        }),
+        tail: Line(Index::new(0)),
+        head: Line(Index::new(0)),
+        state: Line(RingState::new()),
     });
     let ptr = NonNull::from(&*ctl);
     let data: Arc<[loom::cell::UnsafeCell<u8>]> = (0..capacity)

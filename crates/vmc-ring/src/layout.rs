@@ -49,9 +49,38 @@ pub const MIN_CAPACITY: usize = 16;
 /// Largest ring capacity accepted: 1 GiB per direction.
 pub const MAX_CAPACITY: usize = 1 << 30;
 
-/// One 128-byte line of the header (see the module docs for why 128).
+/// One 128-byte line of the header (see the module docs for why 128). What it holds
+/// fills it to the end with atomics: no byte of the header is plain memory (not
+/// even padding), so a reference to any part of it never races with a peer that
+/// writes anywhere in it (Miri's scribble runs check exactly that).
 #[repr(C, align(128))]
 pub struct Line<T>(pub(crate) T);
+
+/// A ring index (the producer's tail or the consumer's head), alone on its line.
+#[repr(C)]
+pub struct Index {
+    value: AtomicU64,
+    _rest: [AtomicU64; 15],
+}
+
+impl core::ops::Deref for Index {
+    type Target = AtomicU64;
+    fn deref(&self) -> &AtomicU64 {
+        &self.value
+    }
+}
+
+impl Index {
+    /// An index at `v` (the header is zeroed memory otherwise; loom's rings are
+    /// built in the heap).
+    #[cfg(loom)]
+    pub(crate) fn new(v: u64) -> Index {
+        Index {
+            value: AtomicU64::new(v),
+            _rest: core::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
 
 /// The identity block: written once by the creator.
 #[repr(C)]
@@ -62,6 +91,7 @@ pub struct Identity {
     pub(crate) ring_capacity: AtomicU64,
     pub(crate) ring_offset: [AtomicU64; 2],
     pub(crate) segment_len: AtomicU64,
+    _rest: [AtomicU64; 10],
 }
 
 /// What one endpoint says about itself. Read by the peer for diagnostics and to know
@@ -74,15 +104,16 @@ pub struct SideBlock {
     pub(crate) pid: AtomicU32,
     /// How the endpoint sleeps, one of [`WakeKind`] as `u32`.
     pub(crate) wake_kind: AtomicU32,
+    _rest: [AtomicU32; 29],
 }
 
 /// Control block of one ring: three lines, one per writer.
 #[repr(C)]
 pub struct RingControl {
     /// Bytes ever produced. Written only by the producer.
-    pub(crate) tail: Line<AtomicU64>,
+    pub(crate) tail: Line<Index>,
     /// Bytes ever consumed. Written only by the consumer.
-    pub(crate) head: Line<AtomicU64>,
+    pub(crate) head: Line<Index>,
     /// Sleep announcements and close flags: written rarely, by either side.
     pub(crate) state: Line<RingState>,
 }
@@ -98,6 +129,21 @@ pub struct RingState {
     pub(crate) writer_closed: AtomicU32,
     /// Non-zero once the consumer will read no more (writes fail, like EPIPE).
     pub(crate) reader_closed: AtomicU32,
+    _rest: [AtomicU32; 28],
+}
+
+impl RingState {
+    /// All words zero.
+    #[cfg(loom)]
+    pub(crate) fn new() -> RingState {
+        RingState {
+            reader_sleep: AtomicU32::new(0),
+            writer_sleep: AtomicU32::new(0),
+            writer_closed: AtomicU32::new(0),
+            reader_closed: AtomicU32::new(0),
+            _rest: core::array::from_fn(|_| AtomicU32::new(0)),
+        }
+    }
 }
 
 /// The whole header as it lies at offset 0 of a segment.
@@ -112,6 +158,11 @@ pub struct ChannelHeader {
 #[cfg(not(loom))]
 const _: () = {
     use core::mem::{offset_of, size_of};
+    // Each line filled by its contents: no padding anywhere.
+    assert!(size_of::<Identity>() == 128);
+    assert!(size_of::<SideBlock>() == 128);
+    assert!(size_of::<Index>() == 128);
+    assert!(size_of::<RingState>() == 128);
     assert!(size_of::<Line<Identity>>() == 128);
     assert!(size_of::<Line<SideBlock>>() == 128);
     assert!(size_of::<RingControl>() == 384);

@@ -85,9 +85,10 @@ fn channel(cap: usize) -> (Arc<AlignedBlock>, ChannelLayout, Endpoint, Endpoint)
 fn word64(mem: &AlignedBlock, off: usize) -> &AtomicU64 {
     assert!(off % 8 == 0 && off + 8 <= mem.len());
     // SAFETY: the block is page aligned and `off` is 8-aligned and in bounds, so the
-    // address is valid and aligned for an AtomicU64 for as long as `mem` lives. In the
-    // header every field is an atomic (or padding nobody reads), and this word is
-    // only ever accessed atomically with this size (see `U32_PAIRS` for the rest).
+    // address is valid and aligned for an AtomicU64 for as long as `mem` lives. Every
+    // byte of the header lies inside an atomic (the layout has no padding, see
+    // `layout::Line`), and this word is only ever accessed atomically with this size
+    // (see `U32_PAIRS` for the rest).
     // In a data area the ring copies bytes non-atomically: that is exactly what a
     // peer process writing the shared mapping does, and the ring is built to
     // tolerate it (it never trusts or re-reads a data byte for control purposes).
@@ -97,8 +98,8 @@ fn word64(mem: &AlignedBlock, off: usize) -> &AtomicU64 {
 /// The 32-bit word at `off` (4-aligned) in the block, as an atomic.
 fn word32(mem: &AlignedBlock, off: usize) -> &AtomicU32 {
     assert!(off % 4 == 0 && off + 4 <= HEADER_LEN);
-    // SAFETY: as in `word64`; these are the header's `u32` atomics (or padding next
-    // to them), accessed with the same size as the ring's own accesses.
+    // SAFETY: as in `word64`; these are the header's `u32` atomics, accessed with the
+    // same size as the ring's own accesses.
     unsafe { &*(mem.ptr().as_ptr().add(off) as *const AtomicU32) }
 }
 
@@ -631,4 +632,43 @@ fn forged_close_flags_only_end_the_stream() {
         assert!(tx.is_reader_closed());
         c.other_ring_works();
     }
+}
+
+/// For Miri, which checks every access for data races and aliasing violations: a
+/// producer and a consumer make a few hundred calls while a third thread scribbles
+/// over the header words a peer can reach (indices, close flags, sleep words,
+/// identity, padding). Nothing here is timed, so the interpreter's slowness only
+/// makes it slow; every call must return (bytes or an error), and no reference the
+/// ring makes into the header may race with the scribbles. (Run with
+/// `cargo +nightly miri test -p vmc-ring --test scribble miri_`.)
+#[test]
+fn miri_header_scribbles_race_with_no_reference() {
+    const CALLS: usize = 300;
+    let (mem, _layout, a, b) = channel(16);
+    let scribbler = {
+        let mem = mem.clone();
+        let mut rng = Rng::new(seed());
+        thread::spawn(move || {
+            for _ in 0..CALLS {
+                let off = 8 * rng.below(1152 / 8) as usize;
+                scribble_header(&mem, off, rng.next() % 64);
+            }
+        })
+    };
+    let producer = thread::spawn(move || {
+        let mut tx = a.tx;
+        for i in 0..CALLS {
+            let _ = tx.write(&[i as u8; 5]);
+        }
+    });
+    let consumer = thread::spawn(move || {
+        let mut rx = b.rx;
+        let mut buf = [0u8; 7];
+        for _ in 0..CALLS {
+            let _ = rx.read(&mut buf);
+        }
+    });
+    scribbler.join().unwrap();
+    producer.join().unwrap();
+    consumer.join().unwrap();
 }
