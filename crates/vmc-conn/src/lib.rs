@@ -22,6 +22,8 @@ mod bell;
 mod conn;
 mod dirlock;
 mod fallback;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod handshake;
 mod listener;
 mod net;
