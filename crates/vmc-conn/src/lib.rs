@@ -28,6 +28,8 @@ mod conn;
 mod control;
 mod dirlock;
 mod fallback;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod handshake;
 mod listener;
 mod net;

@@ -1134,7 +1134,7 @@ fn reap_stale_tmp(dir: &SegmentDir, name: &str) -> bool {
 
 /// The port of a well-formed entry file name
 /// `l-<port>-<letters, digits and '-'>.json`, or `None`.
-fn parse_entry_name(name: &str) -> Option<u16> {
+pub(crate) fn parse_entry_name(name: &str) -> Option<u16> {
     let rest = name
         .strip_prefix(ENTRY_PREFIX)?
         .strip_suffix(ENTRY_SUFFIX)?;
@@ -1152,7 +1152,7 @@ fn parse_entry_name(name: &str) -> Option<u16> {
 }
 
 /// Parses and checks an entry file's content.
-fn parse_entry(buf: &[u8], name_port: u16, owner: u32) -> Result<ListenerEntry, String> {
+pub(crate) fn parse_entry(buf: &[u8], name_port: u16, owner: u32) -> Result<ListenerEntry, String> {
     let value: serde_json::Value =
         serde_json::from_slice(buf).map_err(|e| format!("is not valid JSON: {e}"))?;
     match value.get("version").and_then(|v| v.as_u64()) {
@@ -1233,7 +1233,7 @@ fn rank(dst: SocketAddr, own: Option<NetNs>, entry: &ListenerEntry) -> Option<(u
 }
 
 /// Keeps the entries that match `dst` and sorts them best first.
-fn rank_candidates(
+pub(crate) fn rank_candidates(
     dst: SocketAddr,
     own: Option<NetNs>,
     entries: Vec<ListenerEntry>,

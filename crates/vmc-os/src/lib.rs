@@ -40,6 +40,8 @@
 
 pub mod fdpass;
 pub mod fdspace;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod interrupt;
 pub mod mapping;
 pub mod proc;

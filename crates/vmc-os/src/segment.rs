@@ -659,7 +659,7 @@ impl SegmentDir {
 /// Checks that a name is a well-formed `chan-*` segment name: the prefix
 /// followed by ASCII letters, digits and `-` only (so no `/`, no `..`, no
 /// NUL), at most 200 bytes.
-fn validate_chan_name(name: &str) -> Result<(), &'static str> {
+pub(crate) fn validate_chan_name(name: &str) -> Result<(), &'static str> {
     let Some(rest) = name.strip_prefix(CHAN_PREFIX) else {
         return Err("does not start with \"chan-\"");
     };
