@@ -23,17 +23,19 @@
 //!   poll(TCP, control socket, eventfd)
 //! ```
 //!
-//! Registering and reading `rung` on one side, incrementing it and reading the
-//! registration on the other, each with a sequentially consistent fence between,
-//! means at least one of the two sees the other: the sleeper sees the new count, or
-//! the ringer sees the sleeper and wakes it.
+//! That protocol is [`vmc_os::sync::EventCount`] (argued there, and checked by
+//! vmc-os's loom models). Event loops watch the connection's own descriptors
+//! instead: a ringer notifies them after the eventcount's fence, and a loop
+//! publishes them, then fences, then looks, so one of the two sees the other in the
+//! same way.
 
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use vmc_os::sync::EventCount;
 use vmc_os::EventFd;
 
 /// The receiving half's bell.
@@ -44,11 +46,8 @@ pub(crate) const TX: usize = 1;
 /// A connection's two bells.
 #[derive(Default)]
 pub(crate) struct Bells {
-    /// Times each bell was rung.
-    rung: [AtomicU64; 2],
-    /// A thread sleeps on this half and lent its eventfd (in `sleeper`).
-    sleeping: [AtomicBool; 2],
-    sleeper: [Mutex<Option<Arc<ThreadBell>>>; 2],
+    /// Each half's eventcount, with the eventfd its sleeper lent.
+    halves: [EventCount<Arc<ThreadBell>>; 2],
     /// For event loops, which watch a descriptor of the connection's own.
     loops: OnceLock<[EventFd; 2]>,
 }
@@ -60,22 +59,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Bells {
     /// The count to pass to [`Bells::sleep`]: take it before looking at the state.
     pub(crate) fn mark(&self, half: usize) -> u64 {
-        self.rung[half].load(Ordering::SeqCst)
+        self.halves[half].mark()
     }
 
     /// Tells whoever waits on `half` to look again. Call after changing the state.
     pub(crate) fn ring(&self, half: usize) {
-        self.rung[half].fetch_add(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
+        let sleeper = self.halves[half].ring();
+        // After the eventcount's fence (see the module docs).
         if let Some(b) = self.loops.get() {
             notify(&b[half]);
         }
-        if self.sleeping[half].load(Ordering::SeqCst) {
-            if let Some(b) = lock(&self.sleeper[half]).as_ref() {
-                if let Some(fd) = b.get() {
-                    notify(fd);
-                }
-            }
+        if let Some(fd) = sleeper.as_deref().and_then(ThreadBell::get) {
+            notify(fd);
         }
     }
 
@@ -86,16 +81,14 @@ impl Bells {
         let Some(bell) = thread_bell() else {
             return Nap::NoBell;
         };
-        *lock(&self.sleeper[half]) = Some(bell.clone());
-        self.sleeping[half].store(true, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
+        let quiet = self.halves[half].sleep(mark, bell.clone());
         let sleep = Sleep {
             bells: self,
             half,
             bell,
             fired: false,
         };
-        if self.rung[half].load(Ordering::SeqCst) != mark {
+        if !quiet {
             return Nap::Rung;
         }
         Nap::Sleep(sleep)
@@ -147,8 +140,7 @@ impl Sleep<'_> {
 
 impl Drop for Sleep<'_> {
     fn drop(&mut self) {
-        self.bells.sleeping[self.half].store(false, Ordering::SeqCst);
-        *lock(&self.bells.sleeper[self.half]) = None;
+        self.bells.halves[self.half].unregister();
         // A notification that came after the poll returned is left for this
         // thread's next sleep, which then looks once more for nothing: harmless.
         if self.fired {

@@ -26,7 +26,6 @@
 mod bell;
 mod conn;
 mod control;
-mod dirlock;
 mod fallback;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

@@ -28,6 +28,10 @@
 //!   with ordinary sockets;
 //! * polling with a [`Backoff`], for peers in other VMs where neither exists.
 //!
+//! The words threads and processes coordinate through besides the rings (a
+//! connection direction's lock, the eventcount of its bells, the claim word of a
+//! connection shared by `fork`) are in [`sync`], each checked by a loom model.
+//!
 //! # Liveness
 //!
 //! * the Unix socket a memfd came over: [`hung_up`] turns true when the peer
@@ -47,6 +51,7 @@ pub mod mapping;
 pub mod proc;
 pub mod segment;
 pub mod sockdiag;
+pub mod sync;
 pub mod unix;
 pub mod wake;
 

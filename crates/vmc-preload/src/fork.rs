@@ -44,6 +44,8 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vmc_os::sync::{Claim, Requests};
+
 use crate::table::{self, Sock};
 
 /// Bumped by every fork (in the parent, before it; the child inherits the value).
@@ -54,11 +56,6 @@ static FORKER: AtomicU32 = AtomicU32::new(0);
 /// How long a process that does not own a forked connection waits for the owner
 /// to move it to TCP before its call fails with `EIO`.
 pub(crate) const TAKE_OVER_WAIT: Duration = Duration::from_secs(2);
-
-/// Claim word bits: the owner's pid, and the take-over handshake.
-const PID_MASK: u32 = (1 << 30) - 1;
-const SETTLED: u32 = 1 << 30;
-const REQUEST: u32 = 1 << 31;
 
 /// Claim pages a connection remembers (one per fork since it was made; the
 /// oldest are forgotten, and their other processes can no longer take over).
@@ -102,6 +99,10 @@ impl Page {
         // as long as `self`; AtomicU32 has the layout of u32.
         unsafe { &*self.words.add(i) }
     }
+
+    fn claim(&self, i: usize) -> Claim<'_> {
+        Claim::new(self.word(i))
+    }
 }
 
 impl Drop for Page {
@@ -136,12 +137,12 @@ pub(crate) fn init() {
     }
 }
 
-fn requests() -> Option<&'static AtomicU32> {
+fn requests() -> Option<Requests<'static>> {
     let p = REQUESTS.load(Ordering::Acquire);
     // SAFETY: a non-null pointer here came from `Box::into_raw` in `init` and is
     // never freed (the counter lives as long as the process).
     let page = unsafe { p.as_ref() }?;
-    Some(page.word(0))
+    Some(Requests::new(page.word(0)))
 }
 
 /// True if another process asked for a connection since this one last looked:
@@ -149,7 +150,7 @@ fn requests() -> Option<&'static AtomicU32> {
 /// wait in vmc ends and the hook serves it.
 #[inline]
 pub(crate) fn requests_pending() -> bool {
-    requests().is_some_and(|w| w.load(Ordering::Acquire) != SEEN.load(Ordering::Relaxed))
+    requests().is_some_and(|r| r.count() != SEEN.load(Ordering::Relaxed))
 }
 
 /// A connection's ownership across forks.
@@ -197,14 +198,9 @@ impl Owner {
         if self.gen.load(Ordering::Relaxed) == now {
             return !self.lost.load(Ordering::Relaxed);
         }
-        let me = std::process::id() & PID_MASK;
         let won = match claims.last() {
             Some((page, i)) if !self.lost.load(Ordering::Relaxed) => {
-                let w = page.word(*i);
-                match w.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => true,
-                    Err(owner) => owner & PID_MASK == me,
-                }
+                page.claim(*i).claim(std::process::id())
             }
             Some(_) => false,
             // No slot (the fork happened while another thread held this entry):
@@ -229,43 +225,39 @@ impl Owner {
             && !self.lost.load(Ordering::Relaxed)
     }
 
-    /// The word of the claim this process lost, if it lost one.
-    fn lost_word<R>(&self, f: impl FnOnce(&AtomicU32) -> R) -> Option<R> {
+    /// The claim this process lost, if it lost one.
+    fn lost_claim<R>(&self, f: impl FnOnce(Claim<'_>) -> R) -> Option<R> {
         if !self.lost.load(Ordering::Relaxed) {
             return None;
         }
         let claims = self.claims();
         let (page, i) = claims.last()?;
-        Some(f(page.word(*i)))
+        Some(f(page.claim(*i)))
     }
 
     /// The owner moved the connection to TCP for good: this process may use the
     /// kernel socket as it is.
     pub(crate) fn settled_elsewhere(&self) -> bool {
-        self.lost_word(|w| w.load(Ordering::Acquire) & SETTLED != 0)
-            .unwrap_or(false)
+        self.lost_claim(|c| c.state().settled()).unwrap_or(false)
     }
 
     /// Another process asked this (owning) process to move the connection to TCP.
     fn requested(&self) -> bool {
-        let me = std::process::id() & PID_MASK;
+        let me = std::process::id();
         // Our pid in the word is what says we own it (the claim may be finishing
         // on another thread right now: the generation is stored after the word).
         !self.lost.load(Ordering::Relaxed)
-            && self.claims().iter().any(|(page, i)| {
-                let w = page.word(*i).load(Ordering::Acquire);
-                w & REQUEST != 0 && w & SETTLED == 0 && w & PID_MASK == me
-            })
+            && self
+                .claims()
+                .iter()
+                .any(|(page, i)| page.claim(*i).requested_of(me))
     }
 
     /// Marks every claim this process holds as settled.
     fn mark_settled(&self) {
-        let me = std::process::id() & PID_MASK;
+        let me = std::process::id();
         for (page, i) in self.claims().iter() {
-            let w = page.word(*i);
-            if w.load(Ordering::Acquire) & PID_MASK == me {
-                w.fetch_or(SETTLED, Ordering::AcqRel);
-            }
+            page.claim(*i).mark_settled(me);
         }
     }
 }
@@ -276,19 +268,19 @@ impl Owner {
 /// the kernel); false if the owner did not answer in time (the call fails with
 /// `EIO`).
 pub(crate) fn take_over(s: &crate::table::Stream) -> bool {
-    let Some(owner) = s.owner.lost_word(|w| w.fetch_or(REQUEST, Ordering::AcqRel)) else {
+    let Some(owner) = s.owner.lost_claim(|c| c.request()) else {
         return false;
     };
-    if owner & SETTLED != 0 {
+    if owner.settled() {
         return true;
     }
     tracing::debug!(
-        owner = owner & PID_MASK,
+        owner = owner.owner(),
         "a forked connection owned by another process: asking it to move to TCP"
     );
-    if let Some(w) = requests() {
-        w.fetch_add(1, Ordering::AcqRel);
-        let _ = vmc_os::futex_wake(w, u32::MAX);
+    if let Some(r) = requests() {
+        r.ask();
+        let _ = vmc_os::futex_wake(r.word(), u32::MAX);
     }
     let started = Instant::now();
     let mut kicks = 0u32;
@@ -301,7 +293,7 @@ pub(crate) fn take_over(s: &crate::table::Stream) -> bool {
             s.kick();
         }
         kicks += 1;
-        let pid = (owner & PID_MASK) as libc::pid_t;
+        let pid = owner.owner() as libc::pid_t;
         // SAFETY: signal 0 only checks that the process exists.
         if pid > 0 && unsafe { libc::kill(pid, 0) } != 0 && crate::errno() == libc::ESRCH {
             // Gone without settling (killed, or `_exit`): nobody can move the rings.
@@ -312,7 +304,7 @@ pub(crate) fn take_over(s: &crate::table::Stream) -> bool {
     tracing::warn!(
         "a forked connection owned by process {} did not move to TCP within {:?}: \
          this process's calls on it fail with EIO",
-        owner & PID_MASK,
+        owner.owner(),
         TAKE_OVER_WAIT
     );
     false
@@ -334,11 +326,11 @@ fn ensure_helper() {
         .spawn(|| {
             // This thread runs no program code: everything it does is vmc's.
             let Some(_g) = crate::enter() else { return };
-            let Some(w) = requests() else { return };
+            let Some(r) = requests() else { return };
             loop {
                 let seen = SEEN.load(Ordering::Acquire);
-                if w.load(Ordering::Acquire) == seen {
-                    let _ = vmc_os::futex_wait(w, seen, Some(Duration::from_secs(1)));
+                if r.count() == seen {
+                    let _ = vmc_os::futex_wait(r.word(), seen, Some(Duration::from_secs(1)));
                     continue;
                 }
                 if !serve_requests() || SEEN.load(Ordering::Acquire) == seen {
@@ -360,8 +352,8 @@ fn ensure_helper() {
 /// ending, until each asked-for connection has moved: a thread of ours blocked on
 /// one must come out of its wait and let go of it first.
 pub(crate) fn serve_requests() -> bool {
-    let Some(w) = requests() else { return false };
-    let now = w.load(Ordering::Acquire);
+    let Some(r) = requests() else { return false };
+    let now = r.count();
     if now == SEEN.load(Ordering::Acquire) {
         return false;
     }

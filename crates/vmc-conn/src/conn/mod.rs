@@ -48,7 +48,6 @@ use vmc_channel::{Channel, Offer, ReadHalf, WriteHalf};
 
 use crate::bell::{self, Bells, Nap};
 use crate::control::{ControlChannel, Drained, UnixControl};
-use crate::dirlock::{DirGuard, DirLock};
 use crate::fallback::Fallback;
 pub(crate) use crate::handshake::Call;
 use crate::handshake::{Called, OfferSocket};
@@ -56,6 +55,7 @@ use crate::proto::{Receiver, Rewind, RxStep, Sender};
 use crate::ready::{Interest, Ready, WaitSet};
 use crate::stats::{flag, Counters, Home};
 use crate::wire::{self, Control, Path};
+use vmc_os::sync::{DirGuard, DirLock};
 
 /// How long the accepting side's first blocking write waits for the client to
 /// answer its offer (see [`Conn::await_answer`]).
