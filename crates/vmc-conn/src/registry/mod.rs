@@ -66,12 +66,13 @@
 //! and nobody ever blocks on a lock, so any number of processes can register,
 //! look up and reap at the same time.
 
+mod cache;
 mod entry;
 mod netns;
 mod rank;
 mod store;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
@@ -82,12 +83,14 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 use vmc_os::segment::ofd_locked_by_other;
 use vmc_os::SegmentDir;
 
+use cache::Cache;
+pub use cache::MTIME_SLACK;
 pub(crate) use entry::{parse_entry, parse_entry_name};
 pub use entry::{ListenerEntry, ENTRY_PREFIX, ENTRY_SUFFIX, ENTRY_VERSION};
 use entry::{MAX_ENTRY_LEN, TMP_ENTRY_PREFIX};
@@ -218,10 +221,8 @@ pub struct Registry {
     /// Entry files opened so far (lets tests check lookups skip files of
     /// other ports by name).
     opened: AtomicU64,
-    /// Lookups, per port (see "Cached lookups" in the module documentation),
-    /// with the fork generation of the process that made them.
-    /// Shared so that a look checks a cached port's locks outside the lock.
-    cache: Mutex<(u64, HashMap<u16, Arc<PortCache>>)>,
+    /// Lookups, per port (see "Cached lookups" in the module documentation).
+    cache: Cache,
 }
 
 impl fmt::Debug for Registry {
@@ -230,20 +231,6 @@ impl fmt::Debug for Registry {
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
-}
-
-/// How old a directory mtime must be for a look at the directory to be cached:
-/// more than the kernel's coarse clock can lag behind the real time.
-pub const MTIME_SLACK: Duration = Duration::from_millis(50);
-
-/// Most ports whose lookups are cached (each keeps its entries' files open).
-const CACHED_PORTS: usize = 64;
-
-/// The live entries of one port at the last look, with their open files.
-struct PortCache {
-    /// The directory's mtime then.
-    mtime: (i64, u32),
-    entries: Vec<(ListenerEntry, File)>,
 }
 
 /// What reading one entry file gave.
@@ -318,7 +305,7 @@ impl Registry {
             dir: Mutex::new(Arc::new(dir)),
             warned: Mutex::new(HashSet::new()),
             opened: AtomicU64::new(0),
-            cache: Mutex::new((vmc_os::proc::fork_generation(), HashMap::new())),
+            cache: Cache::new(),
         })
     }
 
@@ -505,57 +492,13 @@ impl Registry {
     /// look at the directory (cached if it can be trusted later).
     fn entries_of(&self, port: u16) -> io::Result<Vec<ListenerEntry>> {
         let (dir, mtime) = self.dir_and_mtime()?;
-        // The lock is held only to find or replace a port's look: threads that
-        // connect at once check locks and read the directory in parallel.
-        let cached = {
-            let mut guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            let (generation, cache) = &mut *guard;
-            let now = vmc_os::proc::fork_generation();
-            if *generation != now {
-                // Inherited through fork: forgotten, not closed (the child may
-                // have closed those descriptors and opened its own files under
-                // the numbers).
-                for (_, c) in cache.drain() {
-                    std::mem::forget(c);
-                }
-                *generation = now;
-            }
-            cache.get(&port).cloned()
-        };
-        if let Some(c) = cached {
-            let alive = |f: &File| ofd_locked_by_other(f.as_fd(), LIVENESS_BYTE).unwrap_or(false);
-            if c.mtime == mtime && c.entries.iter().all(|(_, f)| alive(f)) {
-                return Ok(c.entries.iter().map(|(e, _)| e.clone()).collect());
-            }
+        if let Some(entries) = self.cache.valid(port, mtime) {
+            return Ok(entries);
         }
         let began = SystemTime::now();
         let (live, _) = self.scan_in(&dir, Some(port))?;
         let entries = live.iter().map(|(e, _)| e.clone()).collect();
-        let settled =
-            SystemTime::UNIX_EPOCH + Duration::new(mtime.0.max(0) as u64, mtime.1) + MTIME_SLACK;
-        let look = Arc::new(PortCache {
-            mtime,
-            entries: live,
-        });
-        // Replaced (or removed, if this look cannot be trusted later); the old one
-        // is dropped outside the lock (dropping closes files, and the preload's
-        // `close` hook may come here).
-        let old = {
-            let mut guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            let cache = &mut guard.1;
-            if settled < began {
-                if cache.len() >= CACHED_PORTS && !cache.contains_key(&port) {
-                    let all: Vec<_> = cache.drain().map(|(_, c)| c).collect();
-                    drop(guard);
-                    drop(all);
-                    guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-                }
-                guard.1.insert(port, look)
-            } else {
-                cache.remove(&port)
-            }
-        };
-        drop(old);
+        self.cache.keep(port, mtime, began, live);
         Ok(entries)
     }
 
@@ -613,22 +556,7 @@ impl Registry {
     pub fn forget_fds(&self, first: i32, last: i32) -> usize {
         use std::os::fd::AsRawFd;
         let within = |fd: i32| (first..=last).contains(&fd);
-        let mut n = 0;
-        {
-            let mut guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            let lost: Vec<u16> = guard
-                .1
-                .iter()
-                .filter(|(_, c)| c.entries.iter().any(|(_, f)| within(f.as_raw_fd())))
-                .map(|(port, _)| *port)
-                .collect();
-            for port in lost {
-                if let Some(c) = guard.1.remove(&port) {
-                    std::mem::forget(c);
-                    n += 1;
-                }
-            }
-        }
+        let mut n = self.cache.forget_fds(within);
         let mut dir = self.dir.lock().unwrap_or_else(|e| e.into_inner());
         if within(dir.fd().as_raw_fd()) {
             if let Ok(fresh) = open_dirs(&self.path, &self.root, self.public) {
@@ -875,6 +803,7 @@ fn unique() -> (u32, u64) {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
 
     use vmc_os::segment::ofd_try_lock;
 
