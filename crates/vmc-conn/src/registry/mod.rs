@@ -67,7 +67,7 @@
 //! look up and reap at the same time.
 
 mod cache;
-mod entry;
+pub(crate) mod entry;
 mod netns;
 mod rank;
 mod store;
@@ -447,9 +447,10 @@ impl Registry {
     /// IPv6 `dst` is treated as the IPv4 address it maps.
     ///
     /// Entries that are not regular files, are not mode 0600, are not owned
-    /// by our euid, do not parse, have another version or another uid are
-    /// ignored (reported once per file name). Dead entries (lock not held)
-    /// are removed.
+    /// by our euid, do not parse, have another version or another uid, a port
+    /// that is 0 or not the one in their name, or an offers path that is not
+    /// absolute are ignored (reported once per file name, with the field at
+    /// fault). Dead entries (lock not held) are removed.
     ///
     /// This never fails and never blocks: any error means no candidates
     /// (logged at debug level).
@@ -728,7 +729,7 @@ impl Registry {
             .take(MAX_ENTRY_LEN)
             .read_to_end(&mut buf);
         let parsed = match read {
-            Ok(_) => parse_entry(&buf, name_port, owner),
+            Ok(_) => parse_entry(&buf, name_port, owner).map_err(|e| e.to_string()),
             Err(e) => Err(format!("cannot be read: {e}")),
         };
         if !alive {
