@@ -366,9 +366,9 @@ impl Registry {
     /// renamed to `l-<port>-<pid>-<random>.json`, so readers never see a
     /// partial or unlocked live entry.
     ///
-    /// `entry` must have version [`ENTRY_VERSION`], our euid as uid and a
-    /// non-zero port (`InvalidInput` otherwise): anything else would be
-    /// ignored by every lookup.
+    /// `entry` must have version [`ENTRY_VERSION`], our euid as uid, a
+    /// non-zero port and an absolute offers path (`InvalidInput` otherwise):
+    /// anything else would be ignored by every lookup.
     pub fn register(&self, entry: &ListenerEntry) -> io::Result<Registration> {
         let bad = |why: String| {
             Err(io::Error::new(
@@ -388,6 +388,12 @@ impl Registry {
         }
         if entry.addr.port() == 0 {
             return bad("port 0".to_string());
+        }
+        if !entry.offers.is_absolute() {
+            return bad(format!(
+                "offers path {} is not absolute",
+                entry.offers.display()
+            ));
         }
         let mut json = serde_json::to_vec_pretty(entry).map_err(|e| {
             io::Error::new(
@@ -1367,6 +1373,10 @@ mod tests {
         assert!(reg.register(&e).unwrap_err().to_string().contains("uid"));
         let e = entry(own_ns(), "0.0.0.0:0");
         assert!(reg.register(&e).unwrap_err().to_string().contains("port 0"));
+        let e = ListenerEntry::new(own_ns(), sa("0.0.0.0:80"), "offers");
+        let err = reg.register(&e).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("not absolute"), "{err}");
         assert!(names(&reg).is_empty(), "no temporary files left");
     }
 
