@@ -65,6 +65,15 @@
 //! `RENAME_NOREPLACE`) and disappear atomically (`unlink`), names are unique,
 //! and nobody ever blocks on a lock, so any number of processes can register,
 //! look up and reap at the same time.
+//!
+//! # Files
+//!
+//! This file holds [`Registry`] and [`Registration`]; `entry.rs` the entry
+//! format ([`ListenerEntry`]), entry file names and the checks of what a reader
+//! finds in one; `store.rs` the files on disk (opening the directories, writing
+//! an entry, reaping what dead processes left); `cache.rs` the per-port cache
+//! of lookups; `rank.rs` which entries a destination can reach, best first;
+//! `netns.rs` [`NetNs`].
 
 mod cache;
 pub(crate) mod entry;
@@ -202,8 +211,9 @@ impl Drop for Registration {
 /// The registry: a private directory of listener entries. See the
 /// [module documentation](self).
 ///
-/// Nothing is cached: every lookup reads the directory again, so listeners
-/// registered by anybody at any time are seen. If the directory is removed
+/// Lookups are cached per port only while nothing that matters has changed
+/// (see "Cached lookups" in the module documentation), so listeners registered
+/// by anybody at any time are seen at the next lookup. If the directory is removed
 /// while this object lives (its link count drops to zero), it is created
 /// again at the same path on the next operation.
 pub struct Registry {
