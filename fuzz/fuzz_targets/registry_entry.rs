@@ -5,9 +5,10 @@
 //!   `l-<1..=65535 without leading zeros>-<one or more ASCII letters, digits, '-'>.json`,
 //!   and the names `Registry::register` writes give back their port;
 //! - an entry file's content (JSON), with the port its name says and the uid that owns
-//!   it: `parse_entry` never panics, accepts only our version, that uid and that port,
-//!   and what it accepts, written again as `register` writes it (or compactly), parses
-//!   back to the same entry;
+//!   it: `parse_entry` never panics, accepts only our version, that uid, that port
+//!   (never 0) and an absolute offers path, names the field at fault when it refuses
+//!   an object, and what it accepts, written again as `register` writes it (or
+//!   compactly), parses back to the same entry;
 //! - a set of entries and a destination for `rank_candidates` (what a lookup keeps of
 //!   the entries it read): only entries of the destination's port, only ones in our
 //!   own namespace for a loopback destination, each at most once, and ranking the
@@ -49,12 +50,23 @@ fn entry_name(name: &str, port: u16, pid: u32, random: u64) {
 }
 
 fn entry_content(buf: &[u8], name_port: u16, owner: u32) {
-    let Ok(e) = parse_entry(buf, name_port, owner) else {
-        return;
+    let e = match parse_entry(buf, name_port, owner) {
+        Ok(e) => e,
+        Err(err) => {
+            let is_object = matches!(
+                serde_json::from_slice::<serde_json::Value>(buf),
+                Ok(serde_json::Value::Object(_))
+            );
+            assert_eq!(err.field().is_some(), is_object, "{err:?}");
+            assert!(!err.to_string().is_empty());
+            return;
+        }
     };
     assert_eq!(e.version, ENTRY_VERSION);
     assert_eq!(e.uid, owner);
     assert_eq!(e.addr.port(), name_port);
+    assert_ne!(e.addr.port(), 0);
+    assert!(e.offers.is_absolute(), "{e:?}");
     // As `Registry::register` writes it.
     let mut pretty = serde_json::to_vec_pretty(&e).expect("a parsed entry encodes");
     pretty.push(b'\n');

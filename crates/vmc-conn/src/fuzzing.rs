@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+pub use crate::registry::entry::EntryError;
 use crate::registry::{ListenerEntry, NetNs};
 
 /// The port of a well-formed registry entry file name, as a lookup reads it.
@@ -13,7 +14,7 @@ pub fn parse_entry_name(name: &str) -> Option<u16> {
 
 /// Parses and checks an entry file's content, as a lookup does for the file named
 /// for port `name_port` and owned by uid `owner`.
-pub fn parse_entry(buf: &[u8], name_port: u16, owner: u32) -> Result<ListenerEntry, String> {
+pub fn parse_entry(buf: &[u8], name_port: u16, owner: u32) -> Result<ListenerEntry, EntryError> {
     crate::registry::parse_entry(buf, name_port, owner)
 }
 
