@@ -105,6 +105,24 @@ fn track(fd: c_int, s: TcpStream) {
     }
 }
 
+/// The end of a table entry (its last reference went: `close`, `close_range`, an
+/// entry `dup2` replaced, an epoll set that let go, a connection another process
+/// took over): a connection this process owns is added to the exit report
+/// ([`crate::report`]); one another process owns since a fork is left to that one
+/// ([`crate::fork`]).
+impl Drop for Sock {
+    fn drop(&mut self) {
+        if let Sock::Stream(s) = self {
+            if s.owner.owned_here() {
+                crate::report::account(s);
+            } else {
+                // Another process owns it since a fork: leave it to that one.
+                s.abandon();
+            }
+        }
+    }
+}
+
 /// The connection behind `fd`, if vmc carries it. A connection that turned out plain
 /// is served by the kernel directly from then on (its entry stays until `close`, so
 /// that epoll sets holding it can hand it over to the kernel's set).
