@@ -5,9 +5,10 @@
 //! takes a connection over at `connect`, on the descriptor connect was called with;
 //! every other descriptor of that socket must then lead to the same connection, or
 //! reads through it would miss what arrives over shared memory. Duplicates made
-//! after the take-over copy the table entry (see `hooks::copy_entry`); duplicates
-//! made before are remembered here, as pairs, and checked against the socket's
-//! inode when used (a remembered number may since have been closed and reused).
+//! after the take-over copy the table entry (see
+//! `hooks::descriptors::copy_entry`); duplicates made before are remembered here,
+//! as pairs, and checked against the socket's inode when used (a remembered number
+//! may since have been closed and reused).
 //!
 //! Only duplications of not-yet-taken-over TCP sockets land here, which programs do
 //! rarely; the list is bounded, and empty for most processes.

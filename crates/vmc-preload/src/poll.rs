@@ -106,7 +106,8 @@ pub(crate) fn vmc_stream(fd: c_int) -> Option<Arc<Sock>> {
     // its state (even looking at the handshake would take the owner's messages).
     if !s.owner.check() {
         if s.owner.settled_elsewhere() || crate::fork::take_over(s) {
-            // Dropping the entry abandons this process's copy (see `table::Sock`).
+            // Dropping the entry abandons this process's copy (see `Drop for Sock`,
+            // in `crate::hooks`).
             drop(table::take(fd));
             return None;
         }

@@ -8,6 +8,11 @@
 //! process with no vmc descriptor at all pays one atomic load per hooked call.
 //!
 //! Descriptors at or above [`MAX_FDS`] are never taken over (they stay plain TCP).
+//!
+//! The table is a plain map: none of its operations asks who owns a connection
+//! since a fork or counts it for `VMC_REPORT`. What happens when an entry's last
+//! reference goes is the hooks' business (the `Drop` of [`Sock`] is in
+//! [`crate::hooks`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -50,19 +55,6 @@ impl std::ops::Deref for Stream {
     type Target = vmc_conn::TcpStream;
     fn deref(&self) -> &vmc_conn::TcpStream {
         &self.s
-    }
-}
-
-impl Drop for Sock {
-    fn drop(&mut self) {
-        if let Sock::Stream(s) = self {
-            if s.owner.owned_here() {
-                crate::report::account(s);
-            } else {
-                // Another process owns it since a fork: leave it to that one.
-                s.abandon();
-            }
-        }
     }
 }
 
@@ -122,8 +114,10 @@ pub(crate) fn get(fd: i32) -> Option<Arc<Sock>> {
     slot(fd)?.clone()
 }
 
-/// Records what `fd` is now; returns what it was. Descriptors out of range are
-/// refused (`false`), and stay plain.
+/// Records what `fd` is now. Descriptors out of range are refused (`false`), and
+/// stay plain. An entry this replaces is dropped here: a caller that may replace
+/// one holds a reference of its own, so that the last one goes outside the table
+/// (see `hooks::descriptors::copy_entry`).
 pub(crate) fn set(fd: i32, sock: Arc<Sock>) -> bool {
     let Some(mut s) = slot(fd) else {
         return false;
