@@ -344,6 +344,13 @@ impl ReadHalf {
         self.core.wake_fd(Dir::Read)
     }
 
+    /// Takes the notifications waiting on [`ReadHalf::wake_fd`], so that it turns
+    /// readable again only at the next wake-up (for callers that poll it level
+    /// triggered: take them, then look at the ring, then [`ReadHalf::arm`]).
+    pub fn clear_wake(&self) -> io::Result<()> {
+        self.core.clear_wake(Dir::Read)
+    }
+
     /// False once the peer is known to have died without closing.
     pub fn peer_alive(&self) -> bool {
         self.core.peer_alive()

@@ -125,6 +125,14 @@ impl Core {
         }
     }
 
+    /// Drains the eventfd our `dir` half sleeps on (eventfd mode; else nothing).
+    pub(crate) fn clear_wake(&self, dir: Dir) -> io::Result<()> {
+        match &self.signals {
+            Signals::EventFd { mine, .. } => mine[dir as usize].drain(),
+            _ => Ok(()),
+        }
+    }
+
     /// The eventfd our `dir` half sleeps on, in eventfd mode.
     pub(crate) fn wake_fd(&self, dir: Dir) -> Option<std::os::fd::BorrowedFd<'_>> {
         match &self.signals {
