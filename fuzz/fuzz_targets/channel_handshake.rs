@@ -13,7 +13,7 @@
 //!   otherwise; a channel it returns survives non-blocking reads and writes.
 //! - Creator under test (`Channel::offer_over` then `Offer::finish`): its HELLO is
 //!   well-formed, and it accepts an ACK exactly when the frame's first 8 bytes are
-//!   the magic and status OK, the descriptors are two for an eventfd channel and none
+//!   the magic, status OK and zero reserved bytes, the descriptors are two for an eventfd channel and none
 //!   otherwise, and the segment's attacher side says attached (open or closed).
 #![no_main]
 
@@ -274,6 +274,7 @@ fn creator_under_test(inp: &mut Input<'_>) {
         && len >= 8
         && &frame[..4] == b"VMCA"
         && frame[4] == 0
+        && frame[5..8] == [0; 3]
         && sent_fds.len() == want_fds
         && matches!(state, 1 | 2);
     assert_eq!(

@@ -41,10 +41,12 @@
 mod channel;
 pub mod config;
 mod core;
+mod hello;
 pub mod pool;
 mod setup;
 pub mod spin;
 
 pub use channel::{Channel, ReadHalf, WakeFds, WriteHalf};
 pub use config::{ChannelConfig, WakeMode};
+pub use hello::HandshakeError;
 pub use setup::{ChannelListener, Offer, PendingChannel, HANDSHAKE_TIMEOUT};

@@ -21,6 +21,9 @@
 //!                                the creator then sends a kind 1 HELLO)
 //! ```
 //!
+//! The messages are checked types ([`crate::hello`]): anything a correct peer would
+//! not send is an `InvalidData` error naming the field.
+//!
 //! # Over a directory
 //! For peers that share a directory but cannot pass descriptors (containers sharing
 //! /dev/shm): [`Channel::create_in_dir`] makes a file segment and returns its name,
@@ -40,32 +43,11 @@ use vmc_ring::{ChannelLayout, Endpoint, SideState};
 use crate::channel::{ring_error, Channel};
 use crate::config::{ChannelConfig, WakeMode};
 use crate::core::{Core, Link, Signals};
+use crate::hello::{Ack, HandshakeError, Hello, ACK_LEN, HELLO_LEN};
 use crate::pool::{self, Reuse};
-
-const HELLO_MAGIC: &[u8; 4] = b"VMC1";
-const ACK_MAGIC: &[u8; 4] = b"VMCA";
-const KIND_MEMFD: u8 = 1;
-/// A `HELLO` that names a spare segment instead of passing one (see [`crate::pool`]).
-const KIND_REUSE: u8 = 2;
-const STATUS_OK: u8 = 0;
-const STATUS_REFUSED: u8 = 1;
-/// The answer to a REUSE `HELLO` naming a segment the attacher no longer keeps.
-const STATUS_UNKNOWN: u8 = 2;
 
 /// How long a handshake may wait for the other side before giving up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn wake_code(m: WakeMode) -> u8 {
-    m.kind() as u8
-}
-
-fn wake_from_code(c: u8) -> Option<WakeMode> {
-    match vmc_ring::WakeKind::from_u32(c.into())? {
-        vmc_ring::WakeKind::Futex => Some(WakeMode::Futex),
-        vmc_ring::WakeKind::EventFd => Some(WakeMode::EventFd),
-        vmc_ring::WakeKind::Poll => Some(WakeMode::Poll),
-    }
-}
 
 fn protocol_error(msg: impl Into<String>) -> io::Error {
     io::Error::new(
@@ -195,7 +177,7 @@ impl Offer {
 
     /// Waits for the attacher's `ACK` and returns the creator's end of the channel.
     pub fn finish(self) -> io::Result<Channel> {
-        let mut msg = [0u8; 8];
+        let mut msg = [0u8; ACK_LEN];
         let want = if self.mine.is_some() && self.peer.is_none() {
             2
         } else {
@@ -210,10 +192,8 @@ impl Offer {
                 "vmc handshake: peer left before ACK",
             ));
         }
-        if n != msg.len() || &msg[..4] != ACK_MAGIC {
-            return Err(protocol_error("malformed ACK"));
-        }
-        if msg[4] == STATUS_UNKNOWN && self.peer.is_some() && fds.is_empty() {
+        let ack = Ack::parse(&msg[..n]).map_err(|e| protocol_error(e.to_string()))?;
+        if ack == Ack::Unknown && self.peer.is_some() && fds.is_empty() {
             // The attacher no longer keeps that segment: offer a new one on the same
             // socket (the spare is dropped).
             let Offer {
@@ -226,7 +206,7 @@ impl Offer {
             fresh.reuse = reuse.map(|(key, _)| (key, None));
             return fresh.finish();
         }
-        if msg[4] != STATUS_OK {
+        if ack != Ack::Ok {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 "vmc handshake: peer refused the channel",
@@ -301,11 +281,11 @@ impl Channel {
             WakeMode::EventFd => Some(new_eventfds()?),
             _ => None,
         };
-        let mut hello = [0u8; 16];
-        hello[..4].copy_from_slice(HELLO_MAGIC);
-        hello[4] = KIND_MEMFD;
-        hello[5] = wake_code(config.wake);
-        hello[8..].copy_from_slice(&(layout.segment_len as u64).to_le_bytes());
+        let hello = Hello::Fresh {
+            wake: config.wake,
+            segment_len: layout.segment_len as u64,
+        }
+        .emit();
         let mut fds = vec![segment.fd()];
         if let Some(m) = &mine {
             fds.extend(m.iter().map(|e| e.fd()));
@@ -346,11 +326,11 @@ impl Channel {
         let deadline = handshake_deadline();
         // Laid out again from scratch: indices, states, the attacher's slot.
         let endpoint = endpoint(&spare.segment, Some(config), config.wake)?;
-        let mut hello = [0u8; 16];
-        hello[..4].copy_from_slice(HELLO_MAGIC);
-        hello[4] = KIND_REUSE;
-        hello[5] = wake_code(config.wake);
-        hello[8..].copy_from_slice(&spare.inode.to_le_bytes());
+        let hello = Hello::Reuse {
+            wake: config.wake,
+            inode: spare.inode,
+        }
+        .emit();
         vmc_os::send_with_fds_by(sock.as_fd(), &hello, &[], deadline)
             .map_err(|e| map_err_timeout(e, "room for HELLO"))?;
         Ok(Offer {
@@ -385,40 +365,38 @@ impl Channel {
 
     fn attach(sock: OwnedFd, spin: Duration, reusing: bool) -> io::Result<Channel> {
         let deadline = handshake_deadline();
-        let mut hello = [0u8; 16];
-        let (mut n, mut fds) = vmc_os::recv_with_fds_by(sock.as_fd(), &mut hello, 3, deadline)
+        let mut hello = [0u8; HELLO_LEN];
+        let (n, fds) = vmc_os::recv_with_fds_by(sock.as_fd(), &mut hello, 3, deadline)
             .map_err(|e| map_err_timeout(e, "HELLO"))?;
-        if n == hello.len() && &hello[..4] == HELLO_MAGIC && hello[4] == KIND_REUSE {
+        let parsed = Hello::parse(&hello[..n]);
+        if let Ok(Hello::Reuse { wake, inode }) = parsed {
             if !fds.is_empty() {
                 return Err(protocol_error("descriptors with a REUSE HELLO"));
             }
-            let inode = u64::from_le_bytes(hello[8..].try_into().expect("8 bytes"));
-            let spare = if reusing && wake_from_code(hello[5]) == Some(WakeMode::EventFd) {
+            let spare = if reusing && wake == WakeMode::EventFd {
                 pool::take_attached(inode)
             } else {
                 None
             };
-            let mut ack = [0u8; 8];
-            ack[..4].copy_from_slice(ACK_MAGIC);
             let Some(spare) = spare else {
                 // Not (or no longer) kept: the creator offers a new segment next.
-                ack[4] = STATUS_UNKNOWN;
-                vmc_os::send_with_fds_by(sock.as_fd(), &ack, &[], deadline)
+                vmc_os::send_with_fds_by(sock.as_fd(), &Ack::Unknown.emit(), &[], deadline)
                     .map_err(|e| map_err_timeout(e, "room for ACK"))?;
-                (n, fds) = vmc_os::recv_with_fds_by(sock.as_fd(), &mut hello, 3, deadline)
+                let (n, fds) = vmc_os::recv_with_fds_by(sock.as_fd(), &mut hello, 3, deadline)
                     .map_err(|e| map_err_timeout(e, "HELLO"))?;
-                return Channel::attach_fresh(sock, spin, reusing, deadline, hello, n, fds);
+                let parsed = Hello::parse(&hello[..n]);
+                return Channel::attach_fresh(sock, spin, reusing, deadline, parsed, fds);
             };
             // Checked as any segment a peer hands us.
             let ep = match endpoint(&spare.segment, None, WakeMode::EventFd) {
                 Ok(ep) => ep,
                 Err(e) => {
-                    ack[4] = STATUS_REFUSED;
-                    let _ = vmc_os::send_with_fds_by(sock.as_fd(), &ack, &[], deadline);
+                    let _ =
+                        vmc_os::send_with_fds_by(sock.as_fd(), &Ack::Refused.emit(), &[], deadline);
                     return Err(e);
                 }
             };
-            vmc_os::send_with_fds_by(sock.as_fd(), &ack, &[], deadline)
+            vmc_os::send_with_fds_by(sock.as_fd(), &Ack::Ok.emit(), &[], deadline)
                 .map_err(|e| map_err_timeout(e, "room for ACK"))?;
             let signals = Signals::EventFd {
                 mine: spare.mine,
@@ -434,7 +412,7 @@ impl Channel {
                 reuse,
             ));
         }
-        Channel::attach_fresh(sock, spin, reusing, deadline, hello, n, fds)
+        Channel::attach_fresh(sock, spin, reusing, deadline, parsed, fds)
     }
 
     /// The attacher's side of a `HELLO` with a new segment (already received).
@@ -443,15 +421,17 @@ impl Channel {
         spin: Duration,
         reusing: bool,
         deadline: Instant,
-        hello: [u8; 16],
-        n: usize,
+        hello: Result<Hello, HandshakeError>,
         mut fds: Vec<OwnedFd>,
     ) -> io::Result<Channel> {
-        if n != hello.len() || &hello[..4] != HELLO_MAGIC || hello[4] != KIND_MEMFD {
-            return Err(protocol_error("malformed HELLO"));
-        }
-        let wake = wake_from_code(hello[5])
-            .ok_or_else(|| protocol_error(format!("unknown wake mode {}", hello[5])))?;
+        let wake = match hello.map_err(|e| protocol_error(e.to_string()))? {
+            Hello::Fresh { wake, .. } => wake,
+            Hello::Reuse { .. } => {
+                return Err(protocol_error(
+                    "a REUSE HELLO where a fresh segment was due",
+                ))
+            }
+        };
         let want_fds = if wake == WakeMode::EventFd { 3 } else { 1 };
         if fds.len() != want_fds {
             return Err(protocol_error(format!(
@@ -470,13 +450,10 @@ impl Channel {
             let ep = endpoint(&seg, None, wake)?;
             Ok((seg, ep))
         });
-        let mut ack = [0u8; 8];
-        ack[..4].copy_from_slice(ACK_MAGIC);
         let (segment, ep) = match attached {
             Ok(ok) => ok,
             Err(e) => {
-                ack[4] = STATUS_REFUSED;
-                let _ = vmc_os::send_with_fds_by(sock.as_fd(), &ack, &[], deadline);
+                let _ = vmc_os::send_with_fds_by(sock.as_fd(), &Ack::Refused.emit(), &[], deadline);
                 return Err(e);
             }
         };
@@ -486,7 +463,7 @@ impl Channel {
             None
         };
         let my_fds: Vec<BorrowedFd<'_>> = mine.iter().flatten().map(|e| e.fd()).collect();
-        vmc_os::send_with_fds_by(sock.as_fd(), &ack, &my_fds, deadline)
+        vmc_os::send_with_fds_by(sock.as_fd(), &Ack::Ok.emit(), &my_fds, deadline)
             .map_err(|e| map_err_timeout(e, "room for ACK"))?;
         let (signals, reuse) = match (mine, peer) {
             (Some(mine), Some(peer)) => {
