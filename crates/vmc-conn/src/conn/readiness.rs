@@ -98,6 +98,7 @@ impl Conn {
     ) -> io::Result<RxReady> {
         loop {
             match rx.proto.step() {
+                RxStep::Ended(_) => return Ok(RxReady::End),
                 RxStep::Ring => {
                     let ring = rx.ring.as_mut().expect("shm path has a ring");
                     if ring.is_ready() {

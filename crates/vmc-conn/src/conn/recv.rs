@@ -14,19 +14,7 @@ impl Conn {
             return Ok(0);
         }
         let mut rx = self.rx.lock();
-        let r = match self.read_locked(&mut rx, buf, opts) {
-            // The peer's process is gone and every byte it sent was read. TCP would
-            // show a FIN here (the kernel closes a dead process's sockets), unless the
-            // dead end left received bytes unread (then a reset): do the same.
-            Err(e)
-                if e.kind() == io::ErrorKind::ConnectionReset
-                    && rx.proto.path() == Path::Shm
-                    && self.peer_left_nothing_unread() =>
-            {
-                Ok(0)
-            }
-            r => r,
-        };
+        let r = self.read_locked(&mut rx, buf, opts);
         if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
             self.rx_blocked.fetch_add(1, Ordering::Relaxed);
         }
@@ -52,26 +40,44 @@ impl Conn {
             };
             self.advance();
             match rx.proto.step() {
+                RxStep::Ended(RxEnd::Eof) => return Ok(0),
+                RxStep::Ended(RxEnd::Reset) => {
+                    rx.proto.reset_reported();
+                    return Err(peer_gone());
+                }
                 RxStep::Ring => {
                     let ring = rx.ring.as_mut().expect("shm path has a ring");
-                    let n = if opts.peek || opts.dontwait {
-                        if !ring.is_ready() {
-                            if nonblocking {
-                                // A dead peer must not look like "try again" forever.
-                                if !ring.peer_alive() && !ring.is_ready() {
-                                    return Err(peer_gone());
-                                }
-                                return Err(io::ErrorKind::WouldBlock.into());
+                    let got = if opts.peek || opts.dontwait {
+                        if !ring.is_ready() && nonblocking {
+                            // A dead peer must not look like "try again" forever.
+                            if !ring.peer_alive() && !ring.is_ready() {
+                                self.ring_orphaned(rx)?;
+                                continue;
                             }
-                            ring.wait_ready().map_err(read_timeout)?;
+                            return Err(io::ErrorKind::WouldBlock.into());
                         }
-                        if opts.peek {
-                            ring.peek(buf)?
+                        let ready = if ring.is_ready() {
+                            Ok(())
                         } else {
-                            ring.read(buf)?
-                        }
+                            ring.wait_ready()
+                        };
+                        ready.and_then(|()| {
+                            if opts.peek {
+                                ring.peek(buf)
+                            } else {
+                                ring.read(buf)
+                            }
+                        })
                     } else {
-                        ring.read(buf).map_err(read_timeout)?
+                        ring.read(buf)
+                    };
+                    let n = match got {
+                        // Empty, and the writer's process is gone.
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                            self.ring_orphaned(rx)?;
+                            continue;
+                        }
+                        r => r.map_err(read_timeout)?,
                     };
                     if n > 0 {
                         if !opts.peek {
@@ -181,6 +187,18 @@ impl Conn {
             },
             None => false,
         }
+    }
+
+    /// The ring is empty and its writer's process is dead: follow its last move
+    /// to TCP, or end the stream as its kernel would have (`proto::Receiver::
+    /// writer_dead`): a FIN if it had read everything we sent, else a reset.
+    pub(super) fn ring_orphaned(&self, rx: &mut Rx) -> io::Result<()> {
+        self.rx_news(rx)?;
+        match rx.proto.writer_dead(!self.peer_left_nothing_unread())? {
+            Orphaned::FollowToTcp => self.publish(flag::RX_SHM, false),
+            Orphaned::Ended(_) => self.rx_ended.store(true, Ordering::Release),
+        }
+        Ok(())
     }
 
     /// The ring ended: if the peer moved this direction to TCP (its SWITCH is

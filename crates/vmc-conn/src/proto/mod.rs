@@ -37,7 +37,7 @@ mod sender;
 #[cfg(test)]
 mod sim;
 
-pub(crate) use receiver::{Receiver, RxStep};
+pub(crate) use receiver::{Orphaned, Receiver, RxEnd, RxStep};
 pub(crate) use sender::{Rewind, Sender};
 
 /// A frame or an event the peer could not have caused by following the protocol.

@@ -1,5 +1,5 @@
-//! The receiving direction: which path to read, how far, and when to follow the
-//! peer's moves.
+//! The receiving direction: which path to read, how far, when to follow the
+//! peer's moves, and where the stream ends.
 
 use std::collections::VecDeque;
 
@@ -13,6 +13,32 @@ enum RxPath {
         until: Option<u64>,
     },
     Shm,
+    /// The stream ended on the ring. (Ends on TCP are the kernel's to report, as
+    /// it always does: the driver reads TCP on.)
+    Ended(RxEnd),
+}
+
+/// How the stream ended on the ring, as TCP would have shown it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RxEnd {
+    /// The peer shut its direction down, or died having read everything we sent:
+    /// its kernel would have sent a FIN. Reads return 0.
+    Eof,
+    /// The peer died with bytes of ours unread: its kernel would have reset the
+    /// connection. The next read fails with `ECONNRESET`, later ones return 0
+    /// ([`Receiver::reset_reported`]), as the kernel's do.
+    Reset,
+}
+
+/// What the receiving end does when the ring's writer is dead and the ring empty,
+/// from [`Receiver::writer_dead`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Orphaned {
+    /// The peer had announced its move to TCP: read on there (its kernel delivers
+    /// what it sent before it died).
+    FollowToTcp,
+    /// The stream ended.
+    Ended(RxEnd),
 }
 
 /// What a read does next, from [`Receiver::step`].
@@ -25,6 +51,8 @@ pub(crate) enum RxStep {
     /// TCP delivered every byte the peer sent before moving to the ring: open the
     /// ring, then [`Receiver::enter_ring`].
     EnterRing,
+    /// The stream ended on the ring: report it without reading.
+    Ended(RxEnd),
 }
 
 /// The protocol state of this end's receiving direction.
@@ -66,10 +94,20 @@ impl Receiver {
         }
     }
 
+    /// The path being read; an ended stream stays on the ring, where it ended.
     pub(crate) fn path(&self) -> Path {
         match self.path {
             RxPath::Tcp { .. } => Path::Tcp,
-            RxPath::Shm => Path::Shm,
+            RxPath::Shm | RxPath::Ended(_) => Path::Shm,
+        }
+    }
+
+    /// How the stream ended on the ring, if it did.
+    #[cfg(test)]
+    pub(crate) fn end(&self) -> Option<RxEnd> {
+        match self.path {
+            RxPath::Ended(e) => Some(e),
+            _ => None,
         }
     }
 
@@ -95,6 +133,7 @@ impl Receiver {
     pub(crate) fn step(&self) -> RxStep {
         match self.path {
             RxPath::Shm => RxStep::Ring,
+            RxPath::Ended(e) => RxStep::Ended(e),
             RxPath::Tcp { until: Some(end) } if self.received[0] == end => RxStep::EnterRing,
             RxPath::Tcp { until } => RxStep::Tcp {
                 limit: until.map(|end| end - self.received[0]),
@@ -197,6 +236,7 @@ impl Receiver {
     pub(crate) fn ring_ended(&mut self) -> Result<Option<Control>, Violation> {
         debug_assert_eq!(self.path, RxPath::Shm);
         let Some(s) = self.queued.front().copied() else {
+            self.path = RxPath::Ended(RxEnd::Eof);
             return Ok(None);
         };
         debug_assert_eq!(s.to, Path::Tcp, "moves alternate (checked on arrival)");
@@ -208,6 +248,34 @@ impl Receiver {
         self.queued.pop_front();
         self.path = RxPath::Tcp { until: None };
         Ok(Some(Control::LeftRing(s.offset)))
+    }
+
+    /// The ring is empty and its writer's process is dead. If the peer had
+    /// announced a move to TCP where the ring ends (it died between the SWITCH and
+    /// the pause), follow it: what it put on TCP comes. Otherwise the stream ends
+    /// as the peer's kernel would have ended TCP: a FIN if it had read everything
+    /// we sent (`left_unread` false), else a reset. The caller reads the control
+    /// channel first.
+    pub(crate) fn writer_dead(&mut self, left_unread: bool) -> Result<Orphaned, Violation> {
+        debug_assert_eq!(self.path, RxPath::Shm);
+        if self.queued.front().is_some_and(|s| s.to == Path::Tcp) {
+            self.ring_ended()?;
+            return Ok(Orphaned::FollowToTcp);
+        }
+        let end = if left_unread {
+            RxEnd::Reset
+        } else {
+            RxEnd::Eof
+        };
+        self.path = RxPath::Ended(end);
+        Ok(Orphaned::Ended(end))
+    }
+
+    /// The reset was reported to the program: from now on reads return 0.
+    pub(crate) fn reset_reported(&mut self) {
+        if self.path == RxPath::Ended(RxEnd::Reset) {
+            self.path = RxPath::Ended(RxEnd::Eof);
+        }
     }
 
     /// Stops reading the ring for good: the REWIND to send. The ring's bytes from
@@ -247,17 +315,81 @@ mod tests {
         assert_eq!((r.step(), r.path()), (RxStep::Ring, Path::Shm));
     }
 
-    #[test]
-    fn an_ended_ring_is_a_move_back_if_announced_else_the_end_of_the_stream() {
+    fn on_ring() -> Receiver {
         let mut r = Receiver::new();
         r.on_switch(sw(Path::Shm, 0)).unwrap();
         r.follow().unwrap();
         r.enter_ring();
+        r
+    }
+
+    #[test]
+    fn an_ended_ring_is_a_move_back_if_announced() {
+        let mut r = on_ring();
         r.read_ring(7);
-        assert_eq!(r.ring_ended(), Ok(None), "end of stream");
         r.on_switch(sw(Path::Tcp, 7)).unwrap();
         assert_eq!(r.ring_ended(), Ok(Some(Control::LeftRing(7))));
         assert_eq!(r.step(), RxStep::Tcp { limit: None });
+        assert_eq!(r.end(), None);
+    }
+
+    #[test]
+    fn an_ended_ring_without_a_move_is_the_end_of_the_stream_for_good() {
+        let mut r = on_ring();
+        r.read_ring(7);
+        assert_eq!(r.ring_ended(), Ok(None));
+        assert_eq!(r.step(), RxStep::Ended(RxEnd::Eof));
+        assert_eq!((r.end(), r.path()), (Some(RxEnd::Eof), Path::Shm));
+        r.reset_reported(); // no reset: nothing changes
+        assert_eq!(r.step(), RxStep::Ended(RxEnd::Eof));
+    }
+
+    #[test]
+    fn a_dead_writer_ends_the_stream_as_its_kernel_would_have() {
+        let mut r = on_ring();
+        assert_eq!(r.writer_dead(false), Ok(Orphaned::Ended(RxEnd::Eof)));
+        assert_eq!(r.step(), RxStep::Ended(RxEnd::Eof));
+
+        let mut r = on_ring();
+        assert_eq!(r.writer_dead(true), Ok(Orphaned::Ended(RxEnd::Reset)));
+        assert_eq!(r.step(), RxStep::Ended(RxEnd::Reset));
+        r.reset_reported();
+        assert_eq!(
+            r.step(),
+            RxStep::Ended(RxEnd::Eof),
+            "a reset is reported once"
+        );
+    }
+
+    #[test]
+    fn a_dead_writer_that_announced_its_move_to_tcp_is_followed_there() {
+        let mut r = on_ring();
+        r.read_ring(4);
+        r.on_switch(sw(Path::Tcp, 4)).unwrap();
+        assert_eq!(r.writer_dead(true), Ok(Orphaned::FollowToTcp));
+        assert_eq!(
+            r.step(),
+            RxStep::Tcp { limit: None },
+            "TCP's kernel tells the end"
+        );
+        assert_eq!(r.end(), None);
+
+        let mut r = on_ring();
+        r.read_ring(3);
+        r.on_switch(sw(Path::Tcp, 4)).unwrap();
+        assert!(
+            r.writer_dead(false).is_err(),
+            "moved at a byte the ring never had"
+        );
+    }
+
+    #[test]
+    fn settling_an_ended_stream_reads_tcp_to_its_fin() {
+        let mut r = on_ring();
+        r.read_ring(5);
+        r.ring_ended().unwrap();
+        assert_eq!(r.settle(), Control::Rewind(5));
+        assert_eq!((r.step(), r.end()), (RxStep::Tcp { limit: None }, None));
     }
 
     #[test]

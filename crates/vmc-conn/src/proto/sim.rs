@@ -461,19 +461,20 @@ impl World {
                         }
                         RingRead::Empty => return Ok(()),
                         RingRead::Dead => {
-                            self.note("rx: the writer is dead".into());
-                            self.eof = true;
-                            return Ok(());
+                            self.rx_pump()?;
+                            // Its kernel reset TCP if it died with bytes of ours
+                            // unread, which is what `left_unread` tells the machine.
+                            let left_unread = self.tcp.reset;
+                            let next = self
+                                .rx
+                                .writer_dead(left_unread)
+                                .map_err(|v| v.to_string())?;
+                            self.note(format!("rx: the writer is dead: {next:?}"));
                         }
                         RingRead::Ended => {
                             self.rx_pump()?;
-                            match self.rx.ring_ended().map_err(|v| v.to_string())? {
-                                Some(answer) => self.to_tx.push_back(answer),
-                                None => {
-                                    self.note("rx: end of stream on the ring".into());
-                                    self.eof = true;
-                                    return Ok(());
-                                }
+                            if let Some(answer) = self.rx.ring_ended().map_err(|v| v.to_string())? {
+                                self.to_tx.push_back(answer);
                             }
                         }
                     }
@@ -481,6 +482,12 @@ impl World {
                 RxStep::EnterRing => {
                     let answer = self.rx.enter_ring();
                     self.to_tx.push_back(answer);
+                }
+                RxStep::Ended(end) => {
+                    self.note(format!("rx: the stream ended on the ring: {end:?}"));
+                    self.rx.reset_reported();
+                    self.eof = true;
+                    return Ok(());
                 }
                 RxStep::Tcp { .. } if self.tcp.reset && self.tcp.arrived.is_empty() => {
                     self.note("rx: TCP reset".into());
@@ -554,6 +561,24 @@ impl World {
         Ok(())
     }
 
+    /// The sender died and the receiver came to an end. Unless its kernel reset
+    /// TCP (losing what was in flight), or the receiver had given the ring up (a
+    /// REWIND the dead sender never served), every byte it wrote was delivered: the
+    /// ring's memory outlives it, and a move to TCP it announced is followed.
+    fn check_dead_end(&self) -> Result<(), Fail> {
+        let whole = !self.tcp.reset && !self.rx.is_settled();
+        if whole && self.got != self.next {
+            return Err(format!(
+                "the sender died without a reset, and the receiver got {} bytes of {}",
+                self.got, self.next
+            ));
+        }
+        if self.rx.end() == Some(super::RxEnd::Reset) {
+            return Err("a reset on the ring was reported, and still stands".into());
+        }
+        Ok(())
+    }
+
     // ---- the schedule ----------------------------------------------------------
 
     fn run(&mut self) -> Result<(), Fail> {
@@ -600,7 +625,7 @@ impl World {
         if self.tx_dead {
             for _ in 0..10_000 {
                 if self.eof {
-                    return Ok(());
+                    return self.check_dead_end();
                 }
                 self.tcp.deliver(1 + self.rng.below(64) as usize);
                 let n = 1 + self.rng.below(max_write) as usize;
