@@ -414,14 +414,11 @@ impl Conn {
 
     fn give_up(&self, reason: Fallback) {
         tracing::debug!("vmc connection stays on TCP: {reason}");
-        let code = crate::stats::FALLBACK_CODES
-            .iter()
-            .position(|c| *c == reason.code())
-            .map_or(0, |i| i + 1);
+        let code = crate::stats::fallback_code(reason.code());
         let _ = self.fallback.set(reason);
         self.state.store(PLAIN, Ordering::Release);
         self.bells.ring(bell::RX);
-        self.publish((code as u32) << flag::FALLBACK_SHIFT, true);
+        self.publish(code << flag::FALLBACK_SHIFT, true);
         self.publish(flag::PENDING, false);
     }
 
