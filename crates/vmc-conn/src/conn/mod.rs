@@ -374,7 +374,7 @@ impl Conn {
     /// A connection that stays plain TCP, for `reason`.
     pub(crate) fn plain(tcp: std::net::TcpStream, reason: Fallback) -> Conn {
         let c = Conn::new(tcp, PLAIN, Setup::Done, None, None);
-        let _ = c.fallback.set(reason);
+        c.set_fallback(reason);
         c
     }
 
@@ -609,17 +609,30 @@ impl Drop for Conn {
 mod tests {
     use super::*;
 
+    fn loopback() -> std::net::TcpStream {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap()
+    }
+
+    /// The fallback code the connection published.
+    fn published(c: &Conn) -> u32 {
+        (c.flags.load(Ordering::Relaxed) & flag::FALLBACK_MASK) >> flag::FALLBACK_SHIFT
+    }
+
     #[test]
     fn only_the_first_fallback_is_kept_and_published() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let tcp = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let c = Conn::new(tcp, PENDING, Setup::Done, None, None);
+        let c = Conn::new(loopback(), PENDING, Setup::Done, None, None);
         // "listener-gone" (3) then "handshake" (6): OR-ed, they would read as
         // "registry" (7).
         c.give_up(Fallback::ListenerGone);
         c.give_up(Fallback::Handshake("later".into()));
         assert_eq!(c.fallback(), Some(&Fallback::ListenerGone));
-        let code = (c.flags.load(Ordering::Relaxed) & flag::FALLBACK_MASK) >> flag::FALLBACK_SHIFT;
-        assert_eq!(code, crate::stats::fallback_code("listener-gone"));
+        assert_eq!(published(&c), crate::stats::fallback_code("listener-gone"));
+    }
+
+    #[test]
+    fn a_plain_connection_publishes_its_reason() {
+        let c = Conn::plain(loopback(), Fallback::NoListener);
+        assert_eq!(published(&c), crate::stats::fallback_code("no-listener"));
     }
 }
