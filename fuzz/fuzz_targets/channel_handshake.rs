@@ -1,20 +1,27 @@
 //! The channel handshake of `vmc_channel::setup` (HELLO and ACK) against a hostile
-//! peer on a real socket pair.
+//! peer. The first input byte (mod 3) picks the part under test.
 //!
-//! The parsing is inline in the handshake (the frames carry descriptors), so the
-//! target drives the real calls: the input plays the other end, sending any bytes
-//! with any descriptors (a memfd laid out as a channel and then scribbled on, a raw
-//! memfd of any size, seals and contents, eventfds, a pipe), then shuts its
-//! sending side so that nothing waits for more.
-//! - Attacher under test (`Channel::attach_over`): it returns a channel or an error,
-//!   never panics or hangs; its answer, if any, is an 8-byte ACK with status OK
-//!   exactly when it returned a channel (then with two eventfds exactly for an
+//! 0 and 1 drive the real calls on a socket pair (the frames carry descriptors):
+//! the input plays the other end, sending any bytes with any descriptors (a memfd
+//! laid out as a channel and then scribbled on, a raw memfd of any size, seals and
+//! contents, eventfds, a pipe), then shuts its sending side so that nothing waits
+//! for more.
+//! - 0, attacher under test (`Channel::attach_over`): it returns a channel or an
+//!   error, never panics or hangs; its answer, if any, is an 8-byte ACK with status
+//!   OK exactly when it returned a channel (then with two eventfds exactly for an
 //!   eventfd channel, and the segment's attacher side claimed), REFUSED or UNKNOWN
 //!   otherwise; a channel it returns survives non-blocking reads and writes.
-//! - Creator under test (`Channel::offer_over` then `Offer::finish`): its HELLO is
-//!   well-formed, and it accepts an ACK exactly when the frame's first 8 bytes are
-//!   the magic, status OK and zero reserved bytes, the descriptors are two for an eventfd channel and none
-//!   otherwise, and the segment's attacher side says attached (open or closed).
+//! - 1, creator under test (`Channel::offer_over` then `Offer::finish`): its HELLO
+//!   is well-formed, and it accepts an ACK exactly when the frame's first 8 bytes
+//!   are the magic, status OK and zero reserved bytes, the descriptors are two for
+//!   an eventfd channel and none otherwise, and the segment's attacher side says
+//!   attached (open or closed).
+//!
+//! 2 gives the rest of the input, as one message, to the checked types the
+//! handshake parses with (`vmc_channel::fuzzing::{Hello, Ack}`): each accepts
+//! exactly what a correct peer sends (as read here from the layout, not from the
+//! parser), what it accepts is the encoding of what it parsed (`emit(parse(x)) ==
+//! x`), and a refusal names its message and a field.
 #![no_main]
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -25,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use rustix::fs::{MemfdFlags, SealFlags};
+use vmc_channel::fuzzing::{Ack, Hello, ACK_LEN, HELLO_LEN};
 use vmc_channel::{Channel, ChannelConfig, WakeMode};
 use vmc_fuzz::Input;
 use vmc_os::{EventFd, Segment};
@@ -292,6 +300,51 @@ fn creator_under_test(inp: &mut Input<'_>) {
     drop(held);
 }
 
+/// A HELLO a correct creator sends, read from the layout in `vmc_channel`'s
+/// hello.rs, not from its parser.
+fn hello_spec(b: &[u8]) -> bool {
+    if b.len() != HELLO_LEN || &b[..4] != b"VMC1" || b[6..8] != [0; 2] {
+        return false;
+    }
+    let arg = u64::from_le_bytes(b[8..].try_into().unwrap());
+    let wake_ok = matches!(b[5], 1..=3);
+    match b[4] {
+        1 => wake_ok && arg != 0 && arg <= vmc_os::MAX_SEGMENT_LEN as u64,
+        2 => wake_ok,
+        _ => false,
+    }
+}
+
+/// An ACK a correct attacher sends.
+fn ack_spec(b: &[u8]) -> bool {
+    b.len() == ACK_LEN && &b[..4] == b"VMCA" && b[4] <= 2 && b[5..] == [0; 3]
+}
+
+fn messages(b: &[u8]) {
+    match Hello::parse(b) {
+        Ok(h) => {
+            assert!(hello_spec(b), "HELLO {b:?} accepted as {h:?}");
+            assert_eq!(h.emit()[..], *b, "{h:?}");
+        }
+        Err(e) => {
+            assert!(!hello_spec(b), "HELLO {b:?} refused: {e}");
+            assert_eq!(e.message, "HELLO");
+            assert!(!e.field.is_empty());
+        }
+    }
+    match Ack::parse(b) {
+        Ok(a) => {
+            assert!(ack_spec(b), "ACK {b:?} accepted as {a:?}");
+            assert_eq!(a.emit()[..], *b, "{a:?}");
+        }
+        Err(e) => {
+            assert!(!ack_spec(b), "ACK {b:?} refused: {e}");
+            assert_eq!(e.message, "ACK");
+            assert!(!e.field.is_empty());
+        }
+    }
+}
+
 /// `VMC_FUZZ_TRACE=1` prints what each side answered.
 fn trace() -> bool {
     static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -300,9 +353,9 @@ fn trace() -> bool {
 
 fuzz_target!(|data: &[u8]| {
     let mut inp = Input::new(data);
-    if inp.u8() & 1 == 0 {
-        attacher_under_test(&mut inp);
-    } else {
-        creator_under_test(&mut inp);
+    match inp.u8() % 3 {
+        0 => attacher_under_test(&mut inp),
+        1 => creator_under_test(&mut inp),
+        _ => messages(inp.rest()),
     }
 });

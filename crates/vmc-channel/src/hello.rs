@@ -11,6 +11,9 @@
 //!
 //! `parse` takes exactly what arrived and refuses anything a correct peer would not
 //! send, naming the field ([`HandshakeError`]); `emit` is its inverse.
+//!
+//! The types are `pub` in this private module only so that the `fuzzing` feature
+//! can hand them to the fuzz targets; the crate's API does not include them.
 
 #![forbid(unsafe_code)]
 
@@ -19,9 +22,9 @@ use std::fmt;
 use crate::config::WakeMode;
 
 /// Bytes of a `HELLO`.
-pub(crate) const HELLO_LEN: usize = 16;
+pub const HELLO_LEN: usize = 16;
 /// Bytes of an `ACK`.
-pub(crate) const ACK_LEN: usize = 8;
+pub const ACK_LEN: usize = 8;
 
 const HELLO_MAGIC: [u8; 4] = *b"VMC1";
 const ACK_MAGIC: [u8; 4] = *b"VMCA";
@@ -86,18 +89,27 @@ fn wake_from_code(c: u8) -> Option<WakeMode> {
 
 /// The creator's offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Hello {
+pub enum Hello {
     /// A new segment, passed beside the message (with the creator's two eventfds
-    /// for an eventfd channel), of `segment_len` bytes.
-    Fresh { wake: WakeMode, segment_len: u64 },
-    /// A spare segment both sides kept from an earlier channel, by its inode (no
-    /// descriptors).
-    Reuse { wake: WakeMode, inode: u64 },
+    /// for an eventfd channel).
+    Fresh {
+        /// How the channel's ends wake each other.
+        wake: WakeMode,
+        /// The segment's length in bytes.
+        segment_len: u64,
+    },
+    /// A spare segment both sides kept from an earlier channel (no descriptors).
+    Reuse {
+        /// How the channel's ends wake each other.
+        wake: WakeMode,
+        /// The spare's inode.
+        inode: u64,
+    },
 }
 
 impl Hello {
     /// The message as sent.
-    pub(crate) fn emit(&self) -> [u8; HELLO_LEN] {
+    pub fn emit(&self) -> [u8; HELLO_LEN] {
         let (kind, wake, arg) = match *self {
             Hello::Fresh { wake, segment_len } => (KIND_FRESH, wake, segment_len),
             Hello::Reuse { wake, inode } => (KIND_REUSE, wake, inode),
@@ -111,7 +123,7 @@ impl Hello {
     }
 
     /// Parses exactly the bytes that arrived.
-    pub(crate) fn parse(b: &[u8]) -> Result<Hello, HandshakeError> {
+    pub fn parse(b: &[u8]) -> Result<Hello, HandshakeError> {
         const M: &str = "HELLO";
         if b.len() != HELLO_LEN {
             return Err(bad(M, "length", format!("{} bytes", b.len())));
@@ -143,7 +155,7 @@ impl Hello {
 
 /// The attacher's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ack {
+pub enum Ack {
     /// Attached (its eventfds beside the message for a fresh eventfd channel).
     Ok,
     /// The segment did not pass the attacher's checks.
@@ -154,7 +166,7 @@ pub(crate) enum Ack {
 
 impl Ack {
     /// The message as sent.
-    pub(crate) fn emit(&self) -> [u8; ACK_LEN] {
+    pub fn emit(&self) -> [u8; ACK_LEN] {
         let mut b = [0u8; ACK_LEN];
         b[at::MAGIC..at::MAGIC + 4].copy_from_slice(&ACK_MAGIC);
         b[at::STATUS] = match self {
@@ -166,7 +178,7 @@ impl Ack {
     }
 
     /// Parses exactly the bytes that arrived.
-    pub(crate) fn parse(b: &[u8]) -> Result<Ack, HandshakeError> {
+    pub fn parse(b: &[u8]) -> Result<Ack, HandshakeError> {
         const M: &str = "ACK";
         if b.len() != ACK_LEN {
             return Err(bad(M, "length", format!("{} bytes", b.len())));

@@ -41,6 +41,8 @@
 mod channel;
 pub mod config;
 mod core;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod hello;
 pub mod pool;
 mod setup;

@@ -374,7 +374,7 @@ impl Conn {
     /// A connection that stays plain TCP, for `reason`.
     pub(crate) fn plain(tcp: std::net::TcpStream, reason: Fallback) -> Conn {
         let c = Conn::new(tcp, PLAIN, Setup::Done, None, None);
-        let _ = c.fallback.set(reason);
+        c.set_fallback(reason);
         c
     }
 
@@ -414,15 +414,20 @@ impl Conn {
 
     fn give_up(&self, reason: Fallback) {
         tracing::debug!("vmc connection stays on TCP: {reason}");
-        let code = crate::stats::FALLBACK_CODES
-            .iter()
-            .position(|c| *c == reason.code())
-            .map_or(0, |i| i + 1);
-        let _ = self.fallback.set(reason);
+        self.set_fallback(reason);
         self.state.store(PLAIN, Ordering::Release);
         self.bells.ring(bell::RX);
-        self.publish((code as u32) << flag::FALLBACK_SHIFT, true);
         self.publish(flag::PENDING, false);
+    }
+
+    /// Keeps `reason` as why the connection stays on TCP and publishes its code,
+    /// if it is the first reason given: a later one changes neither (its code
+    /// OR-ed into the first one's bits would publish a third reason).
+    fn set_fallback(&self, reason: Fallback) {
+        let code = crate::stats::fallback_code(reason.code());
+        if self.fallback.set(reason).is_ok() {
+            self.publish(code << flag::FALLBACK_SHIFT, true);
+        }
     }
 
     fn install(&self, channel: Channel) -> io::Result<()> {
@@ -597,5 +602,37 @@ impl Drop for Conn {
         drop(self.tx.lock().ring.take());
         drop(self.rx.lock().ring.take());
         drop(self.parts.take());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loopback() -> std::net::TcpStream {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap()
+    }
+
+    /// The fallback code the connection published.
+    fn published(c: &Conn) -> u32 {
+        (c.flags.load(Ordering::Relaxed) & flag::FALLBACK_MASK) >> flag::FALLBACK_SHIFT
+    }
+
+    #[test]
+    fn only_the_first_fallback_is_kept_and_published() {
+        let c = Conn::new(loopback(), PENDING, Setup::Done, None, None);
+        // "listener-gone" (3) then "handshake" (6): OR-ed, they would read as
+        // "registry" (7).
+        c.give_up(Fallback::ListenerGone);
+        c.give_up(Fallback::Handshake("later".into()));
+        assert_eq!(c.fallback(), Some(&Fallback::ListenerGone));
+        assert_eq!(published(&c), crate::stats::fallback_code("listener-gone"));
+    }
+
+    #[test]
+    fn a_plain_connection_publishes_its_reason() {
+        let c = Conn::plain(loopback(), Fallback::NoListener);
+        assert_eq!(published(&c), crate::stats::fallback_code("no-listener"));
     }
 }
