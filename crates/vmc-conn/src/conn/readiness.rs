@@ -68,7 +68,7 @@ impl Conn {
         }
         // Both directions shut, ours by shutdown and the peer's by the end on the
         // ring: the kernel's HUP (whatever the interest), which TCP cannot show
-        // while the FINs wait (see `Tx::fin_owed`). From flags, not the other
+        // while the FINs wait (see `proto::Shut::fin_waits`). From flags, not the other
         // direction's lock: an event loop's look must never make the other
         // direction's `arm` find its lock taken (it would sleep unarmed).
         if self.tx_shut.load(Ordering::Acquire)

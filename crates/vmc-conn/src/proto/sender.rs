@@ -40,6 +40,16 @@ pub(crate) struct Shut {
     pub(crate) fin_waits: bool,
 }
 
+/// Whether the direction was shut down, and whether TCP still owes its FIN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shutdown {
+    Open,
+    /// Shut; the FIN waits (see [`Shut::fin_waits`]).
+    FinOwed,
+    /// Shut, and the FIN sent or handed to the caller.
+    Done,
+}
+
 /// The protocol state of this end's sending direction.
 #[derive(Clone, Debug)]
 pub(crate) struct Sender {
@@ -59,9 +69,7 @@ pub(crate) struct Sender {
     /// `sent[tcp]` when we last moved off the ring: while it is unchanged, nothing
     /// followed the ring's bytes on TCP, and a late REWIND can still be served.
     tcp_mark: u64,
-    shut: bool,
-    /// See [`Shut::fin_waits`].
-    fin_owed: bool,
+    shutdown: Shutdown,
     /// A REWIND's bytes are not all on TCP yet.
     backlog: bool,
     /// The ring offset our last SPILL named.
@@ -87,8 +95,7 @@ impl Sender {
             for_good: false,
             rewinding: Rewinding::No,
             tcp_mark: 0,
-            shut: false,
-            fin_owed: false,
+            shutdown: Shutdown::Open,
             backlog: false,
             spilled_at: None,
         }
@@ -109,7 +116,7 @@ impl Sender {
     }
 
     pub(crate) fn is_shut(&self) -> bool {
-        self.shut
+        self.shutdown != Shutdown::Open
     }
 
     /// Bytes put on `path` so far.
@@ -272,22 +279,27 @@ impl Sender {
 
     /// Shuts the direction down (`shutdown(SHUT_WR)`).
     pub(crate) fn shutdown(&mut self) -> Shut {
-        let first = !self.shut;
+        let first = self.shutdown == Shutdown::Open;
         if first {
-            self.shut = true;
-            if self.path == Path::Shm || self.backlog {
-                self.fin_owed = true;
-            }
+            self.shutdown = if self.path == Path::Shm || self.backlog {
+                Shutdown::FinOwed
+            } else {
+                Shutdown::Done
+            };
         }
         Shut {
             first,
-            fin_waits: self.fin_owed,
+            fin_waits: self.shutdown == Shutdown::FinOwed,
         }
     }
 
     /// True (once) if a FIN is owed: the caller sends it now.
     pub(crate) fn take_fin(&mut self) -> bool {
-        std::mem::take(&mut self.fin_owed)
+        let owed = self.shutdown == Shutdown::FinOwed;
+        if owed {
+            self.shutdown = Shutdown::Done;
+        }
+        owed
     }
 }
 
