@@ -148,13 +148,13 @@ fn blocked_reader_gets_eof() {
         } in all_pairs(4096)
         {
             let what = format!("{what}, drop {drop_all}");
-            let reader = std::thread::spawn(move || {
+            let (reader, tid) = spawn_with_tid(move || {
                 let mut b = b;
                 let mut got = Vec::new();
                 let r = b.read_to_end(&mut got);
                 (r.map(|_| got), Instant::now(), b)
             });
-            std::thread::sleep(Duration::from_millis(100));
+            wait_asleep(tid, Duration::from_secs(5));
             a.write_all(b"bye").unwrap();
             let t = Instant::now();
             if drop_all {
@@ -250,11 +250,11 @@ fn blocked_writer_gets_broken_pipe() {
     } in all_pairs(4096)
     {
         assert_eq!(fill(&mut a), 4096, "{what}");
-        let writer = std::thread::spawn(move || {
+        let (writer, tid) = spawn_with_tid(move || {
             let r = a.write(b"more");
             (r, Instant::now())
         });
-        std::thread::sleep(Duration::from_millis(100));
+        wait_asleep(tid, Duration::from_secs(5));
         let t = Instant::now();
         drop(b);
         let (r, done) = within(Duration::from_secs(5), &what, move || {

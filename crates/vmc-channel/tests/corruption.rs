@@ -98,12 +98,12 @@ fn bad_head_fails_the_writer() {
 fn blocked_reader_is_woken_by_corruption() {
     let (_tmp, path, _a, b) = file_pair(4096);
     let f = File::options().read(true).write(true).open(&path).unwrap();
-    let reader = std::thread::spawn(move || {
+    let (reader, tid) = spawn_with_tid(move || {
         let mut b = b;
         let r = b.read(&mut [0u8; 16]);
         (r.map_err(|e| e.kind()), Instant::now())
     });
-    std::thread::sleep(Duration::from_millis(100));
+    wait_asleep(tid, Duration::from_secs(5));
     let t = Instant::now();
     scribble(&f, RING0_TAIL, 1 << 50);
     let (r, done) = within(Duration::from_secs(5), "blocked reader", move || {
@@ -149,7 +149,7 @@ fn pair_corruption_through_the_memfd() {
         let (mut a, b) = Channel::pair(&config).unwrap();
         let f = reopen_pair_memfd();
         a.write_all(b"ping").unwrap();
-        let reader = std::thread::spawn(move || {
+        let (reader, tid) = spawn_with_tid(move || {
             let mut b = b;
             let mut got = [0u8; 4];
             b.read_exact(&mut got).unwrap();
@@ -158,7 +158,8 @@ fn pair_corruption_through_the_memfd() {
             let r = b.read(&mut got);
             (r.map_err(|e| e.kind()), Instant::now(), b)
         });
-        std::thread::sleep(Duration::from_millis(150));
+        // Asleep means past "ping" too: scribbling earlier would fail that read.
+        wait_asleep(tid, Duration::from_secs(5));
         let t = Instant::now();
         scribble(&f, RING0_TAIL, u64::MAX - 3);
         let (r, done, mut b) = within(Duration::from_secs(5), "blocked reader", move || {
