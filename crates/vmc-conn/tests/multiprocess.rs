@@ -565,7 +565,7 @@ fn a_client_read_blocked_while_another_thread_finishes_the_handshake_sees_the_da
         // The reader blocks while the handshake is pending.
         let (rtx, rrx) = std::sync::mpsc::channel();
         let r = c.clone();
-        thread::spawn(move || {
+        let (_, reader_tid) = spawn_with_tid(move || {
             let mut buf = [0u8; 4];
             let res = (&r).read_exact(&mut buf).map(|()| buf);
             let _ = rtx.send(res);
@@ -577,8 +577,8 @@ fn a_client_read_blocked_while_another_thread_finishes_the_handshake_sees_the_da
             while h.is_pending() && Instant::now() < deadline {}
             h.set_send_path(vmc_conn::Path::Shm).unwrap();
         });
-        // The server accepts a little later, then writes (on shm at once).
-        thread::sleep(Duration::from_millis(20));
+        // The server accepts once the reader is blocked, then writes (on shm at once).
+        wait_asleep(reader_tid, Duration::from_secs(5));
         let (mut s, _) = l.accept().unwrap();
         // It offered the channel; the client's hammer answers.
         wait_until("the offer to be answered", Duration::from_secs(5), || {

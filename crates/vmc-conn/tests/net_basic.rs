@@ -187,7 +187,7 @@ fn a_second_waiter_does_not_disarm_the_first() {
 
     let reader = c.try_clone().unwrap();
     let (armed_tx, armed_rx) = std::sync::mpsc::channel();
-    let waiter = thread::spawn(move || {
+    let (waiter, tid) = common::spawn_with_tid(move || {
         assert!(reader.arm(Interest::READ).unwrap().is_none());
         armed_tx.send(()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -215,7 +215,8 @@ fn a_second_waiter_does_not_disarm_the_first() {
     armed_rx.recv().unwrap();
     // The second waiter: ready for writing at once.
     assert!(c.arm(Interest::WRITE).unwrap().is_some());
-    thread::sleep(Duration::from_millis(20));
+    // The reader asleep in its poll, then the byte.
+    common::wait_asleep(tid, Duration::from_secs(3));
     s.write_all(b"z").unwrap();
     assert!(waiter.join().unwrap(), "the reader's wake-up was lost");
 }

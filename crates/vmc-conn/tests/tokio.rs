@@ -258,8 +258,8 @@ fn a_plain_tokio_client_of_a_vmc_listener_gets_plain_tcp() {
         let mut buf = [0u8; 5];
         c.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello");
+        // The window running out is the point: after it, the data still flows.
         tokio::time::sleep(vmc_conn::ATTACH_WINDOW + Duration::from_millis(100)).await;
-        // After the window, the data still flows.
         let (r, w) = c.into_split();
         let writer = tokio::spawn(write_stream(w, 3, 1 << 20, 30_000, 3));
         let got = read_stream(r, 3, 16 * 1024, 3).await.unwrap();
@@ -289,8 +289,10 @@ fn end_of_stream_after_the_peer_shuts_down() {
         });
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(b"hello ").await.unwrap();
-        // Let the channel come up, so the end is found on the ring too.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The channel up (the server's read moves its end along), so the end is found
+        // on the ring too.
+        settle(&c).await;
+        assert!(c.is_accelerated(), "{:?}", c.fallback_reason());
         c.write_all(b"world").await.unwrap();
         c.shutdown().await.unwrap();
         // Writing after our own shutdown fails, as on a socket.
@@ -316,17 +318,24 @@ fn a_reader_waiting_before_the_peer_shuts_down_is_woken() {
         s.read_exact(&mut one).await.unwrap();
         s.write_all(b"y").await.unwrap();
         c.read_exact(&mut one).await.unwrap();
-        let reader = tokio::spawn(async move {
-            let mut buf = [0u8; 64];
-            let n = c.read(&mut buf).await.unwrap();
-            let end = c.read(&mut buf).await.unwrap();
-            (n, end, c.is_accelerated())
+        // Each write of the peer comes while the reader waits (a poll of its read
+        // left it waiting).
+        let (mut c, polls) = Counted::new(c);
+        let first = tokio::spawn(async move {
+            let n = c.read(&mut [0u8; 64]).await.unwrap();
+            (n, c)
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        polls.waiting_after(0).await;
         s.write_all(b"late").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (n, mut c) = first.await.unwrap();
+        let seen = polls.pending();
+        let reader = tokio::spawn(async move {
+            let end = c.read(&mut [0u8; 64]).await.unwrap();
+            (end, c.io.is_accelerated())
+        });
+        polls.waiting_after(seen).await;
         s.shutdown().await.unwrap();
-        let (n, end, accel) = reader.await.unwrap();
+        let (end, accel) = reader.await.unwrap();
         assert_eq!((n, end), (4, 0));
         assert!(accel);
     });
@@ -351,15 +360,51 @@ async fn settle(s: &TcpStream) {
     }
 }
 
-/// Counts the polls of a reader or writer (to see that a blocked one sleeps).
+/// How often a reader or writer was polled (to see that a blocked one sleeps), and
+/// how often a poll left it waiting (to know that it waits).
+#[derive(Default)]
+struct Polls {
+    all: AtomicU64,
+    pending: AtomicU64,
+}
+
+impl Polls {
+    fn count<R>(&self, p: Poll<R>) -> Poll<R> {
+        self.all.fetch_add(1, Ordering::Relaxed);
+        if p.is_pending() {
+            self.pending.fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
+
+    fn all(&self) -> u64 {
+        self.all.load(Ordering::Relaxed)
+    }
+
+    fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Waits (at most 5 s) until more than `seen` polls have left the task waiting:
+    /// the event "it waits", where a fixed sleep would only hope it does by then.
+    async fn waiting_after(&self, seen: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.pending() <= seen {
+            assert!(Instant::now() < deadline, "the task never waited");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// A reader or writer whose polls are counted.
 struct Counted<T> {
     io: T,
-    polls: Arc<AtomicU64>,
+    polls: Arc<Polls>,
 }
 
 impl<T> Counted<T> {
-    fn new(io: T) -> (Counted<T>, Arc<AtomicU64>) {
-        let polls = Arc::new(AtomicU64::new(0));
+    fn new(io: T) -> (Counted<T>, Arc<Polls>) {
+        let polls = Arc::new(Polls::default());
         (
             Counted {
                 io,
@@ -376,8 +421,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.polls.fetch_add(1, Ordering::Relaxed);
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let p = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.polls.count(p)
     }
 }
 
@@ -387,8 +432,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.polls.fetch_add(1, Ordering::Relaxed);
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let p = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.polls.count(p)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
@@ -424,16 +469,12 @@ fn a_blocked_reader_and_a_blocked_writer_sleep_and_are_woken_one_at_a_time() {
         });
         let writer = tokio::spawn(write_stream(w, 9, BIG, 256 * 1024, 9));
         // Nobody reads or writes on the other end: both wait.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (r0, w0) = (
-            read_polls.load(Ordering::Relaxed),
-            write_polls.load(Ordering::Relaxed),
-        );
+        read_polls.waiting_after(0).await;
+        write_polls.waiting_after(0).await;
+        let (r0, w0) = (read_polls.all(), write_polls.all());
+        // Watching them for a while is the point: they must not be polled meanwhile.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let (r1, w1) = (
-            read_polls.load(Ordering::Relaxed),
-            write_polls.load(Ordering::Relaxed),
-        );
+        let (r1, w1) = (read_polls.all(), write_polls.all());
         assert!(!reader.is_finished() && !writer.is_finished());
         assert!(
             r1 - r0 < 10 && w1 - w0 < 10,
@@ -447,10 +488,11 @@ fn a_blocked_reader_and_a_blocked_writer_sleep_and_are_woken_one_at_a_time() {
         let got = read_stream(cr, 9, 64 * 1024, 9).await.unwrap();
         assert_eq!(got, BIG);
         assert_eq!(writer.await.unwrap().unwrap(), BIG);
-        let r2 = read_polls.load(Ordering::Relaxed);
+        let r2 = read_polls.all();
+        // Again a while in which the waiting reader must not be polled.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!reader.is_finished());
-        let r3 = read_polls.load(Ordering::Relaxed);
+        let r3 = read_polls.all();
         assert!(
             r3 - r2 < 10,
             "a blocked reader was polled {} times",
@@ -559,11 +601,12 @@ fn a_waiting_reader_is_woken_when_the_peer_is_dropped() {
         s.write_all(b"z").await.unwrap();
         let mut one = [0u8; 1];
         c.read_exact(&mut one).await.unwrap();
+        let (mut c, polls) = Counted::new(c);
         let reader = tokio::spawn(async move {
             let mut buf = [0u8; 16];
             c.read(&mut buf).await
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        polls.waiting_after(0).await;
         drop(s);
         let r = reader.await.unwrap();
         assert!(is_eof_or_reset(&r), "{r:?}");

@@ -132,6 +132,48 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Spawns `f` on a thread; returns its handle and its kernel thread id (for
+/// [`wait_asleep`]), known before `f` starts.
+pub fn spawn_with_tid<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (thread::JoinHandle<T>, i32) {
+    let (tx, rx) = mpsc::channel();
+    let h = thread::spawn(move || {
+        let _ = tx.send(rustix::thread::gettid().as_raw_nonzero().get());
+        f()
+    });
+    (h, rx.recv().expect("the thread says its id"))
+}
+
+/// Waits (at most `limit`) until thread `tid` of this process sleeps in the
+/// kernel (state S: in a futex, poll or sleep; a spinning or preempted thread is
+/// R): the event "the other thread is blocked", where a fixed sleep would only
+/// hope it is by then. Returns at once if the thread has ended (the caller's
+/// own checks then say what went wrong).
+#[track_caller]
+pub fn wait_asleep(tid: i32, limit: Duration) {
+    let path = format!("/proc/self/task/{tid}/stat");
+    let deadline = Instant::now() + limit;
+    loop {
+        let Ok(stat) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        // "tid (name) S ...": the state follows the last ')'.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?");
+        if matches!(state, "S" | "Z" | "X") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "thread {tid} did not block within {limit:?} (state {state})"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Waits (at most 5 s) until the handshake of a connection is over (so that its
 /// fallback reason, if any, is final).
 pub fn settle(s: &TcpStream) {
