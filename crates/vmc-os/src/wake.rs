@@ -305,6 +305,7 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{tid, wait_asleep};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
@@ -312,14 +313,16 @@ mod tests {
     fn futex_wakes_across_threads() {
         let word = Arc::new(AtomicU32::new(0));
         let w2 = Arc::clone(&word);
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
+            tid_tx.send(tid()).unwrap();
             let start = Instant::now();
             while w2.load(Ordering::Acquire) == 0 {
                 futex_wait(&w2, 0, Some(Duration::from_secs(5))).unwrap();
                 assert!(start.elapsed() < Duration::from_secs(5));
             }
         });
-        std::thread::sleep(Duration::from_millis(20));
+        wait_asleep(tid_rx.recv().unwrap());
         word.store(1, Ordering::Release);
         futex_wake(&word, 1).unwrap();
         t.join().unwrap();
@@ -351,12 +354,14 @@ mod tests {
             )
         };
         std::thread::scope(|s| {
-            s.spawn(|| {
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            s.spawn(move || {
+                tid_tx.send(tid()).unwrap();
                 while wb.load(Ordering::Acquire) == 0 {
                     futex_wait(wb, 0, Some(Duration::from_secs(5))).unwrap();
                 }
             });
-            std::thread::sleep(Duration::from_millis(20));
+            wait_asleep(tid_rx.recv().unwrap());
             wa.store(1, Ordering::Release);
             futex_wake(wa, 1).unwrap();
         });
@@ -381,8 +386,9 @@ mod tests {
         // Notified from another thread while waiting.
         let ev = Arc::new(ev);
         let ev2 = Arc::clone(&ev);
+        let waiter = tid();
         let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
+            wait_asleep(waiter);
             ev2.notify().unwrap();
         });
         assert!(ev.wait(None, Some(Duration::from_secs(5))).unwrap().event);
