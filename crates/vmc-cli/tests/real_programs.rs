@@ -1555,10 +1555,12 @@ fn http_download_mixed_falls_back() {
 
 /// An inetd-style server: accepts one connection, exchanges a greeting with the
 /// client (so the connection is accelerated), then forks a child that makes the
-/// connection its stdin and stdout and execs `cat` (after a pause in which the
-/// client fills the ring); the parent closes its copy.
+/// connection its stdin and stdout and execs `cat` (once the client says, through
+/// the FIFO `argv[2]`, that it put bytes on the ring); the parent closes its copy.
 const EXEC_SERVER_PY: &str = r#"
-import os, socket, sys, time
+import os, socket, sys
+filled = sys.argv[2]
+os.mkfifo(filled)
 l = socket.socket()
 l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind(("127.0.0.1", int(sys.argv[1])))
@@ -1568,8 +1570,9 @@ assert c.recv(5, socket.MSG_WAITALL) == b"hello"
 c.sendall(b"ready")
 pid = os.fork()
 if pid == 0:
-    # Let the client fill the ring first: those bytes must reach cat too.
-    time.sleep(0.3)
+    # Bytes on the ring first: those must reach cat too.
+    with open(filled, "rb") as f:
+        assert f.read(1) == b"x", "the client did not say it filled the ring"
     os.dup2(c.fileno(), 0)
     os.dup2(c.fileno(), 1)
     c.close()
@@ -1581,16 +1584,22 @@ sys.exit(os.waitstatus_to_exitcode(st))
 "#;
 
 /// Its client: the greeting, then `n` bytes sent (from a thread) while the echo is
-/// read back and compared.
+/// read back and compared. Once the first 96 KiB are sent (on the ring, which holds
+/// 128 KiB and nobody reads yet), it tells the server through the FIFO `argv[3]`.
 const EXEC_CLIENT_PY: &str = r#"
 import socket, sys, threading
-port, n = int(sys.argv[1]), int(sys.argv[2])
+port, n, filled = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 s = socket.create_connection(("127.0.0.1", port))
 s.sendall(b"hello")
 assert s.recv(5, socket.MSG_WAITALL) == b"ready"
 block = bytes((i * 7 + i // 251) & 255 for i in range(1 << 20))
 def send():
-    for _ in range(n >> 20):
+    first = 96 << 10
+    s.sendall(block[:first])
+    with open(filled, "wb") as f:
+        f.write(b"x")
+    s.sendall(block[first:])
+    for _ in range((n >> 20) - 1):
         s.sendall(block)
     s.shutdown(socket.SHUT_WR)
 t = threading.Thread(target=send)
@@ -1625,11 +1634,14 @@ fn exec_hands_an_accelerated_connection_to_cat() {
     let port = free_port();
     let port_s = port.to_string();
     let bytes: u64 = 32 << 20;
+    // The server makes it before it listens; the client writes a byte to it.
+    let filled = case.path("filled.fifo");
+    let filled = filled.to_str().unwrap();
     let mut server = case.spawn(
         Side::Vmc,
         "python3 server (exec cat)",
         &python3(),
-        &[server_py.to_str().unwrap(), &port_s],
+        &[server_py.to_str().unwrap(), &port_s, filled],
         None,
     );
     case.wait_listening(&mut server, port);
@@ -1637,7 +1649,12 @@ fn exec_hands_an_accelerated_connection_to_cat() {
         Side::Vmc,
         "python3 client",
         &python3(),
-        &[client_py.to_str().unwrap(), &port_s, &bytes.to_string()],
+        &[
+            client_py.to_str().unwrap(),
+            &port_s,
+            &bytes.to_string(),
+            filled,
+        ],
         None,
     );
     let out = client.out();
@@ -1647,8 +1664,8 @@ fn exec_hands_an_accelerated_connection_to_cat() {
     );
     let st = case.wait(&mut server, SERVER_WAIT);
     case.check(st.success(), || format!("the server exited with {st}"));
-    // The connection was accelerated when the exec came, and the client had filled
-    // the ring (128 KiB) by then: those bytes were sent again on TCP.
+    // The connection was accelerated when the exec came, and the client had put at
+    // least 96 KiB on the ring (128 KiB) by then: those bytes were sent again on TCP.
     case.expect_accelerated(&[client.who()]);
     let r = case
         .report_of(client.pid)
@@ -2571,8 +2588,36 @@ fn apache_serves_accelerated_clients(name: &'static str, mpm: &str, c200: bool) 
         None,
     );
     case.wait_listening(&mut server, port);
-    // Every worker up (they publish themselves when they become www-data).
-    std::thread::sleep(Duration::from_millis(500));
+    // Every worker up: each publishes the listener in the shared registry when it
+    // becomes www-data (an entry of its own user; the master's is ours).
+    let workers: usize = mpm
+        .lines()
+        .find_map(|l| l.strip_prefix("StartServers "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("StartServers in the MPM's settings");
+    let listeners = case.public_dir().join("listeners");
+    let prefix = format!("l-{port}-");
+    let me = rustix::process::geteuid().as_raw();
+    let deadline = Instant::now() + SERVER_WAIT;
+    loop {
+        use std::os::unix::fs::MetadataExt;
+        let published = fs::read_dir(&listeners).map_or(0, |rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .filter(|e| e.metadata().is_ok_and(|m| m.uid() != me))
+                .count()
+        });
+        if published >= workers {
+            break;
+        }
+        case.check(Instant::now() < deadline, || {
+            format!(
+                "only {published} of the {workers} workers published the listener in {}",
+                listeners.display()
+            )
+        });
+        std::thread::sleep(ms(10));
+    }
 
     let page_url = format!("http://127.0.0.1:{port}/4k.bin");
     let big_url = format!("http://127.0.0.1:{port}/10m.bin");
@@ -2673,13 +2718,13 @@ fn apache_event_workers_as_www_data_serve_accelerated_clients() {
     apache_serves_accelerated_clients("apache-event", APACHE_EVENT, true);
 }
 
-/// An echo server that becomes `nobody` before it listens, then waits `argv[2]`
-/// seconds before it accepts its one connection (so that its client's offer socket
-/// waits meanwhile).
+/// An echo server that becomes `nobody` before it listens, then waits until the
+/// file `argv[2]` exists (at most 20 s, well within the offer's 30 s) before it
+/// accepts its one connection (so that its client's offer socket waits meanwhile).
 const SLOW_NOBODY_SERVER_PY: &str = echo_py!(
     r#"
 import os, socket, sys, time
-port, delay = int(sys.argv[1]), float(sys.argv[2])
+port, go = int(sys.argv[1]), sys.argv[2]
 os.environ.pop("VMC_REGISTRY_DIR", None)
 os.setgid(65534)
 os.setuid(65534)
@@ -2687,7 +2732,9 @@ l = socket.socket()
 l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind(("127.0.0.1", port))
 l.listen(4)
-time.sleep(delay)
+deadline = time.monotonic() + 20
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.01)
 c, _ = l.accept()
 echo(c)
 "#
@@ -2754,11 +2801,13 @@ fn a_third_user_gets_nothing_from_a_waiting_offer() {
     let python = python3();
     let port = free_port();
     let port_s = port.to_string();
+    // Made once the third user is done: the server accepts then.
+    let go = dir.join("go");
     let mut server = case.spawn(
         Side::Vmc,
-        "nobody server, accepts after 3 s",
+        "nobody server, accepts when told",
         &python,
-        &[server_py.to_str().unwrap(), &port_s, "3"],
+        &[server_py.to_str().unwrap(), &port_s, go.to_str().unwrap()],
         None,
     );
     case.wait_listening(&mut server, port);
@@ -2819,6 +2868,7 @@ fn a_third_user_gets_nothing_from_a_waiting_offer() {
             && out.contains(&format!("cannot list {}", offers.display())),
         || format!("the third user got something:\n{out}"),
     );
+    fs::write(&go, b"").expect("telling the server to accept");
     let st = case.wait(&mut client, CLIENT_WAIT);
     case.check(st.success(), || format!("the client exited with {st}"));
     let echoed = case.stdout_of(&client);
