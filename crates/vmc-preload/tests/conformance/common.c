@@ -39,6 +39,7 @@
 #include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -261,6 +262,37 @@ static void sleep_ms(int ms) {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
     while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
     }
+}
+
+/* The calling thread's kernel id, for wait_asleep. */
+static pid_t tid_self(void) { return (pid_t)syscall(SYS_gettid); }
+
+/* Waits (at most 10 s, then dies) until thread `tid` of this process sleeps in
+ * the kernel (state S in /proc: blocked in a system call; a running or
+ * preempted thread is R): the event "the other thread is blocked", where a
+ * fixed sleep would only hope it is by then. Traces nothing. */
+static void wait_asleep(pid_t tid) {
+    int saved = errno;
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/self/task/%d/stat", (int)tid);
+    double deadline = now_ms() + 10000;
+    for (;;) {
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) break; /* the thread has ended */
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        char state = '?';
+        if (n > 0) {
+            buf[n] = 0;
+            /* "tid (name) S ...": the state follows the last ')'. */
+            char *p = strrchr(buf, ')');
+            if (p && p[1] == ' ') state = p[2];
+        }
+        if (state == 'S') break;
+        if (now_ms() > deadline) die("thread %d never blocked (state %c)", (int)tid, state);
+        sleep_ms(1);
+    }
+    errno = saved;
 }
 
 /* Writes all of buf (blocking socket or pipe); dies on error. */

@@ -37,9 +37,9 @@ static int wait_(int ep, int timeout, const char *what) {
     return E(w, ev, epoll_wait(ep, ev, 8, timeout));
 }
 
+/* Writes the pipe once thread `arg` (a tid) blocks in its wait. */
 static void *poke_pipe(void *arg) {
-    (void)arg;
-    sleep_ms(20);
+    wait_asleep((pid_t)(intptr_t)arg);
     if (write(pipe_w_, "p", 1) != 1) die("poke_pipe");
     return NULL;
 }
@@ -192,7 +192,7 @@ static void server(void) {
     /* a pipe in the same set; blocking waits woken by the pipe or the peer */
     add(lt, pipe_r_, EPOLLIN, PIPE, "pipe, IN");
     pthread_t t;
-    MUST(-pthread_create(&t, NULL, poke_pipe, NULL));
+    MUST(-pthread_create(&t, NULL, poke_pipe, (void *)(intptr_t)tid_self()));
     wait_(lt, -1, "woken by pipe");
     MUST(-pthread_join(t, NULL));
     RD(read(pipe_r_, buf, 1), buf, "read(pipe)");

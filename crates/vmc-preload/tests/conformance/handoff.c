@@ -6,9 +6,9 @@
  * no connection yet (the waiter sleeps in the kernel alone), then on one that
  * held one before.
  *
- * The server's main thread accepts connection k, gives the waiter a moment to
- * fall asleep (the case is meaningful only if it sleeps by then; the trace does
- * not depend on it), adds the connection with tag k and tells the client,
+ * The server's main thread accepts connection k, waits until the waiter sleeps
+ * in the kernel (the case is meaningful only if it sleeps by then; the trace
+ * does not depend on it), adds the connection with tag k and tells the client,
  * which sends "ping k". The waiter (tag SW) reports the readiness and the
  * bytes, then removes the connection from its set, as Apache does.
  */
@@ -18,9 +18,11 @@
 
 static int ep_;
 static int conn_[CONNS + 1];
+static pid_t waiter_tid_;
 
 static void *waiter(void *arg) {
     (void)arg;
+    __atomic_store_n(&waiter_tid_, tid_self(), __ATOMIC_RELEASE);
     set_tag("SW");
     for (int k = 1; k <= CONNS; k++) {
         struct epoll_event ev[4];
@@ -44,7 +46,9 @@ static void server(void) {
     int *c = conn_;
     for (int k = 1; k <= CONNS; k++) {
         c[k] = take(l);
-        sleep_ms(50);
+        pid_t w;
+        while ((w = __atomic_load_n(&waiter_tid_, __ATOMIC_ACQUIRE)) == 0) sleep_ms(1);
+        wait_asleep(w);
         struct epoll_event ev = {0};
         ev.events = EPOLLIN;
         ev.data.u64 = (uint64_t)k;

@@ -51,9 +51,9 @@ static void snapshot(const char *label, int timeout_ms) {
     }
 }
 
+/* Writes the pipe once thread `arg` (a tid) blocks in its wait. */
 static void *poke_pipe(void *arg) {
-    (void)arg;
-    sleep_ms(20);
+    wait_asleep((pid_t)(intptr_t)arg);
     if (write(pipe_w_, "p", 1) != 1) die("poke_pipe");
     return NULL;
 }
@@ -137,11 +137,11 @@ static void server(void) {
 
     /* blocking waits, woken by the pipe (a thread writes it) ... */
     pthread_t t;
-    MUST(-pthread_create(&t, NULL, poke_pipe, NULL));
+    MUST(-pthread_create(&t, NULL, poke_pipe, (void *)(intptr_t)tid_self()));
     wait_poll("poll(-1) woken by pipe");
     MUST(-pthread_join(t, NULL));
     drain_pipe();
-    MUST(-pthread_create(&t, NULL, poke_pipe, NULL));
+    MUST(-pthread_create(&t, NULL, poke_pipe, (void *)(intptr_t)tid_self()));
     wait_select("select(NULL) woken by pipe");
     MUST(-pthread_join(t, NULL));
     drain_pipe();

@@ -58,19 +58,20 @@ static void kick_stop(struct kicker *k) {
     T("handler ran=%s", yesno(fired_ > 0));
 }
 
-/* For the SA_RESTART read: one signal while (very likely) blocked, then the
- * peer is asked for the data. */
+/* For the SA_RESTART read: one signal while blocked, then, once the read is
+ * blocked again, the peer is asked for the data. */
 struct restarter {
     pthread_t target;
+    pid_t target_tid;
     int ctl_out;
 };
 
 static void *restart_helper(void *arg) {
     struct restarter *r = arg;
-    sleep_ms(50);
+    wait_asleep(r->target_tid);
     pthread_kill(r->target, SIGUSR2);
     while (!fired_) sleep_ms(1);
-    sleep_ms(20);
+    wait_asleep(r->target_tid);
     if (write(r->ctl_out, "send xyz\n", 9) != 9) die("ctl");
     return NULL;
 }
@@ -112,7 +113,7 @@ static void server(void) {
     handler(SIGUSR2, SA_RESTART);
     fired_ = 0;
     {
-        struct restarter r = {pthread_self(), ctl_out_};
+        struct restarter r = {pthread_self(), tid_self(), ctl_out_};
         pthread_t t;
         if (pthread_create(&t, NULL, restart_helper, &r) != 0) die("pthread_create");
         RD(read(c, buf, sizeof buf), buf, "read, handler with SA_RESTART");
