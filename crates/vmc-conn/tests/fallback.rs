@@ -203,6 +203,7 @@ fn a_short_plain_connection_is_peer_not_vmc_too() {
     s.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(c.read(&mut [0u8; 1]).unwrap(), 0);
     drop(c);
+    // The point: the listener side looks again only after its window.
     thread::sleep(ATTACH_WINDOW + Duration::from_millis(50));
     assert_eq!(s.fallback_reason(), Some(Fallback::PeerNotVmc));
 }

@@ -1184,6 +1184,7 @@ mod tests {
             0o600,
         );
         let lock = hold_lock(&path);
+        // Settled again (the clock is the point: the directory's mtime ages).
         std::thread::sleep(MTIME_SLACK + Duration::from_millis(20));
         let with_dying = reg.lookup(sa("127.0.0.1:6100"));
         assert!(with_dying.contains(&dying), "{with_dying:?}");

@@ -193,6 +193,7 @@ mod tests {
         std::fs::write(&other, b"x").unwrap();
         assert_eq!(reap_stale_offers(reg.offers().unwrap(), OFFER_MAX_AGE), 0);
         assert!(young.exists() && old.exists() && unpublished.exists() && other.exists());
+        // Their age is the point: 20 ms on, all are older than 10 ms.
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(
             reap_stale_offers(reg.offers().unwrap(), Duration::from_millis(10)),

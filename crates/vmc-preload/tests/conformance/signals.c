@@ -39,7 +39,7 @@ static void *kick(void *arg) {
     struct kicker *k = arg;
     while (!k->stop) {
         pthread_kill(k->target, k->sig);
-        sleep_ms(10);
+        sleep_ms(10); /* the point: a signal now and then, however long the call blocks */
     }
     return NULL;
 }
