@@ -52,19 +52,22 @@ impl Conn {
     }
 
     /// Stops reading the ring for good: REWIND tells the peer from where to send
-    /// everything again, on TCP.
+    /// everything again, on TCP. The REWIND goes out first: if it cannot (the
+    /// control channel is gone), nothing changes and the ring is still read, since
+    /// a peer never told would not send its bytes again. (The lock on `rx` keeps
+    /// the offset it names current until the settle is done.)
     pub(super) fn settle_rx_locked(&self, rx: &mut Rx) -> io::Result<()> {
         let parts = self.parts().ok_or_else(|| protocol("no channel"))?;
+        self.send_control(rx.proto.rewind())?;
         let reader = rx.ring.take().or_else(|| lock(&parts.reader).take());
         debug_assert_eq!(
             reader.as_ref().map_or(0, |r| r.position()),
             rx.proto.received(Path::Shm)
         );
         // From here on the receiving side reads TCP only, whatever the peer says.
-        let rewind = rx.proto.settle();
+        rx.proto.settle();
         self.publish(flag::RX_SHM, false);
         self.rx_settled.store(true, Ordering::Release);
-        self.send_control(rewind)?;
         // Closing our end wakes a peer blocked on a full ring.
         drop(reader);
         Ok(())

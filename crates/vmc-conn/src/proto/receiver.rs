@@ -278,6 +278,14 @@ impl Receiver {
         }
     }
 
+    /// The REWIND that settling here asks for, without settling: the driver sends
+    /// it first and calls [`Receiver::settle`] only once it is sent, so that a
+    /// control channel that fails leaves the ring being read (the peer, never told,
+    /// would not send its bytes again).
+    pub(crate) fn rewind(&self) -> Control {
+        Control::Rewind(self.received[1])
+    }
+
     /// Stops reading the ring for good: the REWIND to send. The ring's bytes from
     /// where we are on come again on TCP, ahead of anything the peer sent there
     /// after them (see [`super::Sender::tcp_waits_for_ring`]), so the moves the
@@ -287,7 +295,7 @@ impl Receiver {
         self.queued.clear();
         self.settled = true;
         self.spill = None;
-        Control::Rewind(self.received[1])
+        self.rewind()
     }
 }
 
@@ -457,6 +465,9 @@ mod tests {
         r.follow().unwrap();
         r.enter_ring();
         r.read_ring(12);
+        assert_eq!(r.rewind(), Control::Rewind(12));
+        assert!(!r.is_settled(), "naming the REWIND changes nothing");
+        assert_eq!(r.step(), RxStep::Ring);
         assert_eq!(r.settle(), Control::Rewind(12));
         assert!(r.is_settled());
         assert_eq!(r.step(), RxStep::Tcp { limit: None });

@@ -554,7 +554,8 @@ impl World {
     /// `settle_receiving`.
     fn rx_settle(&mut self) -> Result<(), Fail> {
         self.rx_pump()?;
-        let rewind = self.rx.settle();
+        let rewind = self.rx.rewind();
+        assert_eq!(self.rx.settle(), rewind);
         self.note(format!("rx settles: {rewind:?}"));
         self.to_tx.push_back(rewind);
         self.ring.reader_closed = true;
