@@ -264,22 +264,10 @@ mod tests {
         poll(&mut fds, Some(&t)).unwrap() == 1
     }
 
-    /// Waits (at most 5 s) until thread `tid` of this process sleeps in the kernel
-    /// (state S in /proc), as a sleeper in `readable` does: the ring then comes
-    /// while it waits, where a fixed sleep would only hope so.
+    /// The ring then comes while the sleeper waits, where a fixed sleep would
+    /// only hope so.
     fn asleep(tid: i32) {
-        let path = format!("/proc/self/task/{tid}/stat");
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let stat = std::fs::read_to_string(&path).unwrap();
-            // "tid (name) S ...": the state follows the last ')'.
-            let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start());
-            if state.is_some_and(|r| r.starts_with('S')) {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "thread {tid}: {stat}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        vmc_testkit::wait_asleep(tid, Duration::from_secs(5));
     }
 
     #[test]
@@ -300,7 +288,7 @@ mod tests {
         };
         assert!(!readable(s.fd(), 0));
         let first = std::os::fd::AsRawFd::as_raw_fd(&s.fd());
-        let sleeper = rustix::thread::gettid().as_raw_nonzero().get();
+        let sleeper = vmc_testkit::tid();
         let ringer = {
             let b = b.clone();
             std::thread::spawn(move || {

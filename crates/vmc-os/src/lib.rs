@@ -67,7 +67,6 @@ pub use wake::{futex_wait, futex_wake, hung_up, Backoff, EventFd, Readiness};
 #[cfg(test)]
 pub(crate) mod test_support {
     use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
-    use std::time::{Duration, Instant};
 
     static FORK: RwLock<()> = RwLock::new(());
 
@@ -79,38 +78,5 @@ pub(crate) mod test_support {
     /// Held by tests that fork.
     pub(crate) fn fork_exclusive() -> RwLockWriteGuard<'static, ()> {
         FORK.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The calling thread's kernel id (for [`wait_asleep`]).
-    pub(crate) fn tid() -> i32 {
-        rustix::thread::gettid().as_raw_nonzero().get()
-    }
-
-    /// Waits (at most 5 s) until thread `tid` of this process sleeps in the kernel
-    /// (state S: in a futex, poll or sleep; a running or preempted thread is R): the
-    /// event "the other thread waits", where a fixed sleep would only hope it does
-    /// by then. Returns at once if the thread has ended.
-    #[track_caller]
-    pub(crate) fn wait_asleep(tid: i32) {
-        let path = format!("/proc/self/task/{tid}/stat");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let Ok(stat) = std::fs::read_to_string(&path) else {
-                return;
-            };
-            // "tid (name) S ...": the state follows the last ')'.
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .unwrap_or("?");
-            if matches!(state, "S" | "Z" | "X") {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "thread {tid} did not block (state {state})"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
     }
 }

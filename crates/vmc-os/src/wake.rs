@@ -305,9 +305,15 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{tid, wait_asleep};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
+    use vmc_testkit::tid;
+
+    /// Waits until thread `tid` blocks, so that what a test does next comes
+    /// while it waits.
+    fn asleep(tid: i32) {
+        vmc_testkit::wait_asleep(tid, Duration::from_secs(5));
+    }
 
     #[test]
     fn futex_wakes_across_threads() {
@@ -322,7 +328,7 @@ mod tests {
                 assert!(start.elapsed() < Duration::from_secs(5));
             }
         });
-        wait_asleep(tid_rx.recv().unwrap());
+        asleep(tid_rx.recv().unwrap());
         word.store(1, Ordering::Release);
         futex_wake(&word, 1).unwrap();
         t.join().unwrap();
@@ -361,7 +367,7 @@ mod tests {
                     futex_wait(wb, 0, Some(Duration::from_secs(5))).unwrap();
                 }
             });
-            wait_asleep(tid_rx.recv().unwrap());
+            asleep(tid_rx.recv().unwrap());
             wa.store(1, Ordering::Release);
             futex_wake(wa, 1).unwrap();
         });
@@ -388,7 +394,7 @@ mod tests {
         let ev2 = Arc::clone(&ev);
         let waiter = tid();
         let t = std::thread::spawn(move || {
-            wait_asleep(waiter);
+            asleep(waiter);
             ev2.notify().unwrap();
         });
         assert!(ev.wait(None, Some(Duration::from_secs(5))).unwrap().event);

@@ -10,6 +10,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vmc_channel::WakeMode;
+// Not every test binary that includes this module uses each of these.
+#[allow(unused_imports)]
+pub use vmc_testkit::{fd_count, spawn_with_tid, wait_asleep};
 
 pub const ALL_WAKE_MODES: [WakeMode; 3] = [WakeMode::Futex, WakeMode::EventFd, WakeMode::Poll];
 
@@ -208,48 +211,6 @@ pub fn within<T: Send + 'static>(
     }
 }
 
-/// Spawns `f` on a thread; returns its handle and its kernel thread id (for
-/// [`wait_asleep`]), known before `f` starts.
-pub fn spawn_with_tid<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> (std::thread::JoinHandle<T>, i32) {
-    let (tx, rx) = mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let _ = tx.send(rustix::thread::gettid().as_raw_nonzero().get());
-        f()
-    });
-    (h, rx.recv().expect("the thread says its id"))
-}
-
-/// Waits (at most `limit`) until thread `tid` of this process sleeps in the
-/// kernel (state S: in a futex, poll or sleep; a spinning or preempted thread is
-/// R): the event "the other thread is blocked", where a fixed sleep would only
-/// hope it is by then. Returns at once if the thread has ended (the caller's
-/// own checks then say what went wrong).
-#[track_caller]
-pub fn wait_asleep(tid: i32, limit: Duration) {
-    let path = format!("/proc/self/task/{tid}/stat");
-    let deadline = Instant::now() + limit;
-    loop {
-        let Ok(stat) = std::fs::read_to_string(&path) else {
-            return;
-        };
-        // "tid (name) S ...": the state follows the last ')'.
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .unwrap_or("?");
-        if matches!(state, "S" | "Z" | "X") {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "thread {tid} did not block within {limit:?} (state {state})"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 /// Asserts that `kind` is what an error was expected to be.
 #[track_caller]
 pub fn assert_kind<T>(r: io::Result<T>, kind: io::ErrorKind) -> io::Error {
@@ -271,11 +232,6 @@ pub fn segment_files(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// Open descriptors of this process.
-pub fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 /// Environment variable naming the role of a re-executed test binary.

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use vmc_conn::registry::{Registry, REGISTRY_DIR_ENV};
 use vmc_conn::{Path, TcpStream};
+// Not every test binary that includes this module uses each of these.
+#[allow(unused_imports)]
+pub use vmc_testkit::{fd_count, spawn_with_tid, wait_asleep};
 
 /// Selects what a re-executed test binary does in its `child_role` test.
 pub const ROLE_ENV: &str = "VMC_IT_ROLE";
@@ -101,12 +104,6 @@ pub fn wait_for_stdin_eof() {
     let _ = io::stdin().read_to_end(&mut sink);
 }
 
-/// Number of open descriptors of this process.
-pub fn fd_count() -> usize {
-    // The directory stream's own descriptor is counted too, each time.
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
 /// What the open descriptors of this process are (for failure messages).
 pub fn fd_list() -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
@@ -128,48 +125,6 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// Spawns `f` on a thread; returns its handle and its kernel thread id (for
-/// [`wait_asleep`]), known before `f` starts.
-pub fn spawn_with_tid<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> (thread::JoinHandle<T>, i32) {
-    let (tx, rx) = mpsc::channel();
-    let h = thread::spawn(move || {
-        let _ = tx.send(rustix::thread::gettid().as_raw_nonzero().get());
-        f()
-    });
-    (h, rx.recv().expect("the thread says its id"))
-}
-
-/// Waits (at most `limit`) until thread `tid` of this process sleeps in the
-/// kernel (state S: in a futex, poll or sleep; a spinning or preempted thread is
-/// R): the event "the other thread is blocked", where a fixed sleep would only
-/// hope it is by then. Returns at once if the thread has ended (the caller's
-/// own checks then say what went wrong).
-#[track_caller]
-pub fn wait_asleep(tid: i32, limit: Duration) {
-    let path = format!("/proc/self/task/{tid}/stat");
-    let deadline = Instant::now() + limit;
-    loop {
-        let Ok(stat) = std::fs::read_to_string(&path) else {
-            return;
-        };
-        // "tid (name) S ...": the state follows the last ')'.
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .unwrap_or("?");
-        if matches!(state, "S" | "Z" | "X") {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "thread {tid} did not block within {limit:?} (state {state})"
-        );
         thread::sleep(Duration::from_millis(1));
     }
 }
