@@ -206,10 +206,20 @@ pub fn clear() {
     }
 }
 
+/// Whether spare channels are kept (`VMC_REUSE`), read once.
+static ENABLED: vmc_os::ForkSafeOnce<bool> = vmc_os::ForkSafeOnce::new();
+
 /// False if `VMC_REUSE=0`: every channel then gets a segment of its own.
 pub fn enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var_os("VMC_REUSE").map_or(true, |v| v != "0"))
+}
+
+/// Before a `fork`: waits for a reading of `VMC_REUSE` another thread began (see
+/// [`vmc_os::ForkSafeOnce`]).
+pub fn prepare_fork() {
+    if ENABLED.started() {
+        enabled();
+    }
 }
 
 /// Spares kept by this process right now: (as creator, as attacher).

@@ -5,8 +5,10 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+
 use std::time::Duration;
+use vmc_os::ForkSafeOnce;
 
 use crate::conn::{Conn, ReadOpts};
 use crate::fallback::Fallback;
@@ -33,13 +35,11 @@ pub(crate) fn vmc_disabled() -> bool {
     }
 }
 
-/// Set when the registry's one-time opening starts (see [`prepare_fork`]).
-static REGISTRY_STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The process's registry, opened once.
+static REGISTRY: ForkSafeOnce<Result<Registry, String>> = ForkSafeOnce::new();
 
 /// The process's registry, opened once.
 pub(crate) fn registry() -> io::Result<&'static Registry> {
-    static REGISTRY: OnceLock<Result<Registry, String>> = OnceLock::new();
-    REGISTRY_STARTED.store(true, std::sync::atomic::Ordering::Release);
     REGISTRY
         .get_or_init(|| Registry::open_default().map_err(|e| e.to_string()))
         .as_ref()
@@ -54,24 +54,29 @@ pub(crate) fn registry() -> io::Result<&'static Registry> {
 /// `close`, `close_range` and `dup2` hooks. Returns how many things were forgotten.
 pub fn forget_closed_fds(first: i32, last: i32) -> usize {
     let mut n = vmc_channel::pool::forget_fds(first, last) + crate::bell::forget_fds(first, last);
-    if REGISTRY_STARTED.load(std::sync::atomic::Ordering::Acquire) {
-        if let Ok(reg) = registry() {
-            n += reg.forget_fds(first, last);
-        }
+    if let Some(Ok(reg)) = REGISTRY.get() {
+        n += reg.forget_fds(first, last);
     }
     n
 }
 
 /// Call before `fork` in a process that may be setting vmc up on another thread
 /// (a `pthread_atfork` prepare handler): waits until the process-wide state that
-/// is opened once (the registry, the statistics table) is either untouched or
-/// complete. A fork in the middle of that opening would leave the child a
+/// is opened once (the registries, the policy, the statistics table, the spare
+/// channels' switch, the fork counters: each a [`vmc_os::ForkSafeOnce`]) is
+/// either untouched or complete. A fork in the middle of that opening would leave the child a
 /// one-time initialisation that never finishes, and its first connection hung.
 pub fn prepare_fork() {
-    if REGISTRY_STARTED.load(std::sync::atomic::Ordering::Acquire) {
+    if REGISTRY.started() {
         let _ = registry();
     }
+    if PUBLIC.started() {
+        let _ = public_registry();
+    }
+    crate::policy::Policy::prepare_fork();
     crate::stats::prepare_fork();
+    vmc_channel::pool::prepare_fork();
+    vmc_os::proc::prepare_fork();
 }
 
 /// A TCP connection, accelerated through shared memory when the peer is a
@@ -584,10 +589,12 @@ fn prepare(fd: BorrowedFd<'_>, peer: SocketAddr) -> Result<PreparedOffer, Fallba
         .map_err(|e| Fallback::Handshake(format!("offer socket: {e}")))
 }
 
+/// The registry every user shares, opened once.
+static PUBLIC: ForkSafeOnce<Option<Registry>> = ForkSafeOnce::new();
+
 /// The registry every user shares (see [`Registry::open_public`]), opened once;
 /// `None` if it cannot be used (connections between users then stay TCP).
 pub(crate) fn public_registry() -> Option<&'static Registry> {
-    static PUBLIC: OnceLock<Option<Registry>> = OnceLock::new();
     PUBLIC
         .get_or_init(|| match Registry::open_public() {
             Ok(r) => Some(r),

@@ -20,7 +20,11 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::OnceLock;
+
+use vmc_os::ForkSafeOnce;
+
+/// The process's policy, read once (see [`Policy::get`]).
+static POLICY: ForkSafeOnce<Policy> = ForkSafeOnce::new();
 
 /// The policy file's path.
 pub const POLICY_FILE: &str = "/etc/vmc/policy";
@@ -152,10 +156,17 @@ impl Policy {
         })
     }
 
+    /// Before a `fork`: waits for a reading of the policy another thread began
+    /// (see [`crate::prepare_fork`]).
+    pub(crate) fn prepare_fork() {
+        if POLICY.started() {
+            Policy::get();
+        }
+    }
+
     /// The process's policy, read once: [`POLICY_FILE`] or `$VMC_POLICY`; none
     /// at all (allow everything) if the file does not exist.
     pub fn get() -> &'static Policy {
-        static POLICY: OnceLock<Policy> = OnceLock::new();
         POLICY.get_or_init(|| {
             let path = std::env::var_os(POLICY_ENV)
                 .filter(|p| !p.is_empty())

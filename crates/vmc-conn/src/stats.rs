@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use serde::Serialize;
-use vmc_os::Mapping;
+use vmc_os::{ForkSafeOnce, Mapping};
 
 /// Slots per process table: connections beyond this many are not listed (they work
 /// as usual).
@@ -265,19 +265,17 @@ extern "C" fn remove_own_table() {
     });
 }
 
-/// Set when the table's one-time opening starts (see [`crate::prepare_fork`]).
-static TABLE_STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The process's statistics table, opened once (`None` if it cannot be).
+static TABLE: ForkSafeOnce<Option<Table>> = ForkSafeOnce::new();
 
 /// Waits for a table opening another thread started (see [`crate::prepare_fork`]).
 pub(crate) fn prepare_fork() {
-    if TABLE_STARTED.load(Ordering::Acquire) {
+    if TABLE.started() {
         let _ = table();
     }
 }
 
 fn table() -> Option<&'static Table> {
-    static TABLE: OnceLock<Option<Table>> = OnceLock::new();
-    TABLE_STARTED.store(true, Ordering::Release);
     TABLE
         .get_or_init(|| match open_table() {
             Ok(t) => Some(t),

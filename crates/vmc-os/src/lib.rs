@@ -31,6 +31,8 @@
 //! The words threads and processes coordinate through besides the rings (a
 //! connection direction's lock, the eventcount of its bells, the claim word of a
 //! connection shared by `fork`) are in [`sync`], each checked by a loom model.
+//! Process-wide state opened once, which a `fork` on another thread must not
+//! catch half-opened, is a [`ForkSafeOnce`].
 //!
 //! # Liveness
 //!
@@ -48,6 +50,7 @@ pub mod fdspace;
 pub mod fuzzing;
 pub mod interrupt;
 pub mod mapping;
+pub mod once;
 pub mod proc;
 pub mod segment;
 pub mod sockdiag;
@@ -57,6 +60,7 @@ pub mod wake;
 
 pub use fdpass::{recv_with_fds, recv_with_fds_by, send_with_fds, send_with_fds_by};
 pub use mapping::Mapping;
+pub use once::ForkSafeOnce;
 pub use proc::{euid, pid};
 pub use segment::{Segment, SegmentDir, SegmentKind, MAX_SEGMENT_LEN};
 pub use wake::{futex_wait, futex_wake, hung_up, Backoff, EventFd, Readiness};

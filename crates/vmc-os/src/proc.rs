@@ -49,6 +49,8 @@ pub fn socket_netns_cookie(sock: std::os::fd::BorrowedFd<'_>) -> std::io::Result
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+use crate::ForkSafeOnce;
+
 /// Forks into this process (child side), for [`fork_generation`].
 static FORKS: AtomicU64 = AtomicU64::new(0);
 /// Forks on either side, for [`forks_seen`].
@@ -70,10 +72,12 @@ extern "C" fn count_in_parent() {
     FORKS_SEEN.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Whether the fork counters are registered.
+static REGISTERED: ForkSafeOnce<()> = ForkSafeOnce::new();
+
 /// Registers the fork counters, once.
 fn count_forks() {
-    static REGISTER: std::sync::Once = std::sync::Once::new();
-    REGISTER.call_once(|| {
+    REGISTERED.get_or_init(|| {
         OWNER.store(pid(), Ordering::Relaxed);
         // SAFETY: both handlers are plain functions that only increment atomics
         // (async-signal-safe, as fork handlers must be) and live as long as the
@@ -83,6 +87,14 @@ fn count_forks() {
             UNCOUNTED.store(true, Ordering::Relaxed);
         }
     });
+}
+
+/// Before a `fork` (a prepare handler): waits for a registration of the fork
+/// counters another thread began (see [`ForkSafeOnce`]).
+pub fn prepare_fork() {
+    if REGISTERED.started() {
+        count_forks();
+    }
 }
 
 /// How many times this process's ancestors, since the first call, forked into it:
