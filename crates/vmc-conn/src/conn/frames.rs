@@ -20,10 +20,21 @@ impl Conn {
     }
 
     /// Hands the sending side the frames meant for it (LEFT answers, a REWIND).
+    /// Then, if the control channel is closed, tells the machine so (read before
+    /// the inbox is taken: by the time the close is flagged, every frame before
+    /// it is in there).
     pub(super) fn tx_news(&self, tx: &mut Tx) -> io::Result<()> {
-        if !self.tx_mail.load(Ordering::Acquire) {
-            return Ok(());
+        let closed = self.ctl_eof.load(Ordering::Acquire);
+        if self.tx_mail.load(Ordering::Acquire) {
+            self.tx_frames(tx)?;
         }
+        if closed {
+            tx.proto.control_closed();
+        }
+        Ok(())
+    }
+
+    fn tx_frames(&self, tx: &mut Tx) -> io::Result<()> {
         let frames = {
             let mut ctl = lock(&self.ctl_in);
             self.tx_mail.store(false, Ordering::Release);

@@ -51,7 +51,7 @@ use crate::control::{ControlChannel, Drained, UnixControl};
 use crate::fallback::Fallback;
 pub(crate) use crate::handshake::Call;
 use crate::handshake::{Called, OfferSocket};
-use crate::proto::{Orphaned, Receiver, Rewind, RxEnd, RxStep, Sender};
+use crate::proto::{Orphaned, Receiver, Refused, Rewind, RxEnd, RxStep, Sender};
 use crate::ready::{Interest, Ready, WaitSet};
 use crate::stats::{flag, Counters, Home};
 use crate::wire::{self, Control, Path};

@@ -469,11 +469,20 @@ impl Conn {
     pub(crate) fn set_tx_path(&self, to: Path) -> io::Result<()> {
         self.advance();
         let mut tx = self.tx.lock();
-        if tx.proto.choose(to).is_err() {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "vmc connection: moved to TCP for good",
-            ));
+        // The control channel's state first: a refusal must say what stands now.
+        let _ = self.tx_news(&mut tx);
+        if let Err(why) = tx.proto.choose(to) {
+            return Err(match why {
+                Refused::ForGood => io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "vmc connection: moved to TCP for good",
+                ),
+                // As any call that needs the peer after it died (or exec'd).
+                Refused::ControlClosed => io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "vmc connection: the peer is gone (its control channel closed)",
+                ),
+            });
         }
         if self.is_accelerated() && !tx.proto.is_shut() {
             self.move_tx(&mut tx, to, false)?;

@@ -123,7 +123,8 @@ impl Conn {
             if tx.proto.rewind_asked() {
                 return self.serve_rewind(tx);
             }
-            if !tx.proto.tcp_waits_for_ring() || self.ctl_eof.load(Ordering::Acquire) {
+            // (A closed control channel ends the wait: see `control_closed`.)
+            if !tx.proto.tcp_waits_for_ring() {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());

@@ -38,7 +38,7 @@ mod sender;
 mod sim;
 
 pub(crate) use receiver::{Orphaned, Receiver, RxEnd, RxStep};
-pub(crate) use sender::{Rewind, Sender};
+pub(crate) use sender::{Refused, Rewind, Sender};
 
 /// A frame or an event the peer could not have caused by following the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]

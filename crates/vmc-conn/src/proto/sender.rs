@@ -50,6 +50,15 @@ enum Shutdown {
     Done,
 }
 
+/// Whether the control channel can still carry frames between the two ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ctl {
+    Open,
+    /// The peer's end closed (it exited or exec'd), after every frame it sent
+    /// before: no answer or REWIND comes any more, and no move can be announced.
+    Closed,
+}
+
 /// The protocol state of this end's sending direction.
 #[derive(Clone, Debug)]
 pub(crate) struct Sender {
@@ -74,6 +83,7 @@ pub(crate) struct Sender {
     backlog: bool,
     /// The ring offset our last SPILL named.
     spilled_at: Option<u64>,
+    ctl: Ctl,
 }
 
 impl Default for Sender {
@@ -98,6 +108,7 @@ impl Sender {
             shutdown: Shutdown::Open,
             backlog: false,
             spilled_at: None,
+            ctl: Ctl::Open,
         }
     }
 
@@ -124,10 +135,14 @@ impl Sender {
         self.sent[ix(path)]
     }
 
-    /// Chooses the path; `Err` for the ring once the direction is on TCP for good.
-    pub(crate) fn choose(&mut self, to: Path) -> Result<(), ForGood> {
+    /// Chooses the path; `Err` for the ring once the direction is on TCP for good,
+    /// and for any other path once the control channel is closed.
+    pub(crate) fn choose(&mut self, to: Path) -> Result<(), Refused> {
         if self.for_good && to == Path::Shm {
-            return Err(ForGood);
+            return Err(Refused::ForGood);
+        }
+        if self.ctl == Ctl::Closed && to != self.path {
+            return Err(Refused::ControlClosed);
         }
         self.want = to;
         Ok(())
@@ -145,8 +160,10 @@ impl Sender {
     /// answers as soon as it has read the ring to the move; the driver waits for
     /// that answer (or a REWIND), or for the ring to be empty, which makes any
     /// REWIND ask for nothing.
+    /// Once the control channel is closed, no REWIND can come, and nothing waits.
     pub(crate) fn tcp_waits_for_ring(&self) -> bool {
         self.path == Path::Tcp
+            && self.ctl == Ctl::Open
             && self.rewinding == Rewinding::No
             && self.followed[1] < self.moves_off[1]
     }
@@ -160,8 +177,11 @@ impl Sender {
     /// back there cannot put bytes on it before the receiver knows where the last
     /// stretch on it ended; and no REWIND waits, which must be served first (a
     /// move off the ring would leave the bytes the peer asks for behind TCP's).
+    /// A closed control channel can announce no move.
     pub(crate) fn may_move(&self, to: Path) -> bool {
-        !self.rewind_asked() && self.followed[ix(to)] >= self.moves_off[ix(to)]
+        self.ctl == Ctl::Open
+            && !self.rewind_asked()
+            && self.followed[ix(to)] >= self.moves_off[ix(to)]
     }
 
     /// The SWITCH that announces a move to `to` now. The driver resumes the ring
@@ -263,11 +283,22 @@ impl Sender {
     /// with REWIND, which ends every one of these waits.
     pub(crate) fn spill(&mut self) -> Option<Control> {
         let at = self.sent[1];
-        if self.rewinding != Rewinding::No || self.spilled_at == Some(at) {
+        if self.ctl == Ctl::Closed || self.rewinding != Rewinding::No || self.spilled_at == Some(at)
+        {
             return None;
         }
         self.spilled_at = Some(at);
         Some(Control::Spill(at))
+    }
+
+    /// The control channel closed, after every frame the peer sent before (see
+    /// [`crate::control::Drained::Closed`]). The direction stays where it is: a
+    /// REWIND not queued by now never comes, so TCP waits for nothing
+    /// ([`Sender::tcp_waits_for_ring`]), and no move or SPILL can be announced. A
+    /// REWIND that came before is still served.
+    pub(crate) fn control_closed(&mut self) {
+        self.ctl = Ctl::Closed;
+        self.want = self.path;
     }
 
     /// This end moves its sending direction to TCP for good (before exec, or for
@@ -303,9 +334,14 @@ impl Sender {
     }
 }
 
-/// The direction is on TCP for good: it cannot go back to the ring.
+/// Why [`Sender::choose`] refused a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ForGood;
+pub(crate) enum Refused {
+    /// The direction is on TCP for good: it cannot go back to the ring.
+    ForGood,
+    /// The control channel is closed: no move can be announced.
+    ControlClosed,
+}
 
 #[cfg(test)]
 mod tests {
@@ -387,7 +423,7 @@ mod tests {
         );
         assert!(!s.rewind_asked());
         assert_eq!((s.path(), s.for_good()), (Path::Tcp, true));
-        assert_eq!(s.choose(Path::Shm), Err(ForGood));
+        assert_eq!(s.choose(Path::Shm), Err(Refused::ForGood));
         assert_eq!(s.serve_rewind(), Ok(None));
     }
 
@@ -509,5 +545,43 @@ mod tests {
         assert!(!s.take_fin());
         s.stay();
         assert_eq!(s.wants(), Path::Shm);
+    }
+
+    #[test]
+    fn a_closed_control_channel_ends_every_wait_for_the_peer_and_every_move() {
+        // Off the ring with bytes unread: TCP waited for the peer's verdict.
+        let mut s = Sender::new();
+        on_ring(&mut s);
+        s.on_left(Path::Tcp, 0).unwrap();
+        s.wrote(8);
+        s.moved(Path::Tcp);
+        assert!(s.tcp_waits_for_ring());
+        s.control_closed();
+        assert!(!s.tcp_waits_for_ring(), "no REWIND can come now");
+        assert!(!s.may_move(Path::Shm), "no SWITCH can be announced");
+        assert_eq!(s.choose(Path::Shm), Err(Refused::ControlClosed));
+        assert_eq!(s.choose(Path::Tcp), Ok(()), "staying is always possible");
+        assert_eq!(s.spill(), None);
+
+        // On the ring: it stays there.
+        let mut s = Sender::new();
+        on_ring(&mut s);
+        s.choose(Path::Tcp).unwrap();
+        s.control_closed();
+        assert_eq!((s.path(), s.wants()), (Path::Shm, Path::Shm));
+
+        // A REWIND that came before the close is still served.
+        let mut s = Sender::new();
+        on_ring(&mut s);
+        s.wrote(6);
+        s.on_rewind(2);
+        s.control_closed();
+        assert_eq!(
+            s.serve_rewind(),
+            Ok(Some(Rewind::Resend {
+                from: 2,
+                pause: true
+            }))
+        );
     }
 }
