@@ -154,10 +154,15 @@ impl Conn {
             if tx.proto.rewind_asked() {
                 return Ok(true);
             }
-            if !tx.proto.may_move(tx.proto.wants()) {
-                return Ok(false);
+            // (The news may have been the control channel's close, which keeps
+            // the direction where it is: then there is no move to wait for.)
+            let to = tx.proto.wants();
+            if to != path {
+                if !tx.proto.may_move(to) {
+                    return Ok(false);
+                }
+                path = to;
             }
-            path = tx.proto.wants();
         } else if path == Path::Tcp && self.is_accelerated() && self.ring_unread(tx) {
             // Waits for the peer's answer to our move off the ring.
             return Ok(false);
