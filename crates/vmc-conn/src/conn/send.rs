@@ -225,6 +225,8 @@ impl Conn {
     /// peer's plea if it made one (both of us wait, neither reads), and plead.
     pub(super) fn plead(&self, tx: &mut Tx) -> io::Result<()> {
         self.read_control()?;
+        // (A REWIND or the control channel's close, read just now, ends pleas.)
+        self.tx_news(tx)?;
         if self.spill_asked.load(Ordering::Acquire) {
             self.answer_spill()?;
         }
@@ -359,12 +361,17 @@ impl Conn {
         }
         // The peer must have left `to` where we last moved off it, or it could read
         // what we send there now before the stretch on the other path in between.
+        // (A move is called off when the news is the control channel's close:
+        // the machine then wants to stay where it is.)
         self.wait_for_peer(tx, dontwait, |_, tx| {
-            tx.proto.may_move(to) || tx.proto.rewind_asked()
+            tx.proto.may_move(to) || tx.proto.rewind_asked() || tx.proto.wants() != to
         })?;
         if tx.proto.rewind_asked() {
             self.serve_rewind(tx)?;
             return Ok(true);
+        }
+        if tx.proto.wants() != to {
+            return Ok(false);
         }
         let switch = tx.proto.switch_to(to);
         match to {

@@ -303,8 +303,13 @@ impl Sender {
 
     /// This end moves its sending direction to TCP for good (before exec, or for
     /// another process after fork).
+    /// Once the control channel is closed no move can be announced, so the
+    /// direction stays where it is (the peer, gone or exec'd, reads the ring no
+    /// more), and stays there for good.
     pub(crate) fn settle(&mut self) {
-        self.want = Path::Tcp;
+        if self.ctl == Ctl::Open {
+            self.want = Path::Tcp;
+        }
         self.for_good = true;
     }
 
@@ -569,6 +574,12 @@ mod tests {
         s.choose(Path::Tcp).unwrap();
         s.control_closed();
         assert_eq!((s.path(), s.wants()), (Path::Shm, Path::Shm));
+        // Settling (before exec) cannot announce a move either: for good where it is.
+        s.settle();
+        assert_eq!(
+            (s.path(), s.wants(), s.for_good()),
+            (Path::Shm, Path::Shm, true)
+        );
 
         // A REWIND that came before the close is still served.
         let mut s = Sender::new();
