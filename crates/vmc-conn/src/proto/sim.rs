@@ -7,9 +7,11 @@
 //! reads, deliveries, path moves by the sender (which may be preempted between the
 //! two halves of a move: the ring opened or paused, the SWITCH sent), a settle
 //! (REWIND) by the receiver or the sender, the sender's death at any step, the
-//! receiver stuck in a write of its own until the sender has written far ahead
-//! (the both-ends-write-first deadlock, which SPILL breaks), and finally a
-//! shutdown, then drains. Every run checks that the receiver got exactly
+//! receiver's exec at any step (it settles, then its control channel closes
+//! after every frame it sent: the sender learns that no REWIND can come any more,
+//! and its later sends fail), the receiver stuck in a write of its own until the
+//! sender has written far ahead (the both-ends-write-first deadlock, which SPILL
+//! breaks), and finally a shutdown, then drains. Every run checks that the receiver got exactly
 //! the bytes sent, in order (up to the sender's death: a prefix of them), and that
 //! it reached an end (of the stream, or an error) within a bounded number of steps.
 //!
@@ -157,6 +159,10 @@ struct World {
     /// The sender was preempted between the two halves of a move to this path.
     mid_move: Option<(Path, Control)>,
     tx_dead: bool,
+    /// The receiver's process exec'd: its control channel is closed (frames it
+    /// sent before are still read; frames sent to it are lost, and sends fail),
+    /// and its new image reads TCP only.
+    cut: bool,
     /// The receiver waits in a write of its own (so reads nothing) until the sender
     /// has written up to here: the peer of a program that writes far ahead before
     /// it reads.
@@ -164,10 +170,77 @@ struct World {
     /// The sender's writes in a row that waited for the peer in vain.
     full_in_a_row: u32,
     eof: bool,
+    seen: Seen,
     log: Vec<String>,
 }
 
 type Fail = String;
+
+/// How many schedules saw each event at least once: a run shows what it covered.
+#[derive(Default)]
+struct Tally {
+    schedules: u64,
+    deaths: u64,
+    execs: u64,
+    /// The sender learnt that the control channel closed.
+    closes_seen: u64,
+    rewinds: u64,
+    resends: u64,
+    pleas: u64,
+    pleas_answered: u64,
+    preempted_moves: u64,
+    /// Sends that failed on the closed channel.
+    failed_sends: u64,
+}
+
+/// The events of one schedule, for the [`Tally`].
+#[derive(Default, Clone, Copy)]
+struct Seen {
+    closed: bool,
+    rewind: bool,
+    resend: bool,
+    plea: bool,
+    plea_answered: bool,
+    preempted: bool,
+    failed_send: bool,
+}
+
+impl Tally {
+    fn add(&mut self, w: &World) {
+        let s = w.seen;
+        self.schedules += 1;
+        self.deaths += u64::from(w.tx_dead);
+        self.execs += u64::from(w.cut);
+        self.closes_seen += u64::from(s.closed);
+        self.rewinds += u64::from(s.rewind);
+        self.resends += u64::from(s.resend);
+        self.pleas += u64::from(s.plea);
+        self.pleas_answered += u64::from(s.plea_answered);
+        self.preempted_moves += u64::from(s.preempted);
+        self.failed_sends += u64::from(s.failed_send);
+    }
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "of {} schedules: sender died {}, receiver exec'd {} (the sender saw the \
+             close in {}, a send failed on it in {}), REWIND served {} (bytes sent \
+             again {}), SPILL {} (answered {}), a move preempted halfway {}",
+            self.schedules,
+            self.deaths,
+            self.execs,
+            self.closes_seen,
+            self.failed_sends,
+            self.rewinds,
+            self.resends,
+            self.pleas,
+            self.pleas_answered,
+            self.preempted_moves
+        )
+    }
+}
 
 impl World {
     fn new(seed: u64) -> World {
@@ -194,9 +267,11 @@ impl World {
             got: 0,
             mid_move: None,
             tx_dead: false,
+            cut: false,
             rx_stuck_until: None,
             full_in_a_row: 0,
             eof: false,
+            seen: Seen::default(),
             log: Vec::new(),
         }
     }
@@ -227,7 +302,23 @@ impl World {
             }
             .map_err(|v| format!("sender refused a correct peer's frame: {v}"))?;
         }
+        // After every frame sent before it, as a Unix socket reports its close.
+        if self.cut {
+            self.tx.control_closed();
+            self.seen.closed = true;
+        }
         Ok(())
+    }
+
+    /// Sends a frame to the receiver; false if the control channel is closed.
+    fn tx_send(&mut self, frame: Control) -> bool {
+        if self.cut {
+            self.seen.failed_send = true;
+            self.note(format!("tx cannot send {frame:?}: the channel is closed"));
+            return false;
+        }
+        self.to_rx.push_back(frame);
+        true
     }
 
     /// `serve_rewind` then `flush_backlog` (TCP here takes everything at once).
@@ -236,6 +327,8 @@ impl World {
             return Ok(());
         };
         self.note(format!("tx serves {plan:?}"));
+        self.seen.rewind = true;
+        self.seen.resend |= matches!(plan, Rewind::Resend { .. });
         let back = match plan {
             Rewind::Resend { from, pause } => {
                 if pause {
@@ -266,23 +359,32 @@ impl World {
 
     /// A blocking write's wait slice ended with the peer's news still missing:
     /// after two in a row, plead (`Conn::wait_ring_room`, `Conn::wait_for_peer`).
-    fn waited(&mut self) {
+    fn waited(&mut self) -> Result<(), Fail> {
         self.full_in_a_row += 1;
         if self.full_in_a_row >= 2 {
+            // `plead` reads the news first.
+            self.tx_pump()?;
             if let Some(plea) = self.tx.spill() {
                 self.note(format!("tx pleads: {plea:?}"));
-                self.to_rx.push_back(plea);
+                self.seen.plea = true;
+                self.tx_send(plea);
             }
         }
+        Ok(())
     }
 
     /// `move_tx`: false if the peer's answer to an earlier move is not in yet.
+    /// A move the control channel cannot announce is given up (`write_locked`
+    /// stays on its path), and the write goes on: true.
     fn tx_move(&mut self, to: Path) -> Result<bool, Fail> {
         self.tx_pump()?;
         if self.tx.rewind_asked() {
             // Read just now: it decides the path (TCP, for good).
             self.tx_serve()?;
             return Ok(true);
+        }
+        if self.tx.wants() != to {
+            return Ok(true); // called off: the control channel closed
         }
         if !self.tx.may_move(to) {
             return Ok(false);
@@ -291,11 +393,16 @@ impl World {
         self.note(format!("tx moves: {frame:?}"));
         match to {
             Path::Shm => self.ring.paused = false,
-            Path::Tcp => self.to_rx.push_back(frame),
+            Path::Tcp if !self.tx_send(frame) => {
+                self.tx.stay();
+                return Ok(true);
+            }
+            Path::Tcp => {}
         }
         self.mid_move = Some((to, frame));
         if self.rng.chance(30) {
             self.note("tx preempted in the middle of its move".into());
+            self.seen.preempted = true;
             return Ok(false);
         }
         self.finish_move();
@@ -309,7 +416,12 @@ impl World {
             return;
         };
         match to {
-            Path::Shm => self.to_rx.push_back(frame),
+            // (The ring stays open: nobody reads it, and the machine is on TCP.)
+            Path::Shm if !self.tx_send(frame) => {
+                self.tx.stay();
+                return;
+            }
+            Path::Shm => {}
             Path::Tcp => self.ring.paused = true,
         }
         self.tx.moved(to);
@@ -337,7 +449,7 @@ impl World {
         self.tx_serve()?;
         if self.tx.path() != self.tx.wants() && !self.tx_move(self.tx.wants())? {
             if self.mid_move.is_none() {
-                self.waited(); // for the peer's answer to an earlier move
+                self.waited()?; // for the peer's answer to an earlier move
             }
             return Ok(());
         }
@@ -350,7 +462,7 @@ impl World {
                 if self.tx.rewind_asked() {
                     return self.tx_write(len);
                 }
-                self.waited();
+                self.waited()?;
                 return Ok(());
             }
             Path::Tcp => {
@@ -361,7 +473,7 @@ impl World {
                 self.next += len as u64;
             }
             Path::Shm => match self.ring.write((start..).map(byte), len) {
-                Ok(0) => self.waited(),
+                Ok(0) => self.waited()?,
                 Ok(n) => {
                     self.full_in_a_row = 0;
                     self.tx.wrote(n);
@@ -421,6 +533,11 @@ impl World {
     // ---- the receiver's driver -------------------------------------------------
 
     fn rx_pump(&mut self) -> Result<(), Fail> {
+        if self.cut {
+            // The new image reads no frames: they are lost with the old socket.
+            self.to_rx.clear();
+            return Ok(());
+        }
         while let Some(f) = self.to_rx.pop_front() {
             self.note(format!("rx <- {f:?}"));
             match f {
@@ -533,6 +650,7 @@ impl World {
         self.rx_pump()?;
         if self.rx.spill_asked(self.ring.written) {
             self.note("rx answers the plea".into());
+            self.seen.plea_answered = true;
             self.rx_settle()?;
         }
         Ok(())
@@ -559,6 +677,19 @@ impl World {
         self.note(format!("rx settles: {rewind:?}"));
         self.to_tx.push_back(rewind);
         self.ring.reader_closed = true;
+        Ok(())
+    }
+
+    /// The receiver's process execs (`vmc run`'s exec hook): it settles its
+    /// receiving direction, then exec closes the control socket, after every frame
+    /// it sent. Its new image reads TCP as a plain program.
+    fn rx_exec(&mut self) -> Result<(), Fail> {
+        if !self.rx.is_settled() {
+            self.rx_settle()?;
+        }
+        self.note("rx execs: the control channel is closed".into());
+        self.cut = true;
+        self.to_rx.clear();
         Ok(())
     }
 
@@ -615,6 +746,9 @@ impl World {
                 95 if !self.rx.is_settled() && self.rng.chance(30) => self.rx_settle()?,
                 96 if !self.tx.for_good() && self.rng.chance(30) => self.tx_settle()?,
                 97 if self.rng.chance(10) => self.tx_die(),
+                99 if !self.cut && self.rx_stuck_until.is_none() && self.rng.chance(10) => {
+                    self.rx_exec()?
+                }
                 98 if self.rx_stuck_until.is_none() && self.rng.chance(20) => {
                     let ahead = self.next + 2 * self.ring.cap as u64 + self.rng.below(64);
                     self.note(format!("rx is stuck in a write until tx wrote {ahead}"));
@@ -714,10 +848,13 @@ fn every_schedule_delivers_the_exact_stream_and_ends() {
     let first = first_seed();
     let n = schedules();
     eprintln!("proto::sim: {n} schedules from seed {first}");
+    let mut tally = Tally::default();
     for i in 0..n {
         let seed = first.wrapping_add(i);
         let mut w = World::new(seed);
-        if let Err(e) = w.run() {
+        let ran = w.run();
+        tally.add(&w);
+        if let Err(e) = ran {
             panic!(
                 "schedule {seed} failed: {e}\nlast steps:\n  {}\nreplay: VMC_SIM_SEED={seed} \
                  VMC_SIM_SCHEDULES=1 cargo test -p vmc-conn --lib proto::sim",
@@ -725,4 +862,5 @@ fn every_schedule_delivers_the_exact_stream_and_ends() {
             );
         }
     }
+    eprintln!("proto::sim: {tally}");
 }
