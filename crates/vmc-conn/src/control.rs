@@ -37,6 +37,28 @@ pub(crate) enum Drained {
 }
 
 /// How the two ends of a connection exchange control frames.
+///
+/// # The contract the protocol relies on
+///
+/// 1. **Visible on return.** Once `send` returns `Ok`, the frame is there for the
+///    peer's next `drain`. A sender announces a move off the ring and only then
+///    pauses it; a receiver that finds the ring paused drains the channel and
+///    must find the SWITCH, or it would take the pause for the end of the
+///    stream. (A Unix socket queues a frame before `send` returns; a ring in
+///    shared memory publishes it before the ring's pause is stored.)
+/// 2. **In order.** Frames are drained in the order they were sent. Both
+///    directions of a connection share the channel, so a SWITCH sent before a
+///    REWIND is read before it, and the protocol counts on that.
+/// 3. **The close comes last.** [`Drained::Closed`] is reported only after every
+///    frame sent before the peer's end closed has been handed over: a REWIND
+///    sent before an exec is served, and once the close is seen no frame can
+///    come (see `Sender::control_closed`).
+/// 4. **Sends to a closed end fail.** A frame is never dropped silently while
+///    `send` says `Ok`: once the peer's end is gone, `send` returns an error.
+///
+/// What test channels may vary is therefore when the other end looks (a stall)
+/// and when the channel closes (a cut), never the order of frames or their
+/// visibility after `send`. The simulation (`proto/sim.rs`) does both.
 pub(crate) trait ControlChannel: Send + Sync {
     /// Sends `frame`, waiting for room if the channel is full.
     fn send(&self, frame: Control) -> io::Result<()>;
@@ -223,6 +245,14 @@ impl ControlChannel for ChannelControl {
     fn send(&self, frame: Control) -> io::Result<()> {
         let frame = frame.emit();
         let mut w = lock(&self.writer);
+        // A dead peer's ring may still have room: the write would succeed, and the
+        // frame be lost while `send` said Ok (see the contract, point 4).
+        if !w.peer_alive() {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "vmc connection: the control channel's peer is gone",
+            ));
+        }
         let mut sent = 0;
         while sent < frame.len() {
             sent += w.write(&frame[sent..])?;
@@ -375,6 +405,7 @@ mod tests {
         assert_eq!(back, [Control::LeftRing(4)]);
         drop(a);
         assert_eq!(b.drain(&mut |_| {}).unwrap(), Drained::Closed);
+        assert!(b.send(Control::LeftTcp(5)).is_err(), "nobody to send to");
     }
 
     /// What a peer writes is checked: garbage is `InvalidData`, not a frame.
