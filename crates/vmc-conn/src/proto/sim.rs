@@ -9,7 +9,10 @@
 //! (REWIND) by the receiver or the sender, the sender's death at any step, the
 //! receiver's exec at any step (it settles, then its control channel closes
 //! after every frame it sent: the sender learns that no REWIND can come any more,
-//! and its later sends fail), the receiver stuck in a write of its own until the
+//! and its later sends fail), the sender's exec at any step (it settles, waits a
+//! while for the receiver's verdict on the ring, shuts the control channel for
+//! reading and drains it a last time; its new image writes TCP as a plain
+//! program), the receiver stuck in a write of its own until the
 //! sender has written far ahead (the both-ends-write-first deadlock, which SPILL
 //! breaks), and finally a shutdown, then drains. Every run checks that the receiver got exactly
 //! the bytes sent, in order (up to the sender's death: a prefix of them), and that
@@ -163,6 +166,17 @@ struct World {
     /// sent before are still read; frames sent to it are lost, and sends fail),
     /// and its new image reads TCP only.
     cut: bool,
+    /// The sender's exec hook is settling: how many more looks it waits for the
+    /// receiver's verdict on the ring's unread bytes (its patience).
+    tx_exec: Option<u32>,
+    /// The exec hook is done waiting: the sender's next step is the exec itself
+    /// (what the receiver does in between is the race the last drain is for).
+    tx_exec_due: bool,
+    /// The sender shut its control channel for reading (as its exec's last
+    /// step): the receiver's sends fail from now on.
+    tx_shut_read: bool,
+    /// The sender exec'd: its new image writes TCP as a plain program.
+    tx_plain: bool,
     /// The receiver waits in a write of its own (so reads nothing) until the sender
     /// has written up to here: the peer of a program that writes far ahead before
     /// it reads.
@@ -182,6 +196,9 @@ struct Tally {
     schedules: u64,
     deaths: u64,
     execs: u64,
+    tx_execs: u64,
+    /// Sender execs that found a REWIND in their last drain.
+    exec_rewinds: u64,
     /// The sender learnt that the control channel closed.
     closes_seen: u64,
     rewinds: u64,
@@ -203,6 +220,7 @@ struct Seen {
     plea_answered: bool,
     preempted: bool,
     failed_send: bool,
+    exec_rewind: bool,
 }
 
 impl Tally {
@@ -211,6 +229,8 @@ impl Tally {
         self.schedules += 1;
         self.deaths += u64::from(w.tx_dead);
         self.execs += u64::from(w.cut);
+        self.tx_execs += u64::from(w.tx_plain);
+        self.exec_rewinds += u64::from(s.exec_rewind);
         self.closes_seen += u64::from(s.closed);
         self.rewinds += u64::from(s.rewind);
         self.resends += u64::from(s.resend);
@@ -226,13 +246,16 @@ impl std::fmt::Display for Tally {
         write!(
             f,
             "of {} schedules: sender died {}, receiver exec'd {} (the sender saw the \
-             close in {}, a send failed on it in {}), REWIND served {} (bytes sent \
-             again {}), SPILL {} (answered {}), a move preempted halfway {}",
+             close in {}, a send failed on it in {}), sender exec'd {} (a REWIND in \
+             its last drain {}), REWIND served {} (bytes sent again {}), SPILL {} \
+             (answered {}), a move preempted halfway {}",
             self.schedules,
             self.deaths,
             self.execs,
             self.closes_seen,
             self.failed_sends,
+            self.tx_execs,
+            self.exec_rewinds,
             self.rewinds,
             self.resends,
             self.pleas,
@@ -268,6 +291,10 @@ impl World {
             mid_move: None,
             tx_dead: false,
             cut: false,
+            tx_exec: None,
+            tx_exec_due: false,
+            tx_shut_read: false,
+            tx_plain: false,
             rx_stuck_until: None,
             full_in_a_row: 0,
             eof: false,
@@ -497,6 +524,19 @@ impl World {
         Ok(())
     }
 
+    /// A write turn of the sender: `write_locked`, or a look of its exec hook,
+    /// or a write of its new image.
+    fn tx_turn(&mut self, len: usize) -> Result<(), Fail> {
+        if self.tx_plain {
+            self.tx_plain_write(len);
+            Ok(())
+        } else if self.tx_exec.is_some() {
+            self.tx_exec_step()
+        } else {
+            self.tx_write(len)
+        }
+    }
+
     fn tx_choose(&mut self, to: Path) {
         let _ = self.tx.choose(to);
     }
@@ -518,6 +558,82 @@ impl World {
         Ok(())
     }
 
+    /// The sender's exec hook begins (`settle_on_tcp`): its sending direction
+    /// goes to TCP for good; [`World::tx_exec_step`] waits for the verdict.
+    fn tx_exec_begin(&mut self) -> Result<(), Fail> {
+        let patience = self.rng.below(4) as u32;
+        self.note(format!("tx execs: settles, patience {patience}"));
+        self.tx_exec = Some(patience);
+        self.tx_settle()
+    }
+
+    /// One look of the exec hook's wait (`move_tx`, then `await_peer_verdict`):
+    /// it waits for the move off the ring as long as it takes, then for the
+    /// receiver's verdict on the ring's unread bytes as long as its patience
+    /// lasts; then the exec happens (see [`World::tx_exec_end`]).
+    fn tx_exec_step(&mut self) -> Result<(), Fail> {
+        let Some(patience) = self.tx_exec else {
+            return Ok(());
+        };
+        if self.tx_exec_due {
+            return self.tx_exec_end();
+        }
+        self.tx_look()?;
+        if self.tx.path() == Path::Shm && !self.tx.is_shut() {
+            // The move off the ring waits for the peer's answer to an earlier one
+            // (`wait_for_peer`, pleading after each slice: a receiver stuck in a
+            // write of its own answers by settling). Here it waits as long as it
+            // takes; the exec hook gives up after its patience (500 ms).
+            if !self.tx_move(Path::Tcp)? && self.mid_move.is_none() {
+                self.waited()?;
+            }
+            return Ok(());
+        }
+        let verdict = !self.tx.tcp_waits_for_ring() || self.ring.bytes.is_empty();
+        if verdict || patience == 0 {
+            self.note("tx is done waiting: it execs next".into());
+            self.tx_exec_due = true;
+            return Ok(());
+        }
+        self.tx_exec = Some(patience - 1);
+        Ok(())
+    }
+
+    /// The exec itself: the control channel is shut for reading, so that a
+    /// REWIND is either in it now or fails to be sent, and drained a last time;
+    /// a REWIND found there is served. Then the new image: plain TCP. The ring
+    /// stays paused where the move left it, and its memory with the receiver.
+    fn tx_exec_end(&mut self) -> Result<(), Fail> {
+        self.tx_shut_read = true;
+        let before = self.seen.rewind;
+        self.seen.rewind = false;
+        self.tx_look()?;
+        self.seen.exec_rewind |= self.seen.rewind;
+        self.seen.rewind |= before;
+        if self.tx.take_fin() {
+            self.tcp.fin_sent = true;
+        }
+        self.note("tx exec'd: its new image writes TCP".into());
+        self.tx_exec = None;
+        self.tx_exec_due = false;
+        self.tx_plain = true;
+        self.to_tx.clear();
+        Ok(())
+    }
+
+    /// A write of the sender's new image: plain TCP.
+    fn tx_plain_write(&mut self, len: usize) {
+        if self.tcp.fin_sent {
+            return;
+        }
+        let start = self.next;
+        self.tcp
+            .in_flight
+            .extend((start..start + len as u64).map(byte));
+        self.next += len as u64;
+        self.note(format!("tx's new image wrote {len} on TCP"));
+    }
+
     fn tx_shutdown(&mut self) {
         self.finish_move();
         let shut = self.tx.shutdown();
@@ -531,6 +647,18 @@ impl World {
     }
 
     // ---- the receiver's driver -------------------------------------------------
+
+    /// Sends a frame to the sender; false if the send fails (the sender shut
+    /// its control channel for reading, or exec'd).
+    fn rx_send(&mut self, frame: Control) -> bool {
+        if self.tx_shut_read || self.tx_plain {
+            self.seen.failed_send = true;
+            self.note(format!("rx cannot send {frame:?}: the sender shut reading"));
+            return false;
+        }
+        self.to_tx.push_back(frame);
+        true
+    }
 
     fn rx_pump(&mut self) -> Result<(), Fail> {
         if self.cut {
@@ -591,14 +719,15 @@ impl World {
                         RingRead::Ended => {
                             self.rx_pump()?;
                             if let Some(answer) = self.rx.ring_ended().map_err(|v| v.to_string())? {
-                                self.to_tx.push_back(answer);
+                                // (An answer that cannot be sent is not missed.)
+                                self.rx_send(answer);
                             }
                         }
                     }
                 }
                 RxStep::EnterRing => {
                     let answer = self.rx.enter_ring();
-                    self.to_tx.push_back(answer);
+                    self.rx_send(answer);
                 }
                 RxStep::Ended(end) => {
                     self.note(format!("rx: the stream ended on the ring: {end:?}"));
@@ -673,9 +802,12 @@ impl World {
     fn rx_settle(&mut self) -> Result<(), Fail> {
         self.rx_pump()?;
         let rewind = self.rx.rewind();
+        // Sent first: if it cannot be, nothing changes, and the ring is read on.
+        if !self.rx_send(rewind) {
+            return Ok(());
+        }
         assert_eq!(self.rx.settle(), rewind);
         self.note(format!("rx settles: {rewind:?}"));
-        self.to_tx.push_back(rewind);
         self.ring.reader_closed = true;
         Ok(())
     }
@@ -720,10 +852,13 @@ impl World {
             if self.tx_dead {
                 break;
             }
+            // While the sender execs, and after, its turns are the exec hook's
+            // and then a plain program's.
+            let execs = self.tx_exec.is_some() || self.tx_plain;
             match self.rng.below(100) {
                 0..=29 => {
                     let n = 1 + self.rng.below(max_write) as usize;
-                    self.tx_write(n)?;
+                    self.tx_turn(n)?;
                 }
                 30..=54 => {
                     let n = 1 + self.rng.below(max_write) as usize;
@@ -733,7 +868,7 @@ impl World {
                     let n = self.rng.below(max_write) as usize;
                     self.tcp.deliver(n);
                 }
-                70..=79 => {
+                70..=79 if !execs => {
                     let to = if self.rng.chance(50) {
                         Path::Tcp
                     } else {
@@ -741,12 +876,25 @@ impl World {
                     };
                     self.tx_choose(to);
                 }
+                80..=89 if execs => self.tx_exec_step()?,
                 80..=89 => self.tx_look()?,
                 90..=94 => self.rx_pump()?,
                 95 if !self.rx.is_settled() && self.rng.chance(30) => self.rx_settle()?,
-                96 if !self.tx.for_good() && self.rng.chance(30) => self.tx_settle()?,
-                97 if self.rng.chance(10) => self.tx_die(),
-                99 if !self.cut && self.rx_stuck_until.is_none() && self.rng.chance(10) => {
+                96 if !execs && !self.tx.for_good() && self.rng.chance(30) => self.tx_settle()?,
+                97 if !execs && self.rng.chance(10) => {
+                    if self.rng.chance(50) {
+                        self.tx_die();
+                    } else {
+                        self.tx_exec_begin()?;
+                    }
+                }
+                // (Not while the sender execs: two ends that exec at once are not
+                // simulated.)
+                99 if !execs
+                    && !self.cut
+                    && self.rx_stuck_until.is_none()
+                    && self.rng.chance(10) =>
+                {
                     self.rx_exec()?
                 }
                 98 if self.rx_stuck_until.is_none() && self.rng.chance(20) => {
@@ -787,29 +935,48 @@ impl World {
                 ));
             }
             let n = 1 + self.rng.below(max_write) as usize;
-            if self.tx.path() != self.tx.wants() && self.rng.chance(50) {
+            if self.tx.path() != self.tx.wants() && self.rng.chance(50) && self.tx_exec.is_none() {
                 self.tx.stay();
             }
-            self.tx_write(n)?;
+            self.tx_turn(n)?;
             self.tcp.deliver(self.rng.below(max_write) as usize);
             if self.rng.chance(50) {
                 self.rx_slice()?;
             }
         }
         self.rx_stuck_until = None;
-        // The end: the sender finishes any move it started, shuts down, and both
-        // sides run until the receiver sees the end of the stream.
-        self.tx_look()?;
-        if self.tx.path() != self.tx.wants() {
-            // Stays where it is, as a program that stops writing does.
-            self.tx.stay();
+        // The end: an exec under way completes (the receiver reads meanwhile).
+        for _ in 0..10_000 {
+            if self.tx_exec.is_none() {
+                break;
+            }
+            self.tx_exec_step()?;
+            self.tcp.deliver(1 + self.rng.below(64) as usize);
+            let n = 1 + self.rng.below(max_write) as usize;
+            self.rx_read(n)?;
         }
-        self.tx_shutdown();
+        if self.tx_exec.is_some() {
+            return Err("the sender's exec never got past its settling".into());
+        }
+        // The sender finishes any move it started, shuts down (a new image
+        // closes its socket), and both sides run until the receiver sees the end.
+        if self.tx_plain {
+            self.tcp.fin_sent = true;
+        } else {
+            self.tx_look()?;
+            if self.tx.path() != self.tx.wants() {
+                // Stays where it is, as a program that stops writing does.
+                self.tx.stay();
+            }
+            self.tx_shutdown();
+        }
         for _ in 0..10_000 {
             if self.eof {
                 break;
             }
-            self.tx_look()?;
+            if !self.tx_plain {
+                self.tx_look()?;
+            }
             self.tcp.deliver(1 + self.rng.below(64) as usize);
             let n = 1 + self.rng.below(max_write) as usize;
             self.rx_read(n)?;
