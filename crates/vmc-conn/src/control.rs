@@ -55,6 +55,11 @@ pub(crate) enum Drained {
 ///    come (see `Sender::control_closed`).
 /// 4. **Sends to a closed end fail.** A frame is never dropped silently while
 ///    `send` says `Ok`: once the peer's end is gone, `send` returns an error.
+/// 5. **A last word is exact.** After [`ControlChannel::shut_read`] the peer's
+///    sends fail, and every frame whose send succeeded before is still drained:
+///    no frame falls in between. An end about to exec shuts reading, then drains
+///    a last time, so a REWIND the peer sends meanwhile is either served or never
+///    sent (and the peer reads on from the ring, whose memory it keeps).
 ///
 /// What test channels may vary is therefore when the other end looks (a stall)
 /// and when the channel closes (a cut), never the order of frames or their
@@ -71,6 +76,11 @@ pub(crate) trait ControlChannel: Send + Sync {
     /// A descriptor that turns readable when a frame may have arrived or the peer's
     /// end closed (for `poll` and event loops).
     fn wait_fd(&self) -> BorrowedFd<'_>;
+
+    /// From now on the peer's sends fail; frames sent before are still drained
+    /// (point 5 of the contract). `Unsupported` if the carrier cannot do it
+    /// exactly.
+    fn shut_read(&self) -> io::Result<()>;
 }
 
 /// Reassembles frames from a byte stream that may cut them anywhere, and checks
@@ -195,6 +205,14 @@ impl ControlChannel for UnixControl {
     fn wait_fd(&self) -> BorrowedFd<'_> {
         self.fd()
     }
+
+    /// `shutdown(SHUT_RD)`: the kernel marks the peer's end as unable to send
+    /// under the same lock its `send` takes to queue a frame, so a frame is
+    /// either queued before (and still read here) or refused with `EPIPE`.
+    fn shut_read(&self) -> io::Result<()> {
+        rustix::net::shutdown(self.fd(), rustix::net::Shutdown::Read)?;
+        Ok(())
+    }
 }
 
 /// The frames through a vmc channel of their own (an eventfd channel: its
@@ -294,6 +312,17 @@ impl ControlChannel for ChannelControl {
             .read()
             .expect("an eventfd channel (checked in new)")
     }
+
+    /// Not exactly, yet: the peer's writer checks that the reader is open before
+    /// it publishes a frame, so a close between the two would lose the frame. It
+    /// needs a close the writer's publication can fail against (a compare-and-swap
+    /// on the ring's index), which the VM work (issue 12) brings.
+    fn shut_read(&self) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "vmc connection: a shared-memory control channel cannot be shut exactly",
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -332,6 +361,29 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         drop(b);
         assert_eq!(ctl.drain(&mut |_| {}).unwrap(), Drained::Closed);
+    }
+
+    /// After `shut_read` the peer's sends fail, and what it sent before is still
+    /// drained.
+    #[test]
+    fn a_shut_unix_control_keeps_what_came_and_refuses_what_comes() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (a, b) = (
+            UnixControl::with(Socket::Own(a.into())),
+            UnixControl::with(Socket::Own(b.into())),
+        );
+        b.send(Control::Rewind(4)).unwrap();
+        a.shut_read().unwrap();
+        let e = b.send(Control::Rewind(5)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPIPE));
+        let mut got = Vec::new();
+        assert_eq!(a.drain(&mut |c| got.push(c)).unwrap(), Drained::Closed);
+        assert_eq!(got, [Control::Rewind(4)]);
+        // Our own sends still go: the peer reads on.
+        a.send(Control::LeftRing(1)).unwrap();
+        let mut back = Vec::new();
+        b.drain(&mut |c| back.push(c)).unwrap();
+        assert_eq!(back, [Control::LeftRing(1)]);
     }
 
     fn readable(fd: BorrowedFd<'_>, ms: i32) -> bool {

@@ -289,3 +289,81 @@ fn a_peer_blocked_in_read_still_sends_the_unread_rest_again() {
     assert_eq!(t.shm_out, 10_000, "{t:?}");
     assert_eq!(t.tcp_out, 7_000, "sent again on TCP: {t:?}");
 }
+
+/// An end that execs with bytes still unread on its ring gives up waiting for
+/// the peer's verdict after its patience; its last word (the control channel
+/// shut for reading, then drained) makes a REWIND the peer sends after that
+/// fail, so the peer reads on from the ring (whose memory it keeps) and then TCP.
+/// Before the last word, such a REWIND went into a socket nobody would read: the
+/// peer gave the ring up, and the ring's unread bytes were lost.
+#[test]
+fn a_rewind_sent_as_the_other_end_execs_is_refused_and_nothing_is_lost() {
+    private_registry();
+    const FIRST: u64 = 1000;
+    const UNREAD: u64 = 48 * 1024;
+    const AFTER: u64 = 100_000;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (read_some, wait_read) = std::sync::mpsc::channel::<()>();
+    let (settled, wait_settled) = std::sync::mpsc::channel::<()>();
+    let (tried, wait_try) = std::sync::mpsc::channel::<()>();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        common::settle(&s);
+        assert!(s.is_accelerated(), "{:?}", s.fallback_reason());
+        let mut buf = vec![0u8; (FIRST + UNREAD) as usize];
+        fill_pattern(3, 0, &mut buf);
+        s.write_all(&buf[..FIRST as usize]).unwrap();
+        // The client has entered the ring (and answered the move onto it).
+        wait_read.recv().unwrap();
+        s.write_all(&buf[FIRST as usize..]).unwrap();
+        assert_eq!(s.send_path(), Path::Shm);
+        // exec: the client does not read, so the verdict never comes in time.
+        s.settle_on_tcp(std::time::Duration::from_millis(100))
+            .unwrap();
+        // Between the settling and the exec itself, the client settles too.
+        settled.send(()).unwrap();
+        wait_try.recv().unwrap();
+        let fd = std::os::fd::AsFd::as_fd(&s).try_clone_to_owned().unwrap();
+        s.abandon();
+        drop(s);
+        let mut k = std::net::TcpStream::from(fd);
+        // The new image writes on.
+        let mut more = vec![0u8; AFTER as usize];
+        fill_pattern(3, FIRST + UNREAD, &mut more);
+        k.write_all(&more).unwrap();
+        k.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    while got < FIRST {
+        let n = c.read(&mut buf[..(FIRST - got) as usize]).unwrap();
+        assert!(n > 0);
+        check_pattern(3, got, &buf[..n]);
+        got += n as u64;
+    }
+    assert_eq!(c.recv_path(), Path::Shm);
+    read_some.send(()).unwrap();
+    wait_settled.recv().unwrap();
+    // Too late: the other end has had its last word.
+    let refused = c.settle_on_tcp_receiving(std::time::Duration::from_millis(100));
+    tried.send(()).unwrap();
+    assert!(refused.is_err(), "the REWIND went out to an end that execs");
+    loop {
+        let n = c.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        check_pattern(3, got, &buf[..n]);
+        got += n as u64;
+    }
+    assert_eq!(got, FIRST + UNREAD + AFTER);
+    let t = c.traffic();
+    assert_eq!(
+        t.shm_in,
+        FIRST + UNREAD,
+        "the ring's bytes came from the ring"
+    );
+    server.join().unwrap();
+}

@@ -232,7 +232,11 @@ impl Conn {
         }
         if let Some(plea) = tx.proto.spill() {
             tracing::debug!("vmc connection: a write waits for the peer; pleading {plea:?}");
-            self.send_control(plea)?;
+            // A peer that shut its control channel (it settled, for an exec) or is
+            // gone hears no plea; the write's own wait tells what became of it.
+            if let Err(e) = self.send_control(plea) {
+                tracing::debug!("vmc connection: could not plead: {e}");
+            }
         }
         Ok(())
     }
@@ -262,7 +266,12 @@ impl Conn {
             "vmc connection: both ends wait for room in a ring; the peer's bytes to us \
              go on over TCP"
         );
-        self.settle_rx_locked(&mut rx)
+        // Refused (the peer shut its control channel): nothing changed, and the
+        // ring is read on.
+        if let Err(e) = self.settle_rx_locked(&mut rx) {
+            tracing::debug!("vmc connection: could not answer the plea: {e}");
+        }
+        Ok(())
     }
 
     /// True if TCP must wait for the peer's answer to our move off the ring: it

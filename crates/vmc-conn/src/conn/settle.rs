@@ -100,6 +100,7 @@ impl Conn {
             moved?;
             self.await_peer_verdict(&mut tx, deadline)?;
         }
+        self.last_word(&mut tx, deadline)?;
         if tx.proto.take_fin() {
             self.tcp.shutdown(Shutdown::Write)?;
         }
@@ -113,6 +114,50 @@ impl Conn {
     /// or is moving to TCP for good itself and asks for them again (REWIND), which
     /// must be served before our connection stops looking at the control socket.
     /// Waits for one or the other until `deadline`.
+    /// The control channel's last word, before the connection is plain: shut it
+    /// for reading, so that from here on a REWIND either is in it or fails to be
+    /// sent (the peer then reads on from the ring, which it keeps), then drain it
+    /// and serve what came. Without this, a REWIND sent after the last look, as the
+    /// process execs, would be served by nobody while the peer, having given up
+    /// the ring, waits on TCP for the bytes it asked for. What a REWIND gives back
+    /// is on TCP before this returns: the new image, or the other process, writes
+    /// there next.
+    fn last_word(&self, tx: &mut Tx, deadline: Instant) -> io::Result<()> {
+        let Some(parts) = self.parts() else {
+            return Ok(());
+        };
+        if let Err(e) = parts.ctl.shut_read() {
+            // As before there was a last word: a REWIND may still come unserved.
+            tracing::debug!("vmc connection: the control channel stays open: {e}");
+        }
+        self.read_control()?;
+        self.serve_rewind(tx)?;
+        if tx.backlog.is_empty() {
+            return Ok(());
+        }
+        // Waits for room whatever the socket's mode, as long as patience lasts.
+        let own = (tx.timeout, tx.nonblocking);
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        (tx.timeout, tx.nonblocking) = (Some(left), false);
+        let flushed = self.flush_backlog(tx, false);
+        (tx.timeout, tx.nonblocking) = own;
+        let gave_up = || {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "vmc connection: the peer did not take on TCP the bytes it asked for again",
+            )
+        };
+        match flushed {
+            Ok(true) => Ok(()),
+            // (A blocking flush returns once done, or when its time is up.)
+            Ok(false) => Err(gave_up()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(gave_up()),
+            Err(e) => Err(e),
+        }
+    }
+
     pub(super) fn await_peer_verdict(&self, tx: &mut Tx, deadline: Instant) -> io::Result<()> {
         let Some(parts) = self.parts() else {
             return Ok(());
