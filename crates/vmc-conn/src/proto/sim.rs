@@ -12,7 +12,9 @@
 //! and its later sends fail), the sender's exec at any step (it settles, waits a
 //! while for the receiver's verdict on the ring, shuts the control channel for
 //! reading and drains it a last time; its new image writes TCP as a plain
-//! program), the receiver stuck in a write of its own until the
+//! program), the receiver's death at any step (its ring, control channel and TCP
+//! go quiet: the sender must learn of it from an error within a bounded number of
+//! writes, never wait for it), the receiver stuck in a write of its own until the
 //! sender has written far ahead (the both-ends-write-first deadlock, which SPILL
 //! breaks), and finally a shutdown, then drains. Every run checks that the receiver got exactly
 //! the bytes sent, in order (up to the sender's death: a prefix of them), and that
@@ -66,6 +68,9 @@ struct Ring {
     reader_closed: bool,
     /// The writer's process died (`vmc_channel`'s liveness check says so).
     writer_dead: bool,
+    /// The reader's process died: writes go into the void while there is room;
+    /// a writer waiting for room finds the reader dead (an error).
+    reader_dead: bool,
 }
 
 enum RingRead {
@@ -80,8 +85,8 @@ enum RingRead {
 
 impl Ring {
     fn write(&mut self, mut data: impl Iterator<Item = u8>, len: usize) -> Result<usize, ()> {
-        if self.reader_closed {
-            return Err(()); // BrokenPipe
+        if self.reader_closed || (self.reader_dead && self.bytes.len() == self.cap) {
+            return Err(()); // BrokenPipe, or the reader is dead
         }
         assert!(!self.paused && !self.shut, "writing a paused or shut ring");
         let n = len.min(self.cap - self.bytes.len());
@@ -177,6 +182,13 @@ struct World {
     tx_shut_read: bool,
     /// The sender exec'd: its new image writes TCP as a plain program.
     tx_plain: bool,
+    /// The receiver's process died.
+    rx_dead: bool,
+    /// TCP writes since the receiver died: the first goes out (and draws a
+    /// reset), later ones fail.
+    tcp_writes_after_death: u32,
+    /// A write of the sender failed: its program knows the connection is gone.
+    tx_error: bool,
     /// The receiver waits in a write of its own (so reads nothing) until the sender
     /// has written up to here: the peer of a program that writes far ahead before
     /// it reads.
@@ -197,6 +209,9 @@ struct Tally {
     deaths: u64,
     execs: u64,
     tx_execs: u64,
+    rx_deaths: u64,
+    /// The most writes a sender made after the receiver died before one failed.
+    most_writes_to_learn: u64,
     /// Sender execs that found a REWIND in their last drain.
     exec_rewinds: u64,
     /// The sender learnt that the control channel closed.
@@ -221,6 +236,7 @@ struct Seen {
     preempted: bool,
     failed_send: bool,
     exec_rewind: bool,
+    writes_to_learn: u64,
 }
 
 impl Tally {
@@ -228,8 +244,10 @@ impl Tally {
         let s = w.seen;
         self.schedules += 1;
         self.deaths += u64::from(w.tx_dead);
-        self.execs += u64::from(w.cut);
+        self.execs += u64::from(w.cut && !w.rx_dead);
         self.tx_execs += u64::from(w.tx_plain);
+        self.rx_deaths += u64::from(w.rx_dead);
+        self.most_writes_to_learn = self.most_writes_to_learn.max(w.seen.writes_to_learn);
         self.exec_rewinds += u64::from(s.exec_rewind);
         self.closes_seen += u64::from(s.closed);
         self.rewinds += u64::from(s.rewind);
@@ -245,10 +263,11 @@ impl std::fmt::Display for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "of {} schedules: sender died {}, receiver exec'd {} (the sender saw the \
-             close in {}, a send failed on it in {}), sender exec'd {} (a REWIND in \
-             its last drain {}), REWIND served {} (bytes sent again {}), SPILL {} \
-             (answered {}), a move preempted halfway {}",
+            "of {} schedules: sender died {}, receiver exec'd {} (the sender saw a \
+             closed control channel in {}, a send failed on one in {}), sender exec'd {} (a REWIND in \
+             its last drain {}), receiver died {} (the sender learnt of it within {} \
+             writes), REWIND served {} (bytes sent again {}), SPILL {} (answered {}), \
+             a move preempted halfway {}",
             self.schedules,
             self.deaths,
             self.execs,
@@ -256,6 +275,8 @@ impl std::fmt::Display for Tally {
             self.failed_sends,
             self.tx_execs,
             self.exec_rewinds,
+            self.rx_deaths,
+            self.most_writes_to_learn,
             self.rewinds,
             self.resends,
             self.pleas,
@@ -282,6 +303,7 @@ impl World {
                 shut: false,
                 reader_closed: false,
                 writer_dead: false,
+                reader_dead: false,
             },
             tcp: Tcp::default(),
             to_rx: VecDeque::new(),
@@ -295,6 +317,9 @@ impl World {
             tx_exec_due: false,
             tx_shut_read: false,
             tx_plain: false,
+            rx_dead: false,
+            tcp_writes_after_death: 0,
+            tx_error: false,
             rx_stuck_until: None,
             full_in_a_row: 0,
             eof: false,
@@ -492,13 +517,7 @@ impl World {
                 self.waited()?;
                 return Ok(());
             }
-            Path::Tcp => {
-                self.tcp
-                    .in_flight
-                    .extend((start..start + len as u64).map(byte));
-                self.tx.wrote(len);
-                self.next += len as u64;
-            }
+            Path::Tcp => self.tcp_write(len),
             Path::Shm => match self.ring.write((start..).map(byte), len) {
                 Ok(0) => self.waited()?,
                 Ok(n) => {
@@ -509,10 +528,15 @@ impl World {
                 // The receiver closed its end: its REWIND is queued.
                 Err(()) => {
                     self.tx_pump()?;
-                    if !self.tx.rewind_asked() {
+                    if self.tx.rewind_asked() {
+                        return self.tx_write(len);
+                    }
+                    if !self.rx_dead {
                         return Err("ring closed by its reader without a REWIND".into());
                     }
-                    return self.tx_write(len);
+                    // A dead reader: do what TCP does (`write_locked`).
+                    self.tcp_write(len);
+                    return Ok(());
                 }
             },
         }
@@ -535,6 +559,38 @@ impl World {
         } else {
             self.tx_write(len)
         }
+    }
+
+    /// `send` on TCP: the stream goes on there, unless the receiver died: then
+    /// the first write still goes out (its kernel answers with a reset) and later
+    /// ones fail, as TCP's do.
+    fn tcp_write(&mut self, len: usize) {
+        if self.rx_dead {
+            self.tcp_writes_after_death += 1;
+            if self.tcp_writes_after_death > 1 {
+                self.note("tx: a write fails: the receiver is gone".into());
+                self.tx_error = true;
+                return;
+            }
+        }
+        let start = self.next;
+        self.tcp
+            .in_flight
+            .extend((start..start + len as u64).map(byte));
+        self.tx.wrote(len);
+        self.next += len as u64;
+    }
+
+    /// The receiver's process dies: its control socket closes after the frames
+    /// it sent, its ring is read no more (its liveness shows once the writer
+    /// waits for room), and its kernel ends TCP.
+    fn rx_die(&mut self) {
+        self.note("rx dies".into());
+        self.rx_dead = true;
+        self.cut = true;
+        self.to_rx.clear();
+        self.ring.reader_dead = true;
+        self.rx_stuck_until = None;
     }
 
     fn tx_choose(&mut self, to: Path) {
@@ -845,11 +901,30 @@ impl World {
 
     // ---- the schedule ----------------------------------------------------------
 
+    /// The receiver died: the sender writes on (looking at the connection now and
+    /// then, as a program does) and must learn of the death from an error within a
+    /// bounded number of writes, whatever it was waiting for (the peer's answer
+    /// to a move, its verdict on the ring, room).
+    fn after_rx_death(&mut self, max_write: u64) -> Result<(), Fail> {
+        for writes in 1..=1_000 {
+            let n = 1 + self.rng.below(max_write) as usize;
+            self.tx_write(n)?;
+            if self.tx_error {
+                self.seen.writes_to_learn = writes;
+                return Ok(());
+            }
+            if self.rng.chance(30) {
+                self.tx_look()?;
+            }
+        }
+        Err("the sender never learnt that the receiver died".into())
+    }
+
     fn run(&mut self) -> Result<(), Fail> {
         let steps = 20 + self.rng.below(300);
         let max_write = 1 + 2 * self.ring.cap as u64;
         for _ in 0..steps {
-            if self.tx_dead {
+            if self.tx_dead || self.rx_dead {
                 break;
             }
             // While the sender execs, and after, its turns are the exec hook's
@@ -895,7 +970,11 @@ impl World {
                     && self.rx_stuck_until.is_none()
                     && self.rng.chance(10) =>
                 {
-                    self.rx_exec()?
+                    if self.rng.chance(50) {
+                        self.rx_exec()?;
+                    } else {
+                        self.rx_die();
+                    }
                 }
                 98 if self.rx_stuck_until.is_none() && self.rng.chance(20) => {
                     let ahead = self.next + 2 * self.ring.cap as u64 + self.rng.below(64);
@@ -904,6 +983,9 @@ impl World {
                 }
                 _ => {}
             }
+        }
+        if self.rx_dead {
+            return self.after_rx_death(max_write);
         }
         if self.tx_dead {
             for _ in 0..10_000 {
