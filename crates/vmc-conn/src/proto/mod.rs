@@ -29,6 +29,49 @@
 //! Everything the peer says is checked against what this end knows: a frame that
 //! could not come from a correct peer is a [`Violation`], which costs the connection
 //! and nothing else.
+//!
+//! # Transitions, and the unit test that covers each
+//!
+//! [`Sender`] (tests in `sender.rs`):
+//!
+//! | state, event | becomes | test |
+//! |---|---|---|
+//! | any, `choose(to)` | wants `to` (staying is always allowed) | `a_closed_control_channel_ends_every_wait_for_the_peer_and_every_move` |
+//! | on TCP for good, `choose(shm)` | refused (`Refused::ForGood`) | `a_rewind_on_the_ring_resends_from_its_offset_and_stays_on_tcp` |
+//! | control closed, `choose(other path)` | refused (`Refused::ControlClosed`) | `a_closed_control_channel_ends_every_wait_for_the_peer_and_every_move` |
+//! | on `p`, `switch_to(q)`, `moved(q)` | on `q`; SWITCH names the bytes sent on `p` | `a_move_names_the_bytes_sent_on_the_path_it_leaves` |
+//! | last move off `q` unanswered | `may_move(q)` false until its LEFT | `going_back_to_a_path_waits_for_the_peers_answer_to_leaving_it` |
+//! | LEFT for no move, or at another offset | `Violation` | `a_left_answer_nobody_asked_for_or_at_the_wrong_offset_is_a_violation` |
+//! | REWIND queued | `may_move` false until served | `no_move_while_a_rewind_waits_to_be_served` |
+//! | on shm, REWIND served | TCP for good, resend from its offset, pause | `a_rewind_on_the_ring_resends_from_its_offset_and_stays_on_tcp` |
+//! | off the ring, REWIND served | resend while TCP carried nothing since, else `Lost`; `Nothing` if all was read | `a_rewind_after_leaving_the_ring_resends_only_while_tcp_carried_nothing_since` |
+//! | REWIND past what the ring carried | `Violation` | `a_rewind_beyond_what_the_ring_carried_is_a_violation` |
+//! | waiting, `spill()` | one SPILL per ring offset; none once a REWIND came | `a_spill_is_sent_once_per_offset_until_a_rewind_comes` |
+//! | on shm, `shutdown()` | FIN owed until the direction settles | `a_shutdown_on_the_ring_owes_tcp_its_fin_until_the_direction_settles` |
+//! | REWIND's bytes pending, `shutdown()` | FIN owed until they are on TCP | `a_shutdown_while_a_rewinds_bytes_wait_owes_the_fin_too` |
+//! | `settle()` (control open) | wants TCP, for good; an owed FIN handed over once; `stay()` | `settling_chooses_tcp_for_good_and_hands_over_an_owed_fin_once` |
+//! | `control_closed()` | TCP waits for no verdict; no move, SPILL or other path; `settle()` stays; a REWIND before it still served | `a_closed_control_channel_ends_every_wait_for_the_peer_and_every_move` |
+//!
+//! [`Receiver`] (tests in `receiver.rs`):
+//!
+//! | state, event | becomes | test |
+//! |---|---|---|
+//! | TCP, SWITCH to shm, `follow()` | TCP up to the offset; then `EnterRing`, LEFT_TCP | `a_move_to_the_ring_bounds_tcp_then_enters_the_ring_with_an_answer` |
+//! | TCP bytes past the announced end | `Violation` | `tcp_bytes_past_the_announced_end_are_a_violation` |
+//! | shm, ring ended, SWITCH to TCP queued | TCP, LEFT_RING | `an_ended_ring_is_a_move_back_if_announced` |
+//! | shm, ring ended, nothing queued | ended (EOF), for good | `an_ended_ring_without_a_move_is_the_end_of_the_stream_for_good` |
+//! | SWITCH back at an offset the ring did not reach | `Violation` | `a_move_back_at_an_offset_the_ring_did_not_reach_is_a_violation` |
+//! | SWITCHes that repeat a path or go back in offset | `Violation` | `switches_that_do_not_alternate_or_go_back_in_offset_are_violations` |
+//! | shm, writer dead | ended: EOF, or reset once then EOF | `a_dead_writer_ends_the_stream_as_its_kernel_would_have` |
+//! | shm, writer dead after announcing TCP | TCP | `a_dead_writer_that_announced_its_move_to_tcp_is_followed_there` |
+//! | SPILL | current while the ring ends where it was made | `a_spill_is_current_while_the_ring_ends_where_it_was_made` |
+//! | any, `rewind()` then `settle()` | `rewind()` changes nothing; settled on TCP, later moves ignored | `settling_asks_for_the_ring_from_where_we_are_and_ignores_later_moves` |
+//! | TCP with the peer's move off the ring unread, `settle()` | REWIND asks for the unread bytes | `settling_with_the_peers_move_off_the_ring_unread_asks_for_the_unread_bytes` |
+//! | ended, `settle()` | TCP, read to its FIN | `settling_an_ended_stream_reads_tcp_to_its_fin` |
+//!
+//! The simulation (`sim.rs`) then drives both machines through random
+//! interleavings of all of these, deaths, execs and a closed control channel
+//! included.
 
 #![forbid(unsafe_code)]
 
