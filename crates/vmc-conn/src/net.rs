@@ -6,8 +6,8 @@ use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
 use std::time::Duration;
+
 use vmc_os::ForkSafeOnce;
 
 use crate::conn::{Conn, ReadOpts};
@@ -64,8 +64,9 @@ pub fn forget_closed_fds(first: i32, last: i32) -> usize {
 /// (a `pthread_atfork` prepare handler): waits until the process-wide state that
 /// is opened once (the registries, the policy, the statistics table, the spare
 /// channels' switch, the fork counters: each a [`vmc_os::ForkSafeOnce`]) is
-/// either untouched or complete. A fork in the middle of that opening would leave the child a
-/// one-time initialisation that never finishes, and its first connection hung.
+/// either untouched or complete. A fork in the middle of that opening would leave
+/// the child a one-time initialisation that never finishes, and its first
+/// connection hung.
 pub fn prepare_fork() {
     if REGISTRY.started() {
         let _ = registry();

@@ -109,11 +109,6 @@ impl Conn {
         Ok(())
     }
 
-    /// After moving our sending direction off the ring for good: if the ring still
-    /// holds bytes the peer has not read, the peer either reads them (LEFT_RING)
-    /// or is moving to TCP for good itself and asks for them again (REWIND), which
-    /// must be served before our connection stops looking at the control socket.
-    /// Waits for one or the other until `deadline`.
     /// The control channel's last word, before the connection is plain: shut it
     /// for reading, so that from here on a REWIND either is in it or fails to be
     /// sent (the peer then reads on from the ring, which it keeps), then drain it
@@ -158,6 +153,11 @@ impl Conn {
         }
     }
 
+    /// After moving our sending direction off the ring for good: if the ring still
+    /// holds bytes the peer has not read, the peer either reads them (LEFT_RING)
+    /// or is moving to TCP for good itself and asks for them again (REWIND), which
+    /// must be served before our connection stops looking at the control socket.
+    /// Waits for one or the other until `deadline`.
     pub(super) fn await_peer_verdict(&self, tx: &mut Tx, deadline: Instant) -> io::Result<()> {
         let Some(parts) = self.parts() else {
             return Ok(());
