@@ -461,7 +461,8 @@ fuzz_target!(|data: &[u8]| {
                 };
                 if let Some(total) = total {
                     match rx.consume(k) {
-                        Ok(()) => {
+                        Ok(n) => {
+                            let k = n;
                             assert!(k <= total, "consumed {k} of {total}");
                             m.head = m.head.wrapping_add(k as u64);
                             m.rx_published |= k > 0;

@@ -274,7 +274,11 @@ impl ReadHalf {
             let (a, b) = self.rx.read_slices().map_err(ring_error)?;
             if !a.is_empty() {
                 let n = f(a, b).min(a.len() + b.len());
-                self.rx.consume(n).map_err(ring_error)?;
+                if self.rx.consume(n).map_err(ring_error)? < n {
+                    // Revoked first: those bytes were never read, and the ring
+                    // ended where we are (see `ReadHalf::is_revoked`).
+                    return Ok(0);
+                }
                 if self.rx.needs_wake() {
                     self.core.wake(Dir::Write, self.rx.peer_sleep_word());
                 }
@@ -369,6 +373,13 @@ impl ReadHalf {
     /// Bytes read so far.
     pub fn position(&self) -> u64 {
         self.rx.position()
+    }
+
+    /// True if the writer revoked the ring ([`WriteHalf::revoke`]): its stream
+    /// ended at [`ReadHalf::position`], and reads return end of stream. A
+    /// connection layer reads the rest where the writer sends it.
+    pub fn is_revoked(&mut self) -> bool {
+        self.rx.is_revoked()
     }
 }
 
@@ -529,6 +540,20 @@ impl WriteHalf {
         let mut v = Vec::new();
         self.tx.take_back(from, &mut v).map_err(ring_error)?;
         Ok(v)
+    }
+
+    /// Takes the ring back: everything the reader has not consumed is unread for
+    /// good, whatever the reader is doing (asleep, busy, gone), and the ring ends
+    /// for it at the returned offset. [`WriteHalf::take_back`] from there gives
+    /// those bytes, to be sent another way; writes fail from now on. A reader
+    /// asleep on the ring is woken. The same offset if called again.
+    pub fn revoke(&mut self) -> io::Result<u64> {
+        let at = self.tx.revoke().map_err(ring_error)?;
+        self.shut = true;
+        if self.tx.needs_wake() {
+            self.core.wake(Dir::Read, self.tx.peer_sleep_word());
+        }
+        Ok(at)
     }
 
     /// True once the reader has closed its end (writes fail from now on).

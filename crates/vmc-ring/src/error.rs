@@ -24,6 +24,11 @@ pub enum RingError {
     AlreadyAttached(u32),
     /// The consumer closed its end: nothing written now will ever be read.
     ReaderClosed,
+    /// The producer revoked the ring ([`crate::Producer::revoke`]): it writes no more.
+    Revoked,
+    /// The ring carried [`crate::ring::INDEX_LIMIT`] bytes, less one ring: its
+    /// indices are spent, and the stream must go on another way.
+    Exhausted,
     /// `commit` or `consume` named more bytes than were reserved or available.
     OutOfRange {
         /// Bytes asked for.
@@ -56,6 +61,8 @@ impl fmt::Display for RingError {
                 write!(f, "channel already has an attacher (state {s})")
             }
             RingError::ReaderClosed => write!(f, "the reading end of the ring is closed"),
+            RingError::Revoked => write!(f, "the ring was revoked by its writer"),
+            RingError::Exhausted => write!(f, "the ring's byte indices are spent"),
             RingError::OutOfRange { asked, available } => {
                 write!(
                     f,

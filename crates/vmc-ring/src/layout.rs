@@ -34,8 +34,11 @@ use crate::sync::{AtomicU32, AtomicU64, Ordering};
 /// "VMCCHAN" followed by a zero byte, little-endian: the first word of every channel.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"VMCCHAN\0");
 
-/// The layout version this code writes and accepts. Bump it on any layout change.
-pub const VERSION: u32 = 1;
+/// The layout version this code writes and accepts. Bump it on any layout change,
+/// or any change in what a shared field means. Version 2: the top bit of a ring's
+/// head is its producer's revoke mark, and consumers publish the head by a swap
+/// ([`crate::ring`]'s "Revoking").
+pub const VERSION: u32 = 2;
 
 /// Bytes before the first ring: one page, whatever the header needs.
 pub const HEADER_LEN: usize = 4096;
@@ -501,7 +504,7 @@ mod tests {
         type Damage = (&'static str, fn(&ChannelHeader));
         let damage: [Damage; 6] = [
             ("version", |h| {
-                h.identity.0.version.store(2, Ordering::Relaxed)
+                h.identity.0.version.store(VERSION + 1, Ordering::Relaxed)
             }),
             ("header_len", |h| {
                 h.identity.0.header_len.store(64, Ordering::Relaxed)

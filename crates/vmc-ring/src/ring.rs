@@ -1,8 +1,9 @@
 //! A single-producer, single-consumer byte ring whose peer is untrusted.
 //!
 //! # Indices
-//! `tail` counts bytes ever produced, `head` bytes ever consumed; both are `u64` and
-//! only grow (wrapping arithmetic keeps this correct even past 2^64 bytes). A byte at
+//! `tail` counts bytes ever produced, `head` bytes ever consumed; both are `u64`, only
+//! grow, and stay below [`INDEX_LIMIT`] (2^63 bytes: 29 years at 10 GB/s), because the
+//! top bit of the shared head is the producer's [revoke](#revoking) mark. A byte at
 //! index `i` lives at `i & (capacity - 1)`. The ring holds `tail - head` bytes, which
 //! is always in `0..=capacity`.
 //!
@@ -20,6 +21,18 @@
 //! it with `Acquire` before overwriting that space. Close flags are stored `Release`
 //! after the final index and loaded `Acquire`. Sleep words follow [`crate::wait`].
 //!
+//! # Revoking
+//! The producer can take back every byte the consumer has not consumed, exactly,
+//! without the consumer's help ([`Producer::revoke`]): it sets [`REVOKED`] in the
+//! shared head with a compare-and-swap, then closes its end. The consumer publishes
+//! its head with a compare-and-swap too, from the head it last published: so either
+//! its publication comes first (the producer's swap then names the new head), or the
+//! revoke does (the consumer's swap fails, and the bytes it copied count as never
+//! read). Both ends agree on the one offset where the ring's stream ended, which is
+//! what a connection layer needs to send the rest another way, in order, while the
+//! consumer sleeps, is busy, or is gone. The revoke is the only write the producer
+//! makes to the head.
+//!
 //! # An untrusted peer
 //! Every index loaded from shared memory is checked before it is used: a consumer
 //! accepts a tail only in `cached_tail..=head + capacity`, a producer a head only in
@@ -35,6 +48,13 @@ use crate::layout::RingControl;
 use crate::sync::{AtomicU32, Ordering};
 use crate::wait;
 use alloc::sync::Arc;
+
+/// Indices stay below this: its bit, in the shared head, is [`REVOKED`].
+pub const INDEX_LIMIT: u64 = 1 << 63;
+
+/// The mark the producer sets in the shared head to take the unread bytes back
+/// (see [Revoking](self#revoking)).
+pub const REVOKED: u64 = INDEX_LIMIT;
 
 /// Keeps the memory a ring lives in alive (a mapping, or a heap block in tests).
 pub type Owner = Arc<dyn Send + Sync>;
@@ -219,6 +239,8 @@ pub struct Producer {
     /// Something was published since the last [`Producer::needs_wake`].
     unchecked_publish: bool,
     poisoned: Option<RingError>,
+    /// Where [`Producer::revoke`] ended the ring's stream, once it did.
+    revoked: Option<u64>,
 }
 
 impl Producer {
@@ -232,6 +254,7 @@ impl Producer {
             cached_head: tail,
             unchecked_publish: false,
             poisoned: None,
+            revoked: None,
         };
         if head != tail {
             p.poisoned = Some(RingError::corrupt("head", head));
@@ -270,6 +293,10 @@ impl Producer {
     #[inline]
     fn free_for(&mut self, want: usize) -> Result<usize, RingError> {
         self.check()?;
+        if self.revoked.is_some() {
+            // (The shared head carries the mark now: it is no index to load.)
+            return Err(RingError::Revoked);
+        }
         let free = self.cached_free();
         if free >= want {
             return Ok(free);
@@ -285,11 +312,19 @@ impl Producer {
         self.free_for(self.mem.cap)
     }
 
-    /// Fails with [`RingError::ReaderClosed`] once the consumer has closed its end.
+    /// Fails with [`RingError::ReaderClosed`] once the consumer has closed its end,
+    /// [`RingError::Revoked`] once we took the ring back, and
+    /// [`RingError::Exhausted`] when the next write could reach [`INDEX_LIMIT`].
     #[inline]
     fn check_reader(&self) -> Result<(), RingError> {
         // A poisoned ring stays poisoned, whatever the (peer-written) flag says.
         self.check()?;
+        if self.revoked.is_some() {
+            return Err(RingError::Revoked);
+        }
+        if self.tail >= INDEX_LIMIT - self.mem.cap as u64 {
+            return Err(RingError::Exhausted);
+        }
         if self.is_reader_closed() {
             return Err(RingError::ReaderClosed);
         }
@@ -408,6 +443,51 @@ impl Producer {
         Ok(())
     }
 
+    /// Takes back every byte the consumer has not consumed, whatever it is doing:
+    /// returns the offset where the ring's stream ends for both ends (the
+    /// consumer's head at that moment). [`Producer::take_back`] from there gives the
+    /// bytes to send another way; the consumer finds the ring ended there
+    /// ([`Consumer::is_finished`], then [`Consumer::is_revoked`]), and a copy it
+    /// made of later bytes does not count as read. Writes fail from now on. Call
+    /// [`Producer::needs_wake`] afterwards: a sleeping reader must see the end.
+    /// Calling it again returns the same offset.
+    ///
+    /// The swap retries while the consumer publishes; a consumer that keeps the
+    /// head moving without consuming (only a hostile one can) gets its ring
+    /// poisoned after `capacity + 2` tries.
+    pub fn revoke(&mut self) -> Result<u64, RingError> {
+        self.check()?;
+        if let Some(at) = self.revoked {
+            return Ok(at);
+        }
+        let mut seen = self.mem.ctl().head.0.load(Ordering::Acquire);
+        for _ in 0..self.mem.cap + 2 {
+            let head = check_head(self.cached_head, self.tail, seen).map_err(|e| self.poison(e))?;
+            self.cached_head = head;
+            // Acquire on success: the consumer's reads of the bytes below `head`
+            // happened before (no write of ours follows anyway).
+            match self.mem.ctl().head.0.compare_exchange(
+                seen,
+                seen | REVOKED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.revoked = Some(head);
+                    self.close();
+                    return Ok(head);
+                }
+                Err(now) => seen = now,
+            }
+        }
+        Err(self.poison(RingError::corrupt("head", seen)))
+    }
+
+    /// Where [`Producer::revoke`] ended the ring's stream, if it did.
+    pub fn revoked_at(&self) -> Option<u64> {
+        self.revoked
+    }
+
     /// True once the consumer has closed its end.
     pub fn is_reader_closed(&self) -> bool {
         self.mem.ctl().state.0.reader_closed.load(Ordering::Acquire) != 0
@@ -454,18 +534,25 @@ pub struct Consumer {
     /// Something was published since the last [`Consumer::needs_wake`].
     unchecked_publish: bool,
     poisoned: Option<RingError>,
+    /// The producer revoked the ring at `head`: it ended there.
+    revoked: bool,
 }
 
 impl Consumer {
     pub(crate) fn new(mem: RingMem) -> Consumer {
         let head = mem.ctl().head.0.load(Ordering::Relaxed);
-        Consumer {
+        let mut c = Consumer {
             mem,
             head,
             cached_tail: head,
             unchecked_publish: false,
             poisoned: None,
+            revoked: false,
+        };
+        if head >= INDEX_LIMIT {
+            c.poisoned = Some(RingError::corrupt("head", head));
         }
+        c
     }
 
     /// Bytes the ring can hold.
@@ -509,16 +596,58 @@ impl Consumer {
     /// Bytes ready to read, always reloading the producer's tail.
     pub fn refresh(&mut self) -> Result<usize, RingError> {
         self.check()?;
+        if self.revoked {
+            return Ok(0);
+        }
         let tail = self.mem.ctl().tail.0.load(Ordering::Acquire);
         self.cached_tail = check_tail(self.head, self.cached_tail, tail, self.mem.cap)
             .map_err(|e| self.poison(e))?;
         Ok(self.cached_available())
     }
 
+    /// Consumes the `n` bytes from `head`: publishes the new head with a swap from
+    /// the one we published last, which fails only if the producer revoked the
+    /// ring in between (see [Revoking](self#revoking)). Returns `n`, or 0 if the
+    /// ring was revoked: the bytes stay unread, and the ring ends at `head`.
     #[inline]
-    fn publish(&mut self) {
-        self.mem.ctl().head.0.store(self.head, Ordering::Release);
-        self.unchecked_publish = true;
+    fn publish(&mut self, n: usize) -> Result<usize, RingError> {
+        let next = self.head.wrapping_add(n as u64);
+        // Release: our reads of the bytes happen before the producer reuses them.
+        match self.mem.ctl().head.0.compare_exchange(
+            self.head,
+            next,
+            Ordering::Release,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => {
+                self.head = next;
+                self.unchecked_publish = true;
+                Ok(n)
+            }
+            Err(seen) if seen == self.head | REVOKED => {
+                self.mark_revoked();
+                Ok(0)
+            }
+            Err(seen) => Err(self.poison(RingError::corrupt("head", seen))),
+        }
+    }
+
+    fn mark_revoked(&mut self) {
+        self.revoked = true;
+        self.cached_tail = self.head;
+    }
+
+    /// True if the producer revoked the ring (at [`Consumer::position`]): the
+    /// stream it carried ends here, and its writer sends the rest another way.
+    /// One load of the shared head; [`Consumer::is_finished`] is true from then on.
+    pub fn is_revoked(&mut self) -> bool {
+        if !self.revoked && self.poisoned.is_none() {
+            let seen = self.mem.ctl().head.0.load(Ordering::Acquire);
+            if seen == self.head | REVOKED {
+                self.mark_revoked();
+            }
+        }
+        self.revoked
     }
 
     /// Copies up to `dst.len()` ready bytes into `dst`; returns how many (0 when the
@@ -536,9 +665,7 @@ impl Consumer {
             return Ok(0);
         }
         self.mem.copy_out(self.head, &mut dst[..n]);
-        self.head = self.head.wrapping_add(n as u64);
-        self.publish();
-        Ok(n)
+        self.publish(n)
     }
 
     /// Zero-copy read, step 1: the ready bytes as two slices (the second is the part
@@ -554,7 +681,9 @@ impl Consumer {
     }
 
     /// Zero-copy read, step 2: releases the first `n` ready bytes to the producer.
-    pub fn consume(&mut self, n: usize) -> Result<(), RingError> {
+    /// Returns how many were consumed: `n`, or 0 if the producer revoked the ring
+    /// first (then they were never read: see [`Consumer::is_revoked`]).
+    pub fn consume(&mut self, n: usize) -> Result<usize, RingError> {
         self.check()?;
         let avail = self.cached_available();
         if n > avail {
@@ -563,11 +692,10 @@ impl Consumer {
                 available: avail,
             });
         }
-        if n > 0 {
-            self.head = self.head.wrapping_add(n as u64);
-            self.publish();
+        if n == 0 {
+            return Ok(0);
         }
-        Ok(())
+        self.publish(n)
     }
 
     /// After consuming, before returning or sleeping: true if the producer announced
@@ -580,9 +708,12 @@ impl Consumer {
         wait::should_wake(&self.mem.ctl().state.0.writer_sleep)
     }
 
-    /// True when the producer closed its end and every byte it wrote was consumed:
-    /// end of stream.
+    /// True when the producer closed its end and every byte it wrote was consumed
+    /// (end of stream), or revoked the ring ([`Consumer::is_revoked`] tells which).
     pub fn is_finished(&mut self) -> Result<bool, RingError> {
+        if self.revoked {
+            return Ok(true);
+        }
         if self.available()? > 0 {
             return Ok(false);
         }
@@ -703,6 +834,92 @@ mod tests {
             );
             assert!(v.is_empty());
         }
+    }
+
+    #[test]
+    fn a_revoke_ends_the_ring_exactly_where_the_consumer_stopped() {
+        let (mut tx, mut rx) = ring_pair(16);
+        let msg: Vec<u8> = (0..10).collect();
+        assert_eq!(tx.write(&msg).unwrap(), 10);
+        let mut out = [0u8; 4];
+        assert_eq!(rx.read(&mut out).unwrap(), 4);
+        assert!(!rx.is_revoked());
+        assert_eq!(tx.revoke(), Ok(4));
+        assert_eq!(tx.revoke(), Ok(4), "the same offset again");
+        assert_eq!(tx.revoked_at(), Some(4));
+        let mut back = Vec::new();
+        tx.take_back(4, &mut back).unwrap();
+        assert_eq!(back, &msg[4..]);
+        // The consumer still has 6 bytes cached: reading them fails the swap.
+        assert_eq!(rx.read(&mut out).unwrap(), 0);
+        assert_eq!(rx.position(), 4);
+        assert!(rx.is_finished().unwrap() && rx.is_revoked());
+        assert_eq!(rx.available().unwrap(), 0);
+        assert!(
+            !rx.prepare_sleep().unwrap(),
+            "a revoked ring is ready: it ended"
+        );
+        assert_eq!(tx.write(b"x"), Err(RingError::Revoked));
+        assert_eq!(tx.free(), Err(RingError::Revoked));
+    }
+
+    #[test]
+    fn a_copy_taken_before_the_revoke_is_not_consumed() {
+        let (mut tx, mut rx) = ring_pair(16);
+        assert_eq!(tx.write(b"abcdef").unwrap(), 6);
+        let (a, _) = rx.read_slices().unwrap();
+        assert_eq!(a, b"abcdef");
+        assert_eq!(tx.revoke(), Ok(0));
+        assert_eq!(rx.consume(6), Ok(0), "never read");
+        assert_eq!(rx.position(), 0);
+        assert!(rx.is_revoked() && rx.is_finished().unwrap());
+        assert!(rx.read_slices().unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn a_revoke_of_an_empty_ring_is_seen_by_a_consumer_about_to_sleep() {
+        let (mut tx, mut rx) = ring_pair(16);
+        assert_eq!(tx.write(b"abc").unwrap(), 3);
+        let mut out = [0u8; 8];
+        assert_eq!(rx.read(&mut out).unwrap(), 3);
+        assert!(rx.prepare_sleep().unwrap(), "empty: it may sleep");
+        assert_eq!(tx.revoke(), Ok(3));
+        assert!(tx.needs_wake(), "the sleeper is woken");
+        rx.finish_sleep();
+        assert!(rx.is_finished().unwrap() && rx.is_revoked());
+    }
+
+    #[test]
+    fn a_head_no_revoke_explains_poisons_each_end() {
+        // The consumer's published head marked by someone else than the producer's
+        // swap: the consumer's next publication finds a value it never wrote.
+        let (mut tx, mut rx) = ring_pair(16);
+        assert_eq!(tx.write(b"abcd").unwrap(), 4);
+        rx.mem.ctl().head.0.store(2, Ordering::Relaxed);
+        let mut out = [0u8; 2];
+        assert!(matches!(
+            rx.read(&mut out),
+            Err(RingError::Corrupt { field: "head", .. })
+        ));
+        // A consumer that sets the mark itself: the producer's check refuses it.
+        let (mut tx2, rx2) = ring_pair(16);
+        assert_eq!(tx2.write(b"abcd").unwrap(), 4);
+        rx2.mem.ctl().head.0.store(REVOKED, Ordering::Relaxed);
+        assert!(matches!(
+            tx2.revoke(),
+            Err(RingError::Corrupt { field: "head", .. })
+        ));
+        assert!(matches!(tx2.write(b"x"), Err(RingError::Corrupt { .. })));
+        drop(tx);
+    }
+
+    #[test]
+    fn indices_stop_a_ring_short_of_the_revoke_mark() {
+        let (mut tx, _rx) = ring_pair(16);
+        tx.tail = INDEX_LIMIT - 17;
+        tx.cached_head = tx.tail;
+        assert_eq!(tx.write(b"x"), Ok(1));
+        assert_eq!(tx.write(b"x"), Err(RingError::Exhausted));
     }
 
     #[test]

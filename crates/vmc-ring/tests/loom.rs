@@ -375,3 +375,32 @@ fn taken_back_bytes_complete_what_the_consumer_read() {
         assert_eq!(whole, sent);
     });
 }
+
+/// (h) Revoke: the producer takes the ring back while the consumer reads (each
+/// read copies, then publishes its head with a swap). Whatever the interleaving, the consumer's
+/// position is where the revoke says the ring ended, and what it read plus what
+/// the producer took back is the stream, each byte once.
+#[test]
+fn a_revoke_splits_the_stream_exactly_where_the_consumer_stopped() {
+    model(|| {
+        let (mut tx, mut rx, kept) = positioned_ring(13, 5);
+        let c = thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut b = [0u8; 2];
+            for _ in 0..3 {
+                let n = rx.read(&mut b).unwrap();
+                got.extend_from_slice(&b[..n]);
+            }
+            (got, rx)
+        });
+        let at = tx.revoke().unwrap();
+        let mut back = Vec::new();
+        tx.take_back(at, &mut back).unwrap();
+        let (got, mut rx) = c.join().unwrap();
+        assert_eq!(rx.position(), at, "both ends agree where the ring ended");
+        assert!(rx.is_finished().unwrap() && rx.is_revoked());
+        let mut whole = got;
+        whole.extend_from_slice(&back);
+        assert_eq!(whole, kept);
+    });
+}

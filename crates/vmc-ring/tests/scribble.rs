@@ -208,11 +208,16 @@ fn run_end(mut ep: Endpoint, data: Arc<Vec<u8>>, chunk: usize, stop: Arc<AtomicB
                     .map(|(a, b)| {
                         let k = (a.len() + b.len()).min(chunk);
                         let first = k.min(a.len());
-                        r.received.extend_from_slice(&a[..first]);
-                        r.received.extend_from_slice(&b[..k - first]);
-                        k
+                        let mut copy = a[..first].to_vec();
+                        copy.extend_from_slice(&b[..k - first]);
+                        copy
                     })
-                    .and_then(|k| ep.rx.consume(k).map(|()| k))
+                    .and_then(|copy| {
+                        // (A scribbled revoke mark consumes nothing.)
+                        let n = ep.rx.consume(copy.len())?;
+                        r.received.extend_from_slice(&copy[..n]);
+                        Ok(n)
+                    })
             } else {
                 ep.rx
                     .read(&mut buf)
