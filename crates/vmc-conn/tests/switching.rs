@@ -290,12 +290,12 @@ fn a_peer_blocked_in_read_still_sends_the_unread_rest_again() {
     assert_eq!(t.tcp_out, 7_000, "sent again on TCP: {t:?}");
 }
 
-/// An end that execs with bytes still unread on its ring gives up waiting for
-/// the peer's verdict after its patience; its last word (the control channel
-/// shut for reading, then drained) makes a REWIND the peer sends after that
-/// fail, so the peer reads on from the ring (whose memory it keeps) and then TCP.
-/// Before the last word, such a REWIND went into a socket nobody would read: the
-/// peer gave the ring up, and the ring's unread bytes were lost.
+/// An end that execs with bytes still unread on its ring revokes the ring, which
+/// ends it exactly where the peer is, and puts those bytes on TCP; its last word
+/// (the control channel shut for reading, then drained) makes a REWIND the peer
+/// sends after that fail. The peer, finding its ring revoked, reads TCP. Before
+/// the last word, such a REWIND went into a socket nobody would read: the peer
+/// gave the ring up, and the ring's unread bytes were lost.
 #[test]
 fn a_rewind_sent_as_the_other_end_execs_is_refused_and_nothing_is_lost() {
     private_registry();
@@ -318,7 +318,7 @@ fn a_rewind_sent_as_the_other_end_execs_is_refused_and_nothing_is_lost() {
         wait_read.recv().unwrap();
         s.write_all(&buf[FIRST as usize..]).unwrap();
         assert_eq!(s.send_path(), Path::Shm);
-        // exec: the client does not read, so the verdict never comes in time.
+        // exec: the client does not read; the ring is revoked where it is.
         s.settle_on_tcp(std::time::Duration::from_millis(100))
             .unwrap();
         // Between the settling and the exec itself, the client settles too.
@@ -361,9 +361,63 @@ fn a_rewind_sent_as_the_other_end_execs_is_refused_and_nothing_is_lost() {
     assert_eq!(got, FIRST + UNREAD + AFTER);
     let t = c.traffic();
     assert_eq!(
-        t.shm_in,
-        FIRST + UNREAD,
-        "the ring's bytes came from the ring"
+        (t.shm_in, t.tcp_in),
+        (FIRST, UNREAD + AFTER),
+        "the bytes unread at the revoke came on TCP"
     );
+    server.join().unwrap();
+}
+
+/// The case the revoke is for: an end writes on the ring, its move onto it not
+/// yet answered (the peer has not read anything), and execs; its new image
+/// writes on TCP. Leaving the ring by a SWITCH would need the peer's answer to
+/// the first move; waiting for it ran out of patience, the ring stayed the path,
+/// and the peer, once it read, waited on the ring forever while the new image's
+/// bytes sat on TCP. The revoke needs no answer.
+#[test]
+fn an_end_that_execs_before_the_peer_answered_its_move_onto_the_ring_loses_nothing() {
+    private_registry();
+    const ON_RING: u64 = 40 * 1024;
+    const AFTER: u64 = 100_000;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (execd, wait_exec) = std::sync::mpsc::channel::<()>();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        common::settle(&s);
+        assert!(s.is_accelerated(), "{:?}", s.fallback_reason());
+        let mut buf = vec![0u8; ON_RING as usize];
+        fill_pattern(5, 0, &mut buf);
+        s.write_all(&buf).unwrap();
+        assert_eq!(s.send_path(), Path::Shm);
+        s.settle_on_tcp(std::time::Duration::from_millis(100))
+            .unwrap();
+        let fd = std::os::fd::AsFd::as_fd(&s).try_clone_to_owned().unwrap();
+        s.abandon();
+        drop(s);
+        let mut k = std::net::TcpStream::from(fd);
+        let mut more = vec![0u8; AFTER as usize];
+        fill_pattern(5, ON_RING, &mut more);
+        k.write_all(&more).unwrap();
+        k.shutdown(std::net::Shutdown::Write).unwrap();
+        execd.send(()).unwrap();
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    common::settle(&c);
+    // The client reads only once the other end has exec'd and written on.
+    wait_exec.recv().unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = c.read(&mut buf).expect("the stream goes on after the exec");
+        if n == 0 {
+            break;
+        }
+        check_pattern(5, got, &buf[..n]);
+        got += n as u64;
+    }
+    assert_eq!(got, ON_RING + AFTER);
     server.join().unwrap();
 }

@@ -8,6 +8,9 @@ impl Conn {
     /// true if one is waiting to be followed.
     pub(super) fn rx_news(&self, rx: &mut Rx) -> io::Result<bool> {
         self.pump_control()?;
+        // Before the frames: TCP may have given bytes past a SWITCH to a ring that
+        // was revoked meanwhile, which makes that SWITCH void, not a violation.
+        self.rx_check_revoked(rx);
         let frames = std::mem::take(&mut lock(&self.ctl_in).for_rx);
         for f in frames {
             match f {

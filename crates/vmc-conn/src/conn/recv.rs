@@ -194,6 +194,9 @@ impl Conn {
     /// writer_dead`): a FIN if it had read everything we sent, else a reset.
     pub(super) fn ring_orphaned(&self, rx: &mut Rx) -> io::Result<()> {
         self.rx_news(rx)?;
+        if rx.proto.path() != Path::Shm {
+            return Ok(()); // revoked before the writer went away
+        }
         match rx.proto.writer_dead(!self.peer_left_nothing_unread())? {
             Orphaned::FollowToTcp => self.publish(flag::RX_SHM, false),
             Orphaned::Ended(_) => self.rx_ended.store(true, Ordering::Release),
@@ -205,6 +208,9 @@ impl Conn {
     /// queued), follow it and return true; false at the real end of the stream.
     pub(super) fn leave_ring(&self, rx: &mut Rx) -> io::Result<bool> {
         self.rx_news(rx)?;
+        if rx.proto.path() != Path::Shm {
+            return Ok(true); // revoked: TCP from here
+        }
         debug_assert_eq!(
             rx.ring.as_ref().map(|r| r.position()),
             Some(rx.proto.received(Path::Shm))
@@ -231,10 +237,43 @@ impl Conn {
             ring.set_timeout(rx.timeout)?;
             rx.ring = Some(ring);
         }
+        if self.rx_check_revoked(rx) {
+            return Ok(()); // the stretch on the ring is empty: TCP on
+        }
         let answer = rx.proto.enter_ring();
         self.publish(flag::RX_SHM, true);
         self.answer(answer);
         Ok(())
+    }
+
+    /// True if the peer revoked the ring we read (or would read next): the
+    /// receiving direction is on TCP for good from where it is
+    /// (`proto::Receiver::ring_revoked`), and our end of the ring is closed.
+    pub(super) fn rx_check_revoked(&self, rx: &mut Rx) -> bool {
+        if rx.proto.is_settled() {
+            return false;
+        }
+        let revoked = match rx.ring.as_mut() {
+            Some(r) => r.is_revoked(),
+            None => self
+                .parts()
+                .is_some_and(|p| lock(&p.reader).as_mut().is_some_and(|r| r.is_revoked())),
+        };
+        if !revoked {
+            return false;
+        }
+        rx.proto.ring_revoked();
+        self.publish(flag::RX_SHM, false);
+        self.rx_settled.store(true, Ordering::Release);
+        let reader = rx
+            .ring
+            .take()
+            .or_else(|| self.parts().and_then(|p| lock(&p.reader).take()));
+        tracing::debug!(
+            "vmc connection: the peer revoked its ring at {:?}: reading TCP from here",
+            reader.as_ref().map(|r| r.position())
+        );
+        true
     }
 
     /// Reading TCP with no end known: if the peer announced a move to the ring,

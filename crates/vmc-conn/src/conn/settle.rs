@@ -8,9 +8,9 @@ impl Conn {
     /// waiting for the peer to act (before exec: the new program image cannot use
     /// the rings). Receiving: we stop reading the ring and tell the peer where
     /// (REWIND); it sends everything from there on TCP, whenever it next runs.
-    /// Sending: as [`Conn::set_tx_path`] to TCP, which may need the peer's answer
-    /// to an earlier move; `patience` bounds that wait, and the wait for another
-    /// thread of ours that holds a direction.
+    /// Sending: we revoke our ring, which ends it exactly where the peer is, and
+    /// put what it had not read on TCP first. `patience` bounds the wait for
+    /// another thread of ours that holds a direction, and for room on TCP.
     pub(crate) fn settle_on_tcp(&self, patience: Duration) -> io::Result<()> {
         let deadline = Instant::now() + patience;
         self.settle_receiving(deadline)?;
@@ -74,7 +74,10 @@ impl Conn {
     }
 
     /// [`Conn::settle_on_tcp`], second step: the sending direction (serving the
-    /// peer's REWIND if it sent one, else a SWITCH), then the connection is plain.
+    /// peer's REWIND if it sent one, else revoking the ring), then the connection
+    /// is plain. The revoke needs no answer from the peer, whatever it is doing,
+    /// so neither a move it has not answered yet nor a peer busy elsewhere keeps
+    /// the ring's bytes from reaching it ahead of what is written on TCP next.
     pub(crate) fn settle_sending(&self, deadline: Instant) -> io::Result<()> {
         self.settle_receiving(deadline)?;
         if !self.is_accelerated() {
@@ -89,16 +92,8 @@ impl Conn {
         tx.proto.settle();
         if tx.proto.rewind_asked() {
             self.serve_rewind(&mut tx)?;
-        } else if tx.proto.path() == Path::Shm && !tx.proto.is_shut() {
-            let own = tx.timeout;
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
-            tx.timeout = Some(left);
-            let moved = self.move_tx(&mut tx, Path::Tcp, false);
-            tx.timeout = own;
-            moved?;
-            self.await_peer_verdict(&mut tx, deadline)?;
+        } else if tx.proto.revocable() {
+            self.revoke_ring(&mut tx)?;
         }
         self.last_word(&mut tx, deadline)?;
         if tx.proto.take_fin() {
@@ -153,40 +148,24 @@ impl Conn {
         }
     }
 
-    /// After moving our sending direction off the ring for good: if the ring still
-    /// holds bytes the peer has not read, the peer either reads them (LEFT_RING)
-    /// or is moving to TCP for good itself and asks for them again (REWIND), which
-    /// must be served before our connection stops looking at the control socket.
-    /// Waits for one or the other until `deadline`.
-    pub(super) fn await_peer_verdict(&self, tx: &mut Tx, deadline: Instant) -> io::Result<()> {
-        let Some(parts) = self.parts() else {
-            return Ok(());
-        };
-        while tx.ring.as_mut().is_some_and(|r| r.queued() > 0) {
-            self.read_control()?;
-            self.tx_news(tx)?;
-            if tx.proto.rewind_asked() {
-                return self.serve_rewind(tx);
-            }
-            // (A closed control channel ends the wait: see `control_closed`.)
-            if !tx.proto.tcp_waits_for_ring() {
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(());
-            }
-            let slice = left.min(Duration::from_millis(10));
-            let ts = Timespec {
-                tv_sec: 0,
-                tv_nsec: slice.as_nanos() as i64,
-            };
-            let mut fds = [PollFd::from_borrowed_fd(parts.ctl(), PollFlags::IN)];
-            match poll(&mut fds, Some(&ts)) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
+    /// Revokes our sending ring (`vmc_channel::WriteHalf::revoke`): the peer's
+    /// reading of it ends where it is, and what it had not read becomes the
+    /// backlog that goes on TCP before anything else.
+    fn revoke_ring(&self, tx: &mut Tx) -> io::Result<()> {
+        let ring = tx
+            .ring
+            .as_mut()
+            .ok_or_else(|| protocol("a ring to revoke that was never written"))?;
+        let at = ring.revoke()?;
+        let plan = tx.proto.revoked(at)?;
+        if let Rewind::Resend { from, .. } = plan {
+            tx.backlog = ring.take_back(from)?;
         }
+        self.publish(flag::TX_SHM, false);
+        tracing::debug!(
+            "vmc connection: revoked the ring at {at}; {} byte(s) go on TCP instead",
+            tx.backlog.len()
+        );
         Ok(())
     }
 }

@@ -21,6 +21,11 @@
 //! - A sender goes back to a path only after the LEFT answer to its last move away
 //!   from it: a byte stream has no marks, so the receiver must know where one stretch
 //!   on a path ended before the next stretch on it begins.
+//! - For good, from the sending end (before exec): the sender revokes its ring
+//!   (`vmc_ring::Producer::revoke`), which ends it exactly where the receiver is,
+//!   with no answer needed, and puts the unread rest on TCP first
+//!   ([`Sender::revoked`]). The receiver finds the ring ended and revoked, and
+//!   reads TCP from there ([`Receiver::ring_revoked`]).
 //! - For good, from the receiving end ([`Receiver::settle`]): the receiver stops
 //!   reading the ring and sends REWIND with the offset it reached. The sender, when it
 //!   next runs ([`Sender::serve_rewind`]), takes the unread bytes back out of its ring,
@@ -51,6 +56,7 @@
 //! | REWIND's bytes pending, `shutdown()` | FIN owed until they are on TCP | `a_shutdown_while_a_rewinds_bytes_wait_owes_the_fin_too` |
 //! | `settle()` (control open) | wants TCP, for good; an owed FIN handed over once; `stay()` | `settling_chooses_tcp_for_good_and_hands_over_an_owed_fin_once` |
 //! | `control_closed()` | TCP waits for no verdict; no move, SPILL or other path; `settle()` stays; a REWIND before it still served | `a_closed_control_channel_ends_every_wait_for_the_peer_and_every_move` |
+//! | on shm, or off it unanswered with TCP unused since, `revoked(at)` | TCP for good, resend from `at` (or `Nothing`); later REWINDs ignored; past what the ring carried: `Violation` | `a_revoke_leaves_the_ring_for_tcp_exactly_without_the_peers_answer` |
 //!
 //! [`Receiver`] (tests in `receiver.rs`):
 //!
@@ -68,6 +74,7 @@
 //! | any, `rewind()` then `settle()` | `rewind()` changes nothing; settled on TCP, later moves ignored | `settling_asks_for_the_ring_from_where_we_are_and_ignores_later_moves` |
 //! | TCP with the peer's move off the ring unread, `settle()` | REWIND asks for the unread bytes | `settling_with_the_peers_move_off_the_ring_unread_asks_for_the_unread_bytes` |
 //! | ended, `settle()` | TCP, read to its FIN | `settling_an_ended_stream_reads_tcp_to_its_fin` |
+//! | any, `ring_revoked()` | TCP unbounded, for good; queued and later SWITCHes ignored; an ended stream stays ended | `a_revoked_ring_is_left_for_tcp_for_good_from_any_state` |
 //!
 //! The simulation (`sim.rs`) then drives both machines through random
 //! interleavings of all of these, deaths, execs and a closed control channel

@@ -124,7 +124,8 @@ impl Receiver {
         }
     }
 
-    #[cfg(test)]
+    /// True once this end reads the ring no more: it settled, or the writer
+    /// revoked the ring.
     pub(crate) fn is_settled(&self) -> bool {
         self.settled
     }
@@ -278,6 +279,22 @@ impl Receiver {
         }
     }
 
+    /// The writer revoked its ring, which ended it where we are (our ring
+    /// position): its stream goes on on TCP, for good, right after what TCP gave
+    /// so far or up to the end of the stretch we were reading there. The moves the
+    /// peer announced are of no interest any more (a SWITCH to the ring that comes
+    /// later, even one TCP has already gone past, is ignored). An ended stream
+    /// stays ended.
+    pub(crate) fn ring_revoked(&mut self) {
+        if matches!(self.path, RxPath::Ended(_)) || self.settled {
+            return;
+        }
+        self.path = RxPath::Tcp { until: None };
+        self.queued.clear();
+        self.settled = true;
+        self.spill = None;
+    }
+
     /// The REWIND that settling here asks for, without settling: the driver sends
     /// it first and calls [`Receiver::settle`] only once it is sent, so that a
     /// control channel that fails leaves the ring being read (the peer, never told,
@@ -321,6 +338,36 @@ mod tests {
         assert_eq!(r.step(), RxStep::EnterRing);
         assert_eq!(r.enter_ring(), Control::LeftTcp(10));
         assert_eq!((r.step(), r.path()), (RxStep::Ring, Path::Shm));
+    }
+
+    #[test]
+    fn a_revoked_ring_is_left_for_tcp_for_good_from_any_state() {
+        // On the ring, a move back announced at an offset we did not reach.
+        let mut r = on_ring();
+        r.read_ring(3);
+        r.on_switch(sw(Path::Tcp, 9)).unwrap();
+        r.ring_revoked();
+        assert_eq!(r.step(), RxStep::Tcp { limit: None });
+        assert!(r.is_settled() && !r.has_switch());
+        // Reading TCP before the peer's move to the ring was known, past it: the
+        // late SWITCH is ignored.
+        let mut r = Receiver::new();
+        r.read_tcp(12);
+        r.ring_revoked();
+        r.on_switch(sw(Path::Shm, 10)).unwrap();
+        assert!(!r.follow().unwrap());
+        assert_eq!(r.step(), RxStep::Tcp { limit: None });
+        // In a bounded TCP stretch: TCP on, unbounded.
+        let mut r = Receiver::new();
+        r.on_switch(sw(Path::Shm, 10)).unwrap();
+        r.follow().unwrap();
+        r.ring_revoked();
+        assert_eq!(r.step(), RxStep::Tcp { limit: None });
+        // An ended stream stays ended.
+        let mut r = on_ring();
+        r.ring_ended().unwrap();
+        r.ring_revoked();
+        assert_eq!(r.step(), RxStep::Ended(RxEnd::Eof));
     }
 
     fn on_ring() -> Receiver {

@@ -269,6 +269,42 @@ impl Sender {
         Ok(Some(plan))
     }
 
+    /// True if revoking the ring ([`Sender::revoked`]) would leave the direction on
+    /// TCP exactly, with no answer from the peer: the ring may hold bytes it has not
+    /// read, and nothing went on TCP after them. That is while we are on the ring,
+    /// or off it with the peer's answer to that move still missing and TCP unused
+    /// since. Not once a REWIND came (the peer stopped reading the ring itself).
+    pub(crate) fn revocable(&self) -> bool {
+        self.rewinding == Rewinding::No
+            && match self.path {
+                Path::Shm => true,
+                Path::Tcp => self.followed[1] < self.moves_off[1] && self.sent[0] == self.tcp_mark,
+            }
+    }
+
+    /// The driver revoked the ring (`vmc_ring::Producer::revoke`), which ended the
+    /// peer's reading at `at`: the direction is on TCP for good, and the bytes
+    /// from `at` on go there first. Answers and REWINDs that come later are of
+    /// no interest: the ring's stream ended where both ends agree.
+    pub(crate) fn revoked(&mut self, at: u64) -> Result<Rewind, Violation> {
+        debug_assert!(self.revocable());
+        if at > self.sent[1] {
+            return Err(Violation("the ring was revoked past what it carried"));
+        }
+        self.rewinding = Rewinding::Served;
+        self.want = Path::Tcp;
+        self.path = Path::Tcp;
+        self.for_good = true;
+        if at == self.sent[1] {
+            return Ok(Rewind::Nothing);
+        }
+        self.backlog = true;
+        Ok(Rewind::Resend {
+            from: at,
+            pause: false,
+        })
+    }
+
     /// Every byte a REWIND gave back is on TCP. True if TCP's FIN is due now.
     pub(crate) fn backlog_sent(&mut self) -> bool {
         self.backlog = false;
@@ -362,6 +398,51 @@ mod tests {
             })
         );
         s.moved(Path::Shm);
+    }
+
+    #[test]
+    fn a_revoke_leaves_the_ring_for_tcp_exactly_without_the_peers_answer() {
+        // On the ring, our move onto it unanswered: revocable.
+        let mut s = Sender::new();
+        s.wrote(3);
+        on_ring(&mut s);
+        s.wrote(10);
+        assert!(!s.may_move(Path::Tcp), "a move needs LEFT_TCP first");
+        assert!(s.revocable());
+        assert!(s.revoked(11).is_err(), "past what the ring carried");
+        assert_eq!(
+            s.revoked(4),
+            Ok(Rewind::Resend {
+                from: 4,
+                pause: false
+            })
+        );
+        assert_eq!(
+            (s.path(), s.wants(), s.for_good()),
+            (Path::Tcp, Path::Tcp, true)
+        );
+        s.on_rewind(2);
+        assert_eq!(s.serve_rewind(), Ok(None), "a later REWIND is ignored");
+        assert!(!s.revocable());
+        // Off the ring, its answer missing, TCP unused since: revocable; nothing
+        // to send again if the peer had read it all.
+        let mut s = Sender::new();
+        on_ring(&mut s);
+        s.on_left(Path::Tcp, 0).unwrap();
+        s.wrote(5);
+        s.moved(Path::Tcp);
+        assert!(s.revocable());
+        assert_eq!(s.clone().revoked(5), Ok(Rewind::Nothing));
+        // Not once TCP carried bytes after the ring's, nor once the answer came.
+        s.wrote(1);
+        assert!(!s.revocable());
+        let mut u = Sender::new();
+        on_ring(&mut u);
+        u.on_left(Path::Tcp, 0).unwrap();
+        u.moved(Path::Tcp);
+        u.on_left(Path::Shm, 0).unwrap();
+        assert!(!u.revocable(), "the peer read the ring to the end");
+        assert!(!Sender::new().revocable(), "never on the ring");
     }
 
     #[test]

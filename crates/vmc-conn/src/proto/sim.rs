@@ -9,10 +9,10 @@
 //! (REWIND) by the receiver or the sender, the sender's death at any step, the
 //! receiver's exec at any step (it settles, then its control channel closes
 //! after every frame it sent: the sender learns that no REWIND can come any more,
-//! and its later sends fail), the sender's exec at any step (it settles, waits a
-//! while for the receiver's verdict on the ring, shuts the control channel for
-//! reading and drains it a last time; its new image writes TCP as a plain
-//! program), the receiver's death at any step (its ring, control channel and TCP
+//! and its later sends fail), the sender's exec at any step (it settles, serving
+//! a REWIND or revoking the ring where the receiver is, then shuts the control
+//! channel for reading and drains it a last time; its new image writes TCP as a
+//! plain program), both ends' execs at once, the receiver's death at any step (its ring, control channel and TCP
 //! go quiet: the sender must learn of it from an error within a bounded number of
 //! writes, never wait for it), the receiver stuck in a write of its own until the
 //! sender has written far ahead (the both-ends-write-first deadlock, which SPILL
@@ -71,6 +71,9 @@ struct Ring {
     /// The reader's process died: writes go into the void while there is room;
     /// a writer waiting for room finds the reader dead (an error).
     reader_dead: bool,
+    /// The writer revoked the ring where the reader was (`Producer::revoke`, one
+    /// atomic step here as its swap is there): the reader reads no more of it.
+    revoked: bool,
 }
 
 enum RingRead {
@@ -98,6 +101,9 @@ impl Ring {
     }
 
     fn read(&mut self, max: usize, out: &mut Vec<u8>) -> RingRead {
+        if self.revoked {
+            return RingRead::Ended;
+        }
         if !self.bytes.is_empty() {
             let n = max.min(self.bytes.len());
             out.extend(self.bytes.drain(..n));
@@ -111,6 +117,13 @@ impl Ring {
         } else {
             RingRead::Empty
         }
+    }
+
+    /// `vmc_ring::Producer::revoke`: the ring ends where the reader is.
+    fn revoke(&mut self) -> u64 {
+        self.revoked = true;
+        self.paused = true;
+        self.read
     }
 
     /// `vmc_ring::Producer::take_back`: the bytes `from..written`, which the
@@ -171,12 +184,9 @@ struct World {
     /// sent before are still read; frames sent to it are lost, and sends fail),
     /// and its new image reads TCP only.
     cut: bool,
-    /// The sender's exec hook is settling: how many more looks it waits for the
-    /// receiver's verdict on the ring's unread bytes (its patience).
-    tx_exec: Option<u32>,
-    /// The exec hook is done waiting: the sender's next step is the exec itself
+    /// The sender's exec hook has settled: its next step is the exec itself
     /// (what the receiver does in between is the race the last drain is for).
-    tx_exec_due: bool,
+    tx_exec: bool,
     /// The sender shut its control channel for reading (as its exec's last
     /// step): the receiver's sends fail from now on.
     tx_shut_read: bool,
@@ -223,6 +233,9 @@ struct Tally {
     preempted_moves: u64,
     /// Sends that failed on the closed channel.
     failed_sends: u64,
+    revokes: u64,
+    revoke_resends: u64,
+    both_execs: u64,
 }
 
 /// The events of one schedule, for the [`Tally`].
@@ -236,6 +249,9 @@ struct Seen {
     preempted: bool,
     failed_send: bool,
     exec_rewind: bool,
+    revoke: bool,
+    revoke_resend: bool,
+    both_exec: bool,
     writes_to_learn: u64,
 }
 
@@ -256,6 +272,9 @@ impl Tally {
         self.pleas_answered += u64::from(s.plea_answered);
         self.preempted_moves += u64::from(s.preempted);
         self.failed_sends += u64::from(s.failed_send);
+        self.revokes += u64::from(s.revoke);
+        self.revoke_resends += u64::from(s.revoke_resend);
+        self.both_execs += u64::from(s.both_exec);
     }
 }
 
@@ -267,7 +286,8 @@ impl std::fmt::Display for Tally {
              closed control channel in {}, a send failed on one in {}), sender exec'd {} (a REWIND in \
              its last drain {}), receiver died {} (the sender learnt of it within {} \
              writes), REWIND served {} (bytes sent again {}), SPILL {} (answered {}), \
-             a move preempted halfway {}",
+             a move preempted halfway {}, the ring revoked {} (bytes sent again {}), \
+             both ends exec'd with the receiver's REWIND refused {}",
             self.schedules,
             self.deaths,
             self.execs,
@@ -281,7 +301,10 @@ impl std::fmt::Display for Tally {
             self.resends,
             self.pleas,
             self.pleas_answered,
-            self.preempted_moves
+            self.preempted_moves,
+            self.revokes,
+            self.revoke_resends,
+            self.both_execs
         )
     }
 }
@@ -304,6 +327,7 @@ impl World {
                 reader_closed: false,
                 writer_dead: false,
                 reader_dead: false,
+                revoked: false,
             },
             tcp: Tcp::default(),
             to_rx: VecDeque::new(),
@@ -313,8 +337,7 @@ impl World {
             mid_move: None,
             tx_dead: false,
             cut: false,
-            tx_exec: None,
-            tx_exec_due: false,
+            tx_exec: false,
             tx_shut_read: false,
             tx_plain: false,
             rx_dead: false,
@@ -554,7 +577,7 @@ impl World {
         if self.tx_plain {
             self.tx_plain_write(len);
             Ok(())
-        } else if self.tx_exec.is_some() {
+        } else if self.tx_exec {
             self.tx_exec_step()
         } else {
             self.tx_write(len)
@@ -597,16 +620,28 @@ impl World {
         let _ = self.tx.choose(to);
     }
 
-    /// `settle_sending` (without waiting for the peer's verdict).
+    /// `settle_sending`: a REWIND is served, else the ring is revoked where the
+    /// receiver is and what it had not read goes on TCP first.
     fn tx_settle(&mut self) -> Result<(), Fail> {
         self.finish_move();
         self.tx_pump()?;
         self.tx.settle();
         if self.tx.rewind_asked() {
             self.tx_serve()?;
-        } else if self.tx.path() == Path::Shm && !self.tx.is_shut() {
-            // A blocked move is retried by the next write or readiness check.
-            self.tx_move(Path::Tcp)?;
+        } else if self.tx.revocable() {
+            let at = self.ring.revoke();
+            let plan = self.tx.revoked(at).map_err(|v| v.to_string())?;
+            self.note(format!("tx revokes the ring at {at}: {plan:?}"));
+            self.seen.revoke = true;
+            if let Rewind::Resend { from, .. } = plan {
+                let back = self.ring.take_back(from);
+                self.seen.revoke_resend = true;
+                self.tx.wrote(back.len());
+                self.tcp.in_flight.extend(back);
+                if self.tx.backlog_sent() {
+                    self.tcp.fin_sent = true;
+                }
+            }
         }
         if self.tx.take_fin() {
             self.tcp.fin_sent = true;
@@ -615,50 +650,27 @@ impl World {
     }
 
     /// The sender's exec hook begins (`settle_on_tcp`): its sending direction
-    /// goes to TCP for good; [`World::tx_exec_step`] waits for the verdict.
+    /// goes to TCP for good, by a REWIND it serves or by revoking the ring, which
+    /// waits for nobody; the exec itself comes at a later step
+    /// ([`World::tx_exec_step`]), what the receiver does in between is the race
+    /// the last drain is for.
     fn tx_exec_begin(&mut self) -> Result<(), Fail> {
-        let patience = self.rng.below(4) as u32;
-        self.note(format!("tx execs: settles, patience {patience}"));
-        self.tx_exec = Some(patience);
+        self.note("tx execs: settles".into());
+        self.tx_exec = true;
         self.tx_settle()
     }
 
-    /// One look of the exec hook's wait (`move_tx`, then `await_peer_verdict`):
-    /// it waits for the move off the ring as long as it takes, then for the
-    /// receiver's verdict on the ring's unread bytes as long as its patience
-    /// lasts; then the exec happens (see [`World::tx_exec_end`]).
     fn tx_exec_step(&mut self) -> Result<(), Fail> {
-        let Some(patience) = self.tx_exec else {
-            return Ok(());
-        };
-        if self.tx_exec_due {
-            return self.tx_exec_end();
+        if self.tx_exec {
+            self.tx_exec_end()?;
         }
-        self.tx_look()?;
-        if self.tx.path() == Path::Shm && !self.tx.is_shut() {
-            // The move off the ring waits for the peer's answer to an earlier one
-            // (`wait_for_peer`, pleading after each slice: a receiver stuck in a
-            // write of its own answers by settling). Here it waits as long as it
-            // takes; the exec hook gives up after its patience (500 ms).
-            if !self.tx_move(Path::Tcp)? && self.mid_move.is_none() {
-                self.waited()?;
-            }
-            return Ok(());
-        }
-        let verdict = !self.tx.tcp_waits_for_ring() || self.ring.bytes.is_empty();
-        if verdict || patience == 0 {
-            self.note("tx is done waiting: it execs next".into());
-            self.tx_exec_due = true;
-            return Ok(());
-        }
-        self.tx_exec = Some(patience - 1);
         Ok(())
     }
 
     /// The exec itself: the control channel is shut for reading, so that a
     /// REWIND is either in it now or fails to be sent, and drained a last time;
-    /// a REWIND found there is served. Then the new image: plain TCP. The ring
-    /// stays paused where the move left it, and its memory with the receiver.
+    /// a REWIND found there is served (one that came after the revoke is
+    /// ignored). Then the new image: plain TCP.
     fn tx_exec_end(&mut self) -> Result<(), Fail> {
         self.tx_shut_read = true;
         let before = self.seen.rewind;
@@ -670,8 +682,7 @@ impl World {
             self.tcp.fin_sent = true;
         }
         self.note("tx exec'd: its new image writes TCP".into());
-        self.tx_exec = None;
-        self.tx_exec_due = false;
+        self.tx_exec = false;
         self.tx_plain = true;
         self.to_tx.clear();
         Ok(())
@@ -717,6 +728,12 @@ impl World {
     }
 
     fn rx_pump(&mut self) -> Result<(), Fail> {
+        // `rx_check_revoked`, before the frames: a SWITCH to a revoked ring is void.
+        if self.ring.revoked && !self.rx.is_settled() {
+            self.note("rx: the ring was revoked: TCP from here".into());
+            self.rx.ring_revoked();
+            self.ring.reader_closed = true;
+        }
         if self.cut {
             // The new image reads no frames: they are lost with the old socket.
             self.to_rx.clear();
@@ -763,6 +780,9 @@ impl World {
                         RingRead::Empty => return Ok(()),
                         RingRead::Dead => {
                             self.rx_pump()?;
+                            if self.rx.path() != Path::Shm {
+                                continue; // revoked
+                            }
                             // Its kernel reset TCP if it died with bytes of ours
                             // unread, which is what `left_unread` tells the machine.
                             let left_unread = self.tcp.reset;
@@ -774,6 +794,9 @@ impl World {
                         }
                         RingRead::Ended => {
                             self.rx_pump()?;
+                            if self.rx.path() != Path::Shm {
+                                continue; // revoked
+                            }
                             if let Some(answer) = self.rx.ring_ended().map_err(|v| v.to_string())? {
                                 // (An answer that cannot be sent is not missed.)
                                 self.rx_send(answer);
@@ -782,6 +805,10 @@ impl World {
                     }
                 }
                 RxStep::EnterRing => {
+                    self.rx_pump()?; // (`enter_ring` checks for a revoke)
+                    if self.rx.step() != RxStep::EnterRing {
+                        continue;
+                    }
                     let answer = self.rx.enter_ring();
                     self.rx_send(answer);
                 }
@@ -875,6 +902,15 @@ impl World {
         if !self.rx.is_settled() {
             self.rx_settle()?;
         }
+        if !self.rx.is_settled() {
+            // Its REWIND was refused (the sender execs too, and had its last
+            // word): the new image reads the kernel's socket all the same. The
+            // sender revoked the ring before, unless it held nothing unread.
+            self.note("rx's REWIND was refused: its new image reads TCP".into());
+            self.seen.both_exec = true;
+            self.rx.settle();
+            self.ring.reader_closed = true;
+        }
         self.note("rx execs: the control channel is closed".into());
         self.cut = true;
         self.to_rx.clear();
@@ -929,7 +965,7 @@ impl World {
             }
             // While the sender execs, and after, its turns are the exec hook's
             // and then a plain program's.
-            let execs = self.tx_exec.is_some() || self.tx_plain;
+            let execs = self.tx_exec || self.tx_plain;
             match self.rng.below(100) {
                 0..=29 => {
                     let n = 1 + self.rng.below(max_write) as usize;
@@ -963,9 +999,8 @@ impl World {
                         self.tx_exec_begin()?;
                     }
                 }
-                // (Not while the sender execs: two ends that exec at once are not
-                // simulated.)
-                99 if !execs
+                // (While the sender execs too, half as often.)
+                99 if (!execs || self.rng.chance(50))
                     && !self.cut
                     && self.rx_stuck_until.is_none()
                     && self.rng.chance(10) =>
@@ -1017,7 +1052,7 @@ impl World {
                 ));
             }
             let n = 1 + self.rng.below(max_write) as usize;
-            if self.tx.path() != self.tx.wants() && self.rng.chance(50) && self.tx_exec.is_none() {
+            if self.tx.path() != self.tx.wants() && self.rng.chance(50) && !self.tx_exec {
                 self.tx.stay();
             }
             self.tx_turn(n)?;
@@ -1029,7 +1064,7 @@ impl World {
         self.rx_stuck_until = None;
         // The end: an exec under way completes (the receiver reads meanwhile).
         for _ in 0..10_000 {
-            if self.tx_exec.is_none() {
+            if !self.tx_exec {
                 break;
             }
             self.tx_exec_step()?;
@@ -1037,7 +1072,7 @@ impl World {
             let n = 1 + self.rng.below(max_write) as usize;
             self.rx_read(n)?;
         }
-        if self.tx_exec.is_some() {
+        if self.tx_exec {
             return Err("the sender's exec never got past its settling".into());
         }
         // The sender finishes any move it started, shuts down (a new image
