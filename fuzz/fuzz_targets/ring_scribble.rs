@@ -11,7 +11,8 @@
 //! `crates/vmc-ring/tests/scribble.rs`, checked after every call):
 //! - no panic, no out-of-bounds access (the target runs under AddressSanitizer);
 //! - a call returns bytes or a clean `RingError`: the consumer only
-//!   `Corrupt { field: "tail" }` holding the value in shared memory, the producer only
+//!   `Corrupt { field: "tail" }` or `{ field: "head" }` (its publishing swap found
+//!   a value it never wrote) holding the value in shared memory, the producer only
 //!   `Corrupt { field: "head" }` likewise or `ReaderClosed` exactly when the shared
 //!   flag says so; `OutOfRange` only for an over-long commit, consume or take-back;
 //! - a `Corrupt` error is sticky: every later call of that end returns it;
@@ -141,8 +142,9 @@ impl Shm {
 }
 
 /// A consumer call failed (or had to): the error must be the sticky one, or the
-/// first, caused by a tail that was really scribbled.
-fn rx_failed(m: &mut Model, e: RingError, shared_tail: u64) {
+/// first, caused by a tail that was really scribbled, or by a head its swap found
+/// scribbled (the consumer publishes its head by a swap from the value it wrote).
+fn rx_failed(m: &mut Model, e: RingError, shared_tail: u64, shared_head: u64) {
     match m.rx_poison {
         Some(p) => assert_eq!(e, p, "a poisoned consumer changed its error"),
         None => {
@@ -150,13 +152,16 @@ fn rx_failed(m: &mut Model, e: RingError, shared_tail: u64) {
                 m.ctl_tainted,
                 "consumer failed with {e:?} on an intact ring"
             );
-            assert_eq!(
-                e,
-                RingError::Corrupt {
+            assert!(
+                e == RingError::Corrupt {
                     field: "tail",
                     value: shared_tail
-                },
-                "consumer"
+                } || e
+                    == RingError::Corrupt {
+                        field: "head",
+                        value: shared_head
+                    },
+                "consumer: {e:?} (tail {shared_tail:#x}, head {shared_head:#x})"
             );
             m.rx_poison = Some(e);
         }
@@ -317,13 +322,11 @@ fuzz_target!(|data: &[u8]| {
                             m.tail = m.tail.wrapping_add(k as u64);
                             m.tx_published |= k > 0;
                         }
-                        Err(e) => assert_eq!(
-                            e,
-                            RingError::OutOfRange {
-                                asked: k,
-                                available: total
-                            }
-                        ),
+                        Err(RingError::OutOfRange { asked, available }) => {
+                            assert_eq!((asked, available), (k, total))
+                        }
+                        // Its publishing swap found the head scribbled.
+                        Err(e) => rx_failed(m, e, shm.tail(r), shm.head(r)),
                     }
                 }
             }
@@ -435,7 +438,7 @@ fuzz_target!(|data: &[u8]| {
                         m.head = m.head.wrapping_add(k as u64);
                         m.rx_published |= k > 0;
                     }
-                    Err(e) => rx_failed(m, e, shm.tail(r)),
+                    Err(e) => rx_failed(m, e, shm.tail(r), shm.head(r)),
                 }
             }
             // Consumer: zero-copy read, consume k.
@@ -455,7 +458,7 @@ fuzz_target!(|data: &[u8]| {
                         Some(total)
                     }
                     Err(e) => {
-                        rx_failed(m, e, shm.tail(r));
+                        rx_failed(m, e, shm.tail(r), shm.head(r));
                         None
                     }
                 };
@@ -467,13 +470,11 @@ fuzz_target!(|data: &[u8]| {
                             m.head = m.head.wrapping_add(k as u64);
                             m.rx_published |= k > 0;
                         }
-                        Err(e) => assert_eq!(
-                            e,
-                            RingError::OutOfRange {
-                                asked: k,
-                                available: total
-                            }
-                        ),
+                        Err(RingError::OutOfRange { asked, available }) => {
+                            assert_eq!((asked, available), (k, total))
+                        }
+                        // Its publishing swap found the head scribbled.
+                        Err(e) => rx_failed(m, e, shm.tail(r), shm.head(r)),
                     }
                 }
             }
@@ -496,7 +497,7 @@ fuzz_target!(|data: &[u8]| {
                             assert!(v <= m.queued(), "{v} available of {}", m.queued());
                         }
                     }
-                    Err(e) => rx_failed(m, e, shm.tail(r)),
+                    Err(e) => rx_failed(m, e, shm.tail(r), shm.head(r)),
                 }
             }
             13 => {
@@ -508,7 +509,7 @@ fuzz_target!(|data: &[u8]| {
                             assert_eq!(fin, wc && m.queued() == 0, "is_finished");
                         }
                     }
-                    Err(e) => rx_failed(m, e, shm.tail(r)),
+                    Err(e) => rx_failed(m, e, shm.tail(r), shm.head(r)),
                 }
             }
             14 => {
@@ -522,7 +523,7 @@ fuzz_target!(|data: &[u8]| {
                         assert_eq!(shm.reader_sleep(r), u32::from(sleep), "reader_sleep");
                     }
                     Err(e) => {
-                        rx_failed(m, e, shm.tail(r));
+                        rx_failed(m, e, shm.tail(r), shm.head(r));
                         assert_eq!(shm.reader_sleep(r), 1, "announced");
                     }
                 }
