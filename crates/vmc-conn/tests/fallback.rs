@@ -714,10 +714,11 @@ fn a_failed_connect_to_a_registered_port_leaves_no_offer_socket() {
     let tmp = tempfile::tempdir().unwrap();
     let offers = tmp.path().join("offers");
     std::fs::create_dir(&offers).unwrap();
-    let gone = StdListener::bind("127.0.0.1:0").unwrap();
-    let addr = gone.local_addr().unwrap();
+    // The registered listener is gone; its port stays refused (no other test
+    // can take it while we connect).
+    let gone = vmc_testkit::RefusingPort::new();
+    let addr = gone.addr();
     let _reg = fake_entry(addr, offers.clone());
-    drop(gone);
     let e = TcpStream::connect(addr).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
     assert!(

@@ -7,6 +7,8 @@
 //! `/proc` instead of sleeping a while and hoping.
 #![forbid(unsafe_code)]
 
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -73,6 +75,48 @@ pub fn fd_count() -> usize {
         .count()
 }
 
+/// A loopback port that refuses connections for as long as the value lives.
+///
+/// A listener bound and dropped frees its port for any other test of the same
+/// binary to take: a connect to it may then reach that test's listener, or
+/// meet the reset of one closing with the SYN queued (ECONNRESET instead of
+/// ECONNREFUSED). This holds the port with a bound socket that never listens
+/// and does not set `SO_REUSEADDR`, so no other socket can bind it and every
+/// connect to it is refused.
+pub struct RefusingPort {
+    _socket: OwnedFd,
+    addr: SocketAddr,
+}
+
+impl RefusingPort {
+    /// Binds a fresh socket to `127.0.0.1:0`.
+    ///
+    /// # Panics
+    /// If the system calls fail (no loopback).
+    pub fn new() -> Self {
+        use rustix::net::{bind, getsockname, socket, AddressFamily, SocketType};
+        let socket = socket(AddressFamily::INET, SocketType::STREAM, None).expect("a TCP socket");
+        bind(&socket, &SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+        let addr = getsockname(&socket).expect("getsockname");
+        let addr = SocketAddrV4::try_from(addr).expect("an IPv4 address");
+        Self {
+            _socket: socket,
+            addr: addr.into(),
+        }
+    }
+
+    /// The refused address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Default for RefusingPort {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +126,14 @@ mod tests {
         assert_eq!(thread_state("42 (a) b) S 1 2 3"), "S");
         assert_eq!(thread_state("42 (x) R 1"), "R");
         assert_eq!(thread_state("garbage"), "?");
+    }
+
+    #[test]
+    fn a_refusing_port_refuses_and_cannot_be_taken() {
+        let port = RefusingPort::new();
+        let e = std::net::TcpStream::connect(port.addr()).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        assert!(std::net::TcpListener::bind(port.addr()).is_err());
     }
 
     #[test]
