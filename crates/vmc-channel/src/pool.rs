@@ -36,8 +36,9 @@
 //! `VMC_REUSE=0` turns reuse off; [`clear`] gives everything back.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use vmc_os::sync::ForkSafeMutex;
 use vmc_os::{EventFd, Segment};
 use vmc_ring::{SharedHeader, SideState};
 
@@ -70,41 +71,26 @@ pub(crate) enum Reuse {
     Attached { inode: u64 },
 }
 
-/// Spares of one side of this process, each under a key.
+/// Spares of one side of this process, each under a key. A forked child starts
+/// with none: the parent keeps using those. They are forgotten, not dropped (see
+/// [`ForkSafeMutex`]): the child may have closed the descriptors it inherited and
+/// opened others under the same numbers (a program closing everything before exec
+/// does), which dropping would close.
 struct Pool {
-    /// [`vmc_os::proc::fork_generation`] of the process that filled it.
-    generation: u64,
     spares: VecDeque<(Arc<str>, Spare)>,
     bytes: usize,
 }
 
-static OFFERED: Mutex<Pool> = Mutex::new(Pool::new());
-static ATTACHED: Mutex<Pool> = Mutex::new(Pool::new());
+/// A forked child starts with none (see [`Pool`]).
+static OFFERED: ForkSafeMutex<Pool> = ForkSafeMutex::new(|_| Pool::new());
+static ATTACHED: ForkSafeMutex<Pool> = ForkSafeMutex::new(|_| Pool::new());
 
 impl Pool {
     const fn new() -> Pool {
         Pool {
-            generation: 0,
             spares: VecDeque::new(),
             bytes: 0,
         }
-    }
-
-    /// The pool, emptied first if it was filled before a fork: the parent keeps
-    /// using those. They are forgotten, not dropped: the child may have closed the
-    /// descriptors it inherited and opened others under the same numbers (a
-    /// program closing everything before exec does), which dropping would close.
-    fn of_this_process(m: &Mutex<Pool>) -> std::sync::MutexGuard<'_, Pool> {
-        let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
-        let generation = vmc_os::proc::fork_generation();
-        if p.generation != generation {
-            for spare in p.spares.drain(..) {
-                std::mem::forget(spare);
-            }
-            p.bytes = 0;
-            p.generation = generation;
-        }
-        p
     }
 
     /// Keeps `spare`, returning what must be dropped instead (it, or the oldest
@@ -141,26 +127,26 @@ impl Pool {
 
 /// Keeps a creator's spare for peer `key`.
 pub(crate) fn put_offered(key: Arc<str>, spare: Spare) {
-    let dropped = Pool::of_this_process(&OFFERED).put(key, spare);
+    let dropped = OFFERED.lock().put(key, spare);
     drop(dropped);
 }
 
 /// A creator's spare for peer `key` of `len` bytes whose attacher has left it.
 pub(crate) fn take_offered(key: &str, len: usize) -> Option<Spare> {
-    Pool::of_this_process(&OFFERED).take(|k, s| {
+    OFFERED.lock().take(|k, s| {
         k == key && s.segment.len() == len && s.header.peer_state() == Some(SideState::Closed)
     })
 }
 
 /// Keeps an attacher's spare (the caller marks its side Closed after this).
 pub(crate) fn put_attached(spare: Spare) {
-    let dropped = Pool::of_this_process(&ATTACHED).put(Arc::from(""), spare);
+    let dropped = ATTACHED.lock().put(Arc::from(""), spare);
     drop(dropped);
 }
 
 /// The attacher's spare of segment `inode`, if it still has it.
 pub(crate) fn take_attached(inode: u64) -> Option<Spare> {
-    Pool::of_this_process(&ATTACHED).take(|_, s| s.inode == inode)
+    ATTACHED.lock().take(|_, s| s.inode == inode)
 }
 
 /// Forgets (never closes) every spare holding a descriptor number in
@@ -177,7 +163,7 @@ pub fn forget_fds(first: i32, last: i32) -> usize {
     };
     let mut n = 0;
     for m in [&OFFERED, &ATTACHED] {
-        let mut p = Pool::of_this_process(m);
+        let mut p = m.lock();
         let mut i = 0;
         while i < p.spares.len() {
             if holds(&p.spares[i].1) {
@@ -198,7 +184,7 @@ pub fn forget_fds(first: i32, last: i32) -> usize {
 pub fn clear() {
     for m in [&OFFERED, &ATTACHED] {
         let spares: Vec<_> = {
-            let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
+            let mut p = m.lock();
             p.bytes = 0;
             p.spares.drain(..).collect()
         };
@@ -224,7 +210,7 @@ pub fn prepare_fork() {
 
 /// Spares kept by this process right now: (as creator, as attacher).
 pub fn count() -> (usize, usize) {
-    let n = |m: &Mutex<Pool>| Pool::of_this_process(m).spares.len();
+    let n = |m: &ForkSafeMutex<Pool>| m.lock().spares.len();
     (n(&OFFERED), n(&ATTACHED))
 }
 
@@ -234,6 +220,7 @@ mod tests {
     use crate::{Channel, ChannelConfig, WakeMode};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
+    use std::sync::Mutex;
 
     /// The pools are process-wide: tests that look at them take turns.
     static SERIAL: Mutex<()> = Mutex::new(());
@@ -320,7 +307,7 @@ mod tests {
         drop((c, a));
         // The attacher dropped its spare (evicted, say): the REUSE gets UNKNOWN and
         // the creator offers a new segment on the same socket.
-        Pool::of_this_process(&ATTACHED).spares.clear();
+        ATTACHED.lock().spares.clear();
         let (mut c, mut a) = reusing_pair("peer-1");
         echo(&mut c, &mut a, b"still works");
         drop((c, a));
@@ -335,7 +322,7 @@ mod tests {
         drop((c, a));
         assert_eq!(count(), (1, 1));
         let fd = {
-            let p = Pool::of_this_process(&OFFERED);
+            let p = OFFERED.lock();
             p.spares[0].1.mine[0].fd().as_raw_fd()
         };
         assert_eq!(forget_fds(fd, fd), 1);

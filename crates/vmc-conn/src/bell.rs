@@ -33,9 +33,9 @@ use std::cell::RefCell;
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
-use vmc_os::sync::EventCount;
+use vmc_os::sync::{EventCount, ForkSafeMutex};
 use vmc_os::EventFd;
 
 /// The receiving half's bell.
@@ -50,10 +50,6 @@ pub(crate) struct Bells {
     halves: [EventCount<Arc<ThreadBell>>; 2],
     /// For event loops, which watch a descriptor of the connection's own.
     loops: OnceLock<[EventFd; 2]>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Bells {
@@ -160,8 +156,10 @@ pub(crate) struct ThreadBell {
     lost: AtomicBool,
 }
 
-/// Every thread's bell, by descriptor number, for [`forget_fds`].
-static THREAD_BELLS: Mutex<Vec<(i32, std::sync::Weak<ThreadBell>)>> = Mutex::new(Vec::new());
+/// Every thread's bell, by descriptor number, for [`forget_fds`]. A forked child
+/// starts with none: it makes bells of its own (see [`thread_bell`]).
+static THREAD_BELLS: ForkSafeMutex<Vec<(i32, std::sync::Weak<ThreadBell>)>> =
+    ForkSafeMutex::new(|_| Vec::new());
 
 impl ThreadBell {
     fn new() -> io::Result<Arc<ThreadBell>> {
@@ -171,7 +169,7 @@ impl ThreadBell {
             lost: AtomicBool::new(false),
         });
         let raw = b.fd.fd().as_raw_fd();
-        lock(&THREAD_BELLS).push((raw, Arc::downgrade(&b)));
+        THREAD_BELLS.lock().push((raw, Arc::downgrade(&b)));
         Ok(b)
     }
 
@@ -185,7 +183,9 @@ impl Drop for ThreadBell {
     fn drop(&mut self) {
         use std::os::fd::AsRawFd;
         let raw = self.fd.fd().as_raw_fd();
-        lock(&THREAD_BELLS).retain(|(fd, w)| !(*fd == raw && w.strong_count() == 0));
+        THREAD_BELLS
+            .lock()
+            .retain(|(fd, w)| !(*fd == raw && w.strong_count() == 0));
         if !self.lost.load(Ordering::Acquire) {
             // SAFETY: dropped once, here, and never used again.
             unsafe { std::mem::ManuallyDrop::drop(&mut self.fd) };
@@ -197,7 +197,7 @@ impl Drop for ThreadBell {
 /// lost (each thread makes a new one at its next sleep). Returns how many.
 pub(crate) fn forget_fds(first: i32, last: i32) -> usize {
     let mut lost = Vec::new();
-    lock(&THREAD_BELLS).retain(|(fd, w)| {
+    THREAD_BELLS.lock().retain(|(fd, w)| {
         if !(first..=last).contains(fd) {
             return true;
         }

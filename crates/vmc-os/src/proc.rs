@@ -111,6 +111,19 @@ pub fn fork_generation() -> u64 {
     FORKS.load(Ordering::Relaxed)
 }
 
+/// A number that every thread of one process reads alike and that differs in a
+/// forked child from what its parent read (after the fork, on either side): what
+/// [`crate::sync::ForkSafeMutex`] compares to tell a lock it inherited.
+pub fn process_generation() -> u64 {
+    count_forks();
+    if UNCOUNTED.load(Ordering::Relaxed) {
+        // Told by the process id (a system call) instead; the top bit keeps it
+        // apart from any count.
+        return (1 << 63) | u64::from(pid());
+    }
+    FORKS.load(Ordering::Relaxed)
+}
+
 /// Forks this process took part in since the first call, as parent or child: a
 /// value remembered from before a `fork` differs after it on both sides. For
 /// state that another process may share from then on.

@@ -32,7 +32,8 @@
 //! (sendfile and splice), `exit`, `spawn` (vfork and posix_spawn as language
 //! runtimes use them, with a SIGCHLD handler waking a poll through a self-pipe),
 //! `handoff` (one thread adds connections to the epoll set another thread
-//! sleeps on, as Apache's event MPM does).
+//! sleeps on, as Apache's event MPM does), `forkrace` (forks while another
+//! thread of the process is inside the library, holding its locks).
 //! Each file's head comment says what it covers.
 //!
 //! Every run gets a fresh directory (mode 0700) holding its `VMC_REGISTRY_DIR`
@@ -835,5 +836,6 @@ cases!(
     sendfile,
     exit,
     spawn,
-    handoff
+    handoff,
+    forkrace
 );

@@ -4,10 +4,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use vmc_os::segment::ofd_locked_by_other;
+use vmc_os::sync::ForkSafeMutex;
 
 use super::entry::ListenerEntry;
 use super::store::LIVENESS_BYTE;
@@ -26,17 +27,16 @@ struct PortCache {
     entries: Vec<(ListenerEntry, File)>,
 }
 
-/// Lookups, per port, with the fork generation of the process that made them.
-/// Shared so that a look checks a cached port's locks outside the lock.
-pub(super) struct Cache(Mutex<(u64, HashMap<u16, Arc<PortCache>>)>);
+/// Lookups, per port. Shared so that a look checks a cached port's locks outside
+/// the lock. A forked child starts with none: the parent's are forgotten, not
+/// closed (the child may have closed those descriptors and opened its own files
+/// under the numbers).
+pub(super) struct Cache(ForkSafeMutex<HashMap<u16, Arc<PortCache>>>);
 
 impl Cache {
     /// A cache with nothing looked up yet.
     pub(super) fn new() -> Cache {
-        Cache(Mutex::new((
-            vmc_os::proc::fork_generation(),
-            HashMap::new(),
-        )))
+        Cache(ForkSafeMutex::new(|_| HashMap::new()))
     }
 
     /// The entries of `port`'s last look, if it is still valid: the directory's
@@ -44,21 +44,7 @@ impl Cache {
     pub(super) fn valid(&self, port: u16, mtime: (i64, u32)) -> Option<Vec<ListenerEntry>> {
         // The lock is held only to find or replace a port's look: threads that
         // connect at once check locks and read the directory in parallel.
-        let cached = {
-            let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            let (generation, cache) = &mut *guard;
-            let now = vmc_os::proc::fork_generation();
-            if *generation != now {
-                // Inherited through fork: forgotten, not closed (the child may
-                // have closed those descriptors and opened its own files under
-                // the numbers).
-                for (_, c) in cache.drain() {
-                    std::mem::forget(c);
-                }
-                *generation = now;
-            }
-            cache.get(&port).cloned()
-        };
+        let cached = self.0.lock().get(&port).cloned();
         if let Some(c) = cached {
             let alive = |f: &File| ofd_locked_by_other(f.as_fd(), LIVENESS_BYTE).unwrap_or(false);
             if c.mtime == mtime && c.entries.iter().all(|(_, f)| alive(f)) {
@@ -88,16 +74,15 @@ impl Cache {
         // is dropped outside the lock (dropping closes files, and the preload's
         // `close` hook may come here).
         let old = {
-            let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            let cache = &mut guard.1;
+            let mut cache = self.0.lock();
             if settled < began {
                 if cache.len() >= CACHED_PORTS && !cache.contains_key(&port) {
                     let all: Vec<_> = cache.drain().map(|(_, c)| c).collect();
-                    drop(guard);
+                    drop(cache);
                     drop(all);
-                    guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                    cache = self.0.lock();
                 }
-                guard.1.insert(port, look)
+                cache.insert(port, look)
             } else {
                 cache.remove(&port)
             }
@@ -110,15 +95,14 @@ impl Cache {
     pub(super) fn forget_fds(&self, within: impl Fn(i32) -> bool) -> usize {
         use std::os::fd::AsRawFd;
         let mut n = 0;
-        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let lost: Vec<u16> = guard
-            .1
+        let mut cache = self.0.lock();
+        let lost: Vec<u16> = cache
             .iter()
             .filter(|(_, c)| c.entries.iter().any(|(_, f)| within(f.as_raw_fd())))
             .map(|(port, _)| *port)
             .collect();
         for port in lost {
-            if let Some(c) = guard.1.remove(&port) {
+            if let Some(c) = cache.remove(&port) {
                 std::mem::forget(c);
                 n += 1;
             }

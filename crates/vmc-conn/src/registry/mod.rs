@@ -91,11 +91,12 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 use vmc_os::segment::ofd_locked_by_other;
+use vmc_os::sync::ForkSafeMutex;
 use vmc_os::SegmentDir;
 
 use cache::Cache;
@@ -225,9 +226,11 @@ pub struct Registry {
     offers: std::sync::OnceLock<SegmentDir>,
     /// The registry every user shares ([`Registry::open_public`]), not ours.
     public: bool,
-    dir: Mutex<Arc<SegmentDir>>,
+    /// The open directory (`None` once forgotten: opened again at the next look).
+    /// A forked child keeps it, unless another thread was changing it at the fork.
+    dir: ForkSafeMutex<Option<Arc<SegmentDir>>>,
     /// File names already reported as bad.
-    warned: Mutex<HashSet<String>>,
+    warned: ForkSafeMutex<HashSet<String>>,
     /// Entry files opened so far (lets tests check lookups skip files of
     /// other ports by name).
     opened: AtomicU64,
@@ -307,16 +310,18 @@ impl Registry {
     /// nothing looked up yet.
     fn at(path: PathBuf, root: PathBuf, public: bool) -> io::Result<Registry> {
         let dir = open_dirs(&path, &root, public)?;
-        Ok(Registry {
+        let registry = Registry {
             path,
             root,
             offers: std::sync::OnceLock::new(),
             public,
-            dir: Mutex::new(Arc::new(dir)),
-            warned: Mutex::new(HashSet::new()),
+            dir: ForkSafeMutex::new(|inherited| inherited.and_then(Option::take)),
+            warned: ForkSafeMutex::new(|_| HashSet::new()),
             opened: AtomicU64::new(0),
             cache: Cache::new(),
-        })
+        };
+        *registry.dir.lock() = Some(Arc::new(dir));
+        Ok(registry)
     }
 
     /// The registry directory.
@@ -574,12 +579,10 @@ impl Registry {
         use std::os::fd::AsRawFd;
         let within = |fd: i32| (first..=last).contains(&fd);
         let mut n = self.cache.forget_fds(within);
-        let mut dir = self.dir.lock().unwrap_or_else(|e| e.into_inner());
-        if within(dir.fd().as_raw_fd()) {
-            if let Ok(fresh) = open_dirs(&self.path, &self.root, self.public) {
-                std::mem::forget(std::mem::replace(&mut *dir, Arc::new(fresh)));
-                n += 1;
-            }
+        let mut dir = self.dir.lock();
+        if dir.as_ref().is_some_and(|d| within(d.fd().as_raw_fd())) {
+            std::mem::forget(dir.take());
+            n += 1;
         }
         n
     }
@@ -588,19 +591,22 @@ impl Registry {
     /// before looking into it.
     fn dir_and_mtime(&self) -> io::Result<(Arc<SegmentDir>, (i64, u32))> {
         let mtime = |st: &rustix::fs::Stat| (st.st_mtime, st.st_mtime_nsec as u32);
-        let mut guard = self.dir.lock().unwrap_or_else(|e| e.into_inner());
-        if let Ok(st) = rustix::fs::fstat(guard.fd()) {
-            if st.st_nlink != 0 {
-                return Ok((Arc::clone(&guard), mtime(&st)));
+        let mut guard = self.dir.lock();
+        if let Some(dir) = &*guard {
+            if let Ok(st) = rustix::fs::fstat(dir.fd()) {
+                if st.st_nlink != 0 {
+                    return Ok((Arc::clone(dir), mtime(&st)));
+                }
             }
+            tracing::debug!(
+                "vmc registry: {} was removed; creating it again",
+                self.path.display()
+            );
         }
-        tracing::debug!(
-            "vmc registry: {} was removed; creating it again",
-            self.path.display()
-        );
-        *guard = Arc::new(open_dirs(&self.path, &self.root, self.public)?);
-        let st = rustix::fs::fstat(guard.fd())?;
-        Ok((Arc::clone(&guard), mtime(&st)))
+        let dir = Arc::new(open_dirs(&self.path, &self.root, self.public)?);
+        let st = rustix::fs::fstat(dir.fd())?;
+        *guard = Some(Arc::clone(&dir));
+        Ok((dir, mtime(&st)))
     }
 
     /// Reads the directory: the live entries of `port` (or of every port,
@@ -781,7 +787,7 @@ impl Registry {
     /// debug level after that.
     fn warn_once(&self, name: &str, why: &str) {
         let first = {
-            let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+            let mut warned = self.warned.lock();
             if warned.len() >= MAX_WARNED {
                 warned.clear();
             }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::sync::Mutex;
+use vmc_os::sync::ForkSafeMutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -51,20 +51,17 @@ impl NetNs {
     pub fn of_socket(sock: std::os::fd::BorrowedFd<'_>) -> io::Result<NetNs> {
         /// Namespaces remembered at most (each is 24 bytes).
         const KNOWN: usize = 256;
-        static BY_COOKIE: Mutex<Option<HashMap<u64, NetNs>>> = Mutex::new(None);
+        static BY_COOKIE: ForkSafeMutex<HashMap<u64, NetNs>> =
+            ForkSafeMutex::new(|inherited| inherited.map(std::mem::take).unwrap_or_default());
         let Ok(cookie) = vmc_os::proc::socket_netns_cookie(sock) else {
             return NetNs::current();
         };
-        let known = |c| {
-            let map = BY_COOKIE.lock().unwrap_or_else(|e| e.into_inner());
-            map.as_ref().and_then(|m| m.get(&c).copied())
-        };
+        let known = |c| BY_COOKIE.lock().get(&c).copied();
         if let Some(ns) = known(cookie) {
             return Ok(ns);
         }
         let ns = NetNs::current()?;
-        let mut map = BY_COOKIE.lock().unwrap_or_else(|e| e.into_inner());
-        let map = map.get_or_insert_with(HashMap::new);
+        let mut map = BY_COOKIE.lock();
         if map.len() >= KNOWN {
             map.clear();
         }

@@ -1,7 +1,9 @@
 //! Synchronisation words shared between threads, or between processes: the lock of
 //! a connection's direction ([`DirLock`]), the eventcount that lets one thread tell
 //! another to look again ([`EventCount`]), and the claim word that settles who owns
-//! a connection after `fork` ([`Claim`], [`Requests`]).
+//! a connection after `fork` ([`Claim`], [`Requests`]); and the mutex of
+//! process-wide caches that a forked child starts afresh ([`ForkSafeMutex`], a
+//! `std` mutex and one comparison, outside the loom models).
 //!
 //! Each is a small protocol over a few atomics, written once here and checked
 //! under every interleaving [loom] explores (`tests/loom.rs`, run with
@@ -17,10 +19,14 @@
 mod claim;
 mod dirlock;
 mod eventcount;
+#[cfg(not(loom))]
+mod fork_mutex;
 
 pub use claim::{Claim, ClaimState, Requests, PID_MASK};
 pub use dirlock::{DirGuard, DirLock};
 pub use eventcount::EventCount;
+#[cfg(not(loom))]
+pub use fork_mutex::ForkSafeMutex;
 
 /// The atomics and locks of this module: `std`'s, or loom's under `cfg(loom)`.
 pub mod atomic {
