@@ -188,6 +188,12 @@ pub fn is_ours(fd: RawFd) -> bool {
     tag(fd) == Some(placed)
 }
 
+/// True once vmc has placed a descriptor in this process (or its parent, before
+/// a fork): false means [`is_ours`] is false for every number.
+pub fn any_placed() -> bool {
+    HIGH.load(Ordering::Relaxed) != 0
+}
+
 /// The numbers in `first..=last` that [`is_ours`], in increasing order.
 pub fn ours_in(first: RawFd, last: RawFd) -> Vec<RawFd> {
     let base = base();

@@ -134,4 +134,9 @@ reals! {
     fn execv(path: *const libc::c_char, argv: *const *const libc::c_char) -> c_int;
     fn execvp(file: *const libc::c_char, argv: *const *const libc::c_char) -> c_int;
     fn execvpe(file: *const libc::c_char, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int;
+    fn opendir(path: *const libc::c_char) -> *mut libc::DIR;
+    fn fdopendir(fd: c_int) -> *mut libc::DIR;
+    fn readdir(dir: *mut libc::DIR) -> *mut libc::dirent;
+    fn readdir64(dir: *mut libc::DIR) -> *mut libc::dirent64;
+    fn closedir(dir: *mut libc::DIR) -> c_int;
 }

@@ -33,7 +33,8 @@
 //! runtimes use them, with a SIGCHLD handler waking a poll through a self-pipe),
 //! `handoff` (one thread adds connections to the epoll set another thread
 //! sleeps on, as Apache's event MPM does), `forkrace` (forks while another
-//! thread of the process is inside the library, holding its locks).
+//! thread of the process is inside the library, holding its locks), `fdlist`
+//! (listings of `/proc/self/fd` hold the program's descriptors, not vmc's).
 //! Each file's head comment says what it covers.
 //!
 //! Every run gets a fresh directory (mode 0700) holding its `VMC_REGISTRY_DIR`
@@ -837,5 +838,6 @@ cases!(
     exit,
     spawn,
     handoff,
-    forkrace
+    forkrace,
+    fdlist
 );

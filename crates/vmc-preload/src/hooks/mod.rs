@@ -17,7 +17,9 @@
 //!   `recvmmsg`, `write`, `send`, `sendto`, `writev`, `sendmsg`, `sendmmsg`,
 //!   `sendfile`, `sendfile64`, `splice`, and the `_chk` variants;
 //! - [`exec`]: `execve`, `execv`, `execvp`, `execvpe`, `posix_spawn`,
-//!   `posix_spawnp`: connections a new program image inherits.
+//!   `posix_spawnp`: connections a new program image inherits;
+//! - [`listing`]: `opendir`, `fdopendir`, `readdir`, `readdir64`, `closedir`:
+//!   listings of `/proc/self/fd` without vmc's own descriptors.
 //!
 //! This file holds what the families share: borrowing the program's descriptor,
 //! recording a connection vmc took over, finding it again, and running a call on
@@ -26,6 +28,7 @@
 pub mod descriptors;
 pub mod exec;
 pub mod io;
+pub mod listing;
 pub mod setup;
 
 use std::os::fd::BorrowedFd;
