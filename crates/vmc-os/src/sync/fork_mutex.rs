@@ -1,28 +1,4 @@
-//! A mutex whose lock and state a forked child starts afresh.
-//!
-//! `fork` copies a process's memory with only the calling thread in it. A lock
-//! another thread held at that moment stays locked in the child for ever (nobody
-//! is left to unlock it), and the data it guarded may be half updated. A program
-//! whose thread forks while another one connects, listens or looks up the
-//! registry would hand its child such a lock, and the child's first connection
-//! would hang on it. Process-wide state that a child goes on using (the
-//! registry's caches, the spare channels, the threads' bells) is therefore kept
-//! in a [`ForkSafeMutex`]: the first [`ForkSafeMutex::lock`] in a forked child
-//! replaces the inherited lock with a fresh one, and its state with what `init`
-//! makes. `init` is shown the inherited state only if no thread held the lock at
-//! the fork (so it is whole); it may take from it what the child can go on with
-//! (an open directory, say), or start afresh.
-//!
-//! The inherited lock and state are never touched after that, never dropped:
-//! they are leaked, one per fork that used them. Dropping them could close
-//! descriptors the child has closed and reused the numbers of, and a state whose
-//! lock was held may be half updated. So only state that the child can do
-//! without is kept here: caches, which it fills again, and per-process records
-//! it must not share with its parent anyway.
-//!
-//! Within one process it is a plain [`std::sync::Mutex`] behind one atomic load
-//! and a comparison with [`crate::proc::process_generation`]. A poisoned lock is
-//! taken as it is (these guard caches, whose invariants hold after any panic).
+//! [`ForkSafeMutex`]: a mutex whose lock and state a forked child starts afresh.
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicPtr, Ordering};
@@ -30,8 +6,31 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::proc::process_generation;
 
-/// A mutex that a forked child replaces, with its state, at its first lock (see
-/// the [module documentation](self)).
+/// A mutex whose lock and state a forked child starts afresh.
+///
+/// `fork` copies a process's memory with only the calling thread in it. A lock
+/// another thread held at that moment stays locked in the child for ever (nobody
+/// is left to unlock it), and the data it guarded may be half updated. A program
+/// whose thread forks while another one connects, listens or looks up the
+/// registry would hand its child such a lock, and the child's first connection
+/// would hang on it. Process-wide state that a child goes on using (the
+/// registry's caches, the spare channels, the threads' bells) is therefore kept
+/// in a [`ForkSafeMutex`]: the first [`ForkSafeMutex::lock`] in a forked child
+/// replaces the inherited lock with a fresh one, and its state with what `init`
+/// makes. `init` is shown the inherited state only if no thread held the lock at
+/// the fork (so it is whole); it may take from it what the child can go on with
+/// (an open directory, say), or start afresh.
+///
+/// The inherited lock and state are never touched after that, never dropped:
+/// they are leaked, one per fork that used them. Dropping them could close
+/// descriptors the child has closed and reused the numbers of, and a state whose
+/// lock was held may be half updated. So only state that the child can do
+/// without is kept here: caches, which it fills again, and per-process records
+/// it must not share with its parent anyway.
+///
+/// Within one process it is a plain [`std::sync::Mutex`] behind one atomic load
+/// and a comparison with [`crate::proc::process_generation`]. A poisoned lock is
+/// taken as it is (these guard caches, whose invariants hold after any panic).
 pub struct ForkSafeMutex<T> {
     /// The lock of the process that last used it; null until the first use.
     current: AtomicPtr<Generation<T>>,
@@ -77,7 +76,7 @@ impl<T> ForkSafeMutex<T> {
                 }
             }
             // First use in this process: a fresh lock. The inherited one (if
-            // any) is leaked, as the module documentation says why; its state is
+            // any) is leaked, as the type's documentation says why; its state is
             // shown to `init` if nobody held it at the fork.
             // SAFETY: as above.
             let inherited = unsafe { seen.as_ref() }.and_then(|g| match g.lock.try_lock() {
