@@ -368,6 +368,73 @@ fn a_rewind_sent_as_the_other_end_execs_is_refused_and_nothing_is_lost() {
     server.join().unwrap();
 }
 
+/// A settle whose peer reads nothing for longer than its patience still puts
+/// everything the peer had not read on TCP before it returns: a full ring taken
+/// back (128 KiB) is more than small socket buffers take (the program and its
+/// peer asked for 4 KiB), so the settle grows our send buffer for it, and gives
+/// the program back the size it had. Before, it waited for room, gave up after its
+/// patience, and the bytes were lost with the old program image.
+#[test]
+fn a_settle_puts_a_full_ring_on_tcp_while_the_peer_reads_nothing() {
+    private_registry();
+    const ON_RING: u64 = 128 * 1024;
+    const AFTER: u64 = 100_000;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (settled, wait_settled) = std::sync::mpsc::channel::<()>();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        common::settle(&s);
+        assert!(s.is_accelerated(), "{:?}", s.fallback_reason());
+        s.set_write_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        // A program that asked for small buffers (and a peer that did too).
+        rustix::net::sockopt::set_socket_send_buffer_size(&s, 4096).unwrap();
+        let mut buf = vec![0u8; ON_RING as usize];
+        fill_pattern(6, 0, &mut buf);
+        s.write_all(&buf).unwrap();
+        assert_eq!(s.send_path(), Path::Shm);
+        let before = rustix::net::sockopt::socket_send_buffer_size(&s).unwrap();
+        s.settle_on_tcp(std::time::Duration::from_millis(1))
+            .expect("the bytes taken back are on TCP, the peer reading or not");
+        assert_eq!(
+            rustix::net::sockopt::socket_send_buffer_size(&s).unwrap(),
+            before,
+            "the program sees the send buffer it had"
+        );
+        settled.send(()).unwrap();
+        let fd = std::os::fd::AsFd::as_fd(&s).try_clone_to_owned().unwrap();
+        s.abandon();
+        drop(s);
+        let mut k = std::net::TcpStream::from(fd);
+        let mut more = vec![0u8; AFTER as usize];
+        fill_pattern(6, ON_RING, &mut more);
+        k.write_all(&more).unwrap();
+        k.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    rustix::net::sockopt::set_socket_recv_buffer_size(&c, 4096).unwrap();
+    common::settle(&c);
+    // The client reads only once the other end has settled.
+    wait_settled.recv().unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = c
+            .read(&mut buf)
+            .expect("the stream goes on after the settle");
+        if n == 0 {
+            break;
+        }
+        check_pattern(6, got, &buf[..n]);
+        got += n as u64;
+    }
+    assert_eq!(got, ON_RING + AFTER);
+    server.join().unwrap();
+}
+
 /// The case the revoke is for: an end writes on the ring, its move onto it not
 /// yet answered (the peer has not read anything), and execs; its new image
 /// writes on TCP. Leaving the ring by a SWITCH would need the peer's answer to

@@ -125,6 +125,8 @@ impl Conn {
         if tx.backlog.is_empty() {
             return Ok(());
         }
+        // The kernel takes it all now, however little the peer reads meanwhile.
+        let had = self.grow_send_buffer(tx.backlog.len());
         // Waits for room whatever the socket's mode, as long as patience lasts.
         let own = (tx.timeout, tx.nonblocking);
         let left = deadline
@@ -133,10 +135,13 @@ impl Conn {
         (tx.timeout, tx.nonblocking) = (Some(left), false);
         let flushed = self.flush_backlog(tx, false);
         (tx.timeout, tx.nonblocking) = own;
+        if let Some(had) = had {
+            self.restore_send_buffer(had);
+        }
         let gave_up = || {
             io::Error::new(
                 io::ErrorKind::TimedOut,
-                "vmc connection: the peer did not take on TCP the bytes it asked for again",
+                "vmc connection: no room on TCP for the bytes taken back from the ring",
             )
         };
         match flushed {
@@ -145,6 +150,34 @@ impl Conn {
             Ok(false) => Err(gave_up()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(gave_up()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Grows our socket's send buffer so that `len` more bytes fit in the kernel
+    /// at once: what a settle takes back from the ring must be on TCP before the
+    /// process execs (the new image cannot reach the ring's copy), and the peer
+    /// may read nothing for a while. Past `net.core.wmem_max` with
+    /// `CAP_NET_ADMIN`, else up to it. Returns the size `SO_SNDBUF` reported
+    /// before, for [`Conn::restore_send_buffer`]; `None` if nothing changed.
+    fn grow_send_buffer(&self, len: usize) -> Option<usize> {
+        use rustix::net::sockopt;
+        let had = sockopt::socket_send_buffer_size(&self.tcp).ok()?;
+        // The kernel doubles what is set and counts its bookkeeping against the
+        // result: twice the backlog on top of what it reports leaves room for both.
+        let want = had.saturating_add(len.saturating_mul(2));
+        if sockopt::set_socket_send_buffer_size_force(&self.tcp, want).is_err() {
+            sockopt::set_socket_send_buffer_size(&self.tcp, want).ok()?;
+        }
+        Some(had)
+    }
+
+    /// Gives the program back the send buffer size it had (the kernel keeps what
+    /// is queued beyond it and takes no more until it drains, as with any full
+    /// buffer). Set values are doubled by the kernel, so half is set.
+    fn restore_send_buffer(&self, had: usize) {
+        use rustix::net::sockopt;
+        if sockopt::set_socket_send_buffer_size_force(&self.tcp, had / 2).is_err() {
+            let _ = sockopt::set_socket_send_buffer_size(&self.tcp, had / 2);
         }
     }
 
