@@ -14,12 +14,15 @@
 //! rarely; the list is bounded, and empty for most processes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use vmc_os::sync::ForkSafeMutex;
 
 /// At most this many pairs are remembered (the oldest are dropped).
 const MAX_PAIRS: usize = 1024;
 
-static PAIRS: Mutex<Vec<(i32, i32)>> = Mutex::new(Vec::new());
+/// A forked child keeps the pairs (its descriptors are copies of the same), unless
+/// another thread was changing them at the fork.
+static PAIRS: ForkSafeMutex<Vec<(i32, i32)>> =
+    ForkSafeMutex::new(|inherited| inherited.map(std::mem::take).unwrap_or_default());
 /// False while no pair was ever recorded: `close` skips the lock.
 static ANY: AtomicBool = AtomicBool::new(false);
 
@@ -32,7 +35,7 @@ fn identity(fd: i32) -> Option<(u64, u64)> {
 
 /// `new` was duplicated from the TCP socket `old`.
 pub(crate) fn record(old: i32, new: i32) {
-    let mut pairs = PAIRS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut pairs = PAIRS.lock();
     pairs.retain(|&(a, b)| a != new && b != new);
     if pairs.len() >= MAX_PAIRS {
         pairs.remove(0);
@@ -52,10 +55,7 @@ pub(crate) fn forget(fd: i32) {
     if !ANY.load(Ordering::Relaxed) {
         return;
     }
-    PAIRS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|&(a, b)| a != fd && b != fd);
+    PAIRS.lock().retain(|&(a, b)| a != fd && b != fd);
 }
 
 /// The other open descriptors of `fd`'s socket that were recorded, transitively.
@@ -66,7 +66,7 @@ pub(crate) fn of(fd: i32) -> Vec<i32> {
     let Some(me) = identity(fd) else {
         return Vec::new();
     };
-    let pairs = PAIRS.lock().unwrap_or_else(|p| p.into_inner());
+    let pairs = PAIRS.lock();
     let mut found = vec![fd];
     let mut i = 0;
     while i < found.len() {
