@@ -199,6 +199,10 @@ pub(crate) fn init() {
     }
 }
 
+/// Sets up `VMC_LOG`. Each event is formatted apart and written with `write(2)`
+/// calls on a `&File`, which takes no lock: a lock (std's around stderr, a mutex
+/// around the log file) held by one thread as another forks would stay locked in
+/// the child, whose first log line would then hang it.
 fn init_logging() {
     let Ok(level) = std::env::var("VMC_LOG") else {
         return;
@@ -216,10 +220,21 @@ fn init_logging() {
             .and_then(|f| vmc_os::fdspace::lift(f.into()).ok())
             .map(std::fs::File::from)
     }) {
-        Some(file) => builder
-            .with_writer(std::sync::Mutex::new(file))
-            .with_ansi(false)
-            .try_init(),
-        None => builder.with_writer(std::io::stderr).try_init(),
+        Some(file) => {
+            let file: &'static std::fs::File = Box::leak(Box::new(file));
+            builder
+                .with_writer(move || file)
+                .with_ansi(false)
+                .try_init()
+        }
+        None => {
+            // SAFETY: descriptor 2 is the program's standard error. This `File` is
+            // leaked, never dropped, so it never closes it; if the program closes
+            // or replaces number 2, writes fail or go where it now points, as
+            // std's `stderr` would.
+            let stderr = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(2) };
+            let stderr: &'static std::fs::File = Box::leak(Box::new(stderr));
+            builder.with_writer(move || stderr).try_init()
+        }
     };
 }
