@@ -1,6 +1,7 @@
 /*
  * Case 15, a program that lists its own descriptors:
- *  - after a connection carried data both ways, each end lists /proc/self/fd,
+ *  - after a connection carried 1 MiB one way and 5 bytes back (moving to shared
+ *    memory meanwhile), each end lists /proc/self/fd,
  *    /dev/fd and /proc/<pid>/fd (opendir + readdir), /proc/self/fd through
  *    fdopendir, and through readdir64;
  *  - the listing must hold exactly the open numbers below 1024 (found by probing
@@ -78,11 +79,19 @@ static void check_all(void) {
     check_listing_readdir("readdir(/proc/self/fd)", "/proc/self/fd");
 }
 
+#define BYTES (1024 * 1024)
+#define FIRST 65536
+
 static void server(void) {
     int l = listener();
     int c = take(l);
-    char buf[5];
-    RD(recv(c, buf, 5, MSG_WAITALL), buf, "recv(5)");
+    /* A first chunk and a round trip before the rest (time to attach), so that
+     * the listings happen with the connection on shared memory. */
+    static unsigned char buf[BYTES];
+    read_exact(c, buf, FIRST);
+    ctl_send("more");
+    read_exact(c, buf + FIRST, BYTES - FIRST);
+    T("read %d bytes, sum_ok=%s", BYTES, yesno(fnv(FNV_INIT, buf, BYTES) == pat_sum(7, BYTES)));
     R(write(c, "world", 5), "write(world)");
     ctl_expect("listed");
     check_all();
@@ -94,8 +103,12 @@ static void server(void) {
 
 static void client(void) {
     int s = dial();
+    static unsigned char out[BYTES];
+    fill_pat(7, 0, out, BYTES);
+    write_all(s, out, FIRST);
+    ctl_expect("more");
+    write_all(s, out + FIRST, BYTES - FIRST);
     char buf[5];
-    R(write(s, "hello", 5), "write(hello)");
     RD(recv(s, buf, 5, MSG_WAITALL), buf, "recv(5)");
     check_all();
     ctl_send("listed");
