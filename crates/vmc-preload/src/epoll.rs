@@ -39,11 +39,12 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use libc::{c_int, epoll_event, pollfd, sigset_t, timespec};
 use vmc_conn::{Interest, Ready};
+use vmc_os::sync::ForkSafeMutex;
 
 use crate::poll::{arm_all, ready_of, stream_of, timespec_of, vmc_stream, wait_loop};
 use crate::table::{self, Sock};
@@ -76,9 +77,10 @@ struct Entry {
 }
 
 /// The vmc connections of one epoll instance.
-#[derive(Default)]
 pub struct EpollSet {
-    entries: Mutex<Vec<Entry>>,
+    /// A forked child keeps them (its copy of the instance watches the same
+    /// connections), unless another thread was changing them at the fork.
+    entries: ForkSafeMutex<Vec<Entry>>,
     /// Where the next scan starts, so a small `maxevents` serves everyone in turn.
     next: AtomicUsize,
     /// Threads in an emulated wait on this set.
@@ -138,9 +140,22 @@ fn mask(r: &Ready, events: u32) -> u32 {
     ev
 }
 
+impl Default for EpollSet {
+    fn default() -> Self {
+        EpollSet {
+            entries: ForkSafeMutex::new(|inherited| {
+                inherited.map(std::mem::take).unwrap_or_default()
+            }),
+            next: AtomicUsize::new(0),
+            waiters: AtomicUsize::new(0),
+            wake: OnceLock::new(),
+        }
+    }
+}
+
 impl EpollSet {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        self.entries.lock()
     }
 
     /// Registers the set's wake-up in the kernel's set `epfd`, under a token no
