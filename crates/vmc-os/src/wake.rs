@@ -55,8 +55,12 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
 }
 
 /// Wakes up to `n` waiters sleeping in [`futex_wait`] on `word` (in any
-/// process sharing it). Returns how many were woken.
+/// process sharing it); `u32::MAX` wakes them all. Returns how many were woken.
 pub fn futex_wake(word: &AtomicU32, n: u32) -> io::Result<usize> {
+    // The kernel takes the count as a signed int and stops after the first
+    // waiter when it is negative: `u32::MAX` would wake one, and leave the
+    // others asleep for good.
+    let n = n.min(i32::MAX as u32);
     futex::wake(word, futex::Flags::empty(), n)
         .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("futex wake: {e}")))
 }
@@ -332,6 +336,33 @@ mod tests {
         word.store(1, Ordering::Release);
         futex_wake(&word, 1).unwrap();
         t.join().unwrap();
+    }
+
+    /// "All" means all: every waiter wakes, not the first one only.
+    #[test]
+    fn futex_wake_all_wakes_every_waiter() {
+        let word = Arc::new(AtomicU32::new(0));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let (w, tid_tx) = (Arc::clone(&word), tid_tx.clone());
+                std::thread::spawn(move || {
+                    tid_tx.send(tid()).unwrap();
+                    // One wait, with no look at the word after: only a wake
+                    // (or the timeout, which fails the test) ends it.
+                    let start = Instant::now();
+                    futex_wait(&w, 0, Some(Duration::from_secs(5))).unwrap();
+                    start.elapsed() < Duration::from_secs(4)
+                })
+            })
+            .collect();
+        for _ in 0..3 {
+            asleep(tid_rx.recv().unwrap());
+        }
+        assert_eq!(futex_wake(&word, u32::MAX).unwrap(), 3);
+        for w in waiters {
+            assert!(w.join().unwrap(), "a waiter was not woken");
+        }
     }
 
     #[test]
