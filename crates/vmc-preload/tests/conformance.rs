@@ -377,6 +377,95 @@ fn group_members(pgid: u32) -> Vec<String> {
     out
 }
 
+/// Where each process of group `pgid` (leader included) waits, as gdb sees it:
+/// the whole backtraces go to `stacks.<role>` in the run directory, and one line
+/// per thread (its function names, innermost first) is returned, so that a hang
+/// in CI explains itself. Nothing if gdb is missing.
+fn record_stacks(dir: &Path, role: &str, pgid: u32) -> Vec<String> {
+    let mut pids = vec![pgid];
+    pids.extend(
+        group_members(pgid)
+            .iter()
+            .filter_map(|m| m.split(' ').next()?.parse::<u32>().ok()),
+    );
+    let mut full = String::new();
+    let mut summary = Vec::new();
+    // A few are enough to see the hang, and each costs a gdb start.
+    const MOST: usize = 6;
+    if pids.len() > MOST {
+        summary.push(format!(
+            "  ({} more processes not shown)",
+            pids.len() - MOST
+        ));
+        pids.truncate(MOST);
+    }
+    for pid in pids {
+        let out = Command::new("timeout")
+            .args(["10", "gdb", "-p", &pid.to_string(), "-batch", "-nx"])
+            .args(["-ex", "set pagination off", "-ex", "thread apply all bt"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output();
+        let Ok(out) = out else {
+            return vec!["(no stacks: gdb could not be run)".into()];
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        full.push_str(&format!("=== pid {pid}\n{text}\n"));
+        // "#3  0x... in vmc_preload::x::y (args) at f.rs:9" -> "vmc_preload::x::y"
+        let mut threads: Vec<Vec<String>> = Vec::new();
+        for line in text.lines() {
+            if line.starts_with("Thread ") {
+                threads.push(Vec::new());
+            } else if let (Some(t), true) = (threads.last_mut(), line.starts_with('#')) {
+                let f = match line.split_once(" in ") {
+                    Some((_, f)) => f,
+                    None => line.split_once(' ').map_or("", |(_, f)| f.trim_start()),
+                };
+                let f = f.split(" (").next().unwrap_or(f);
+                // The standard library's and rustix's insides say nothing here.
+                if !["core::", "std::", "alloc::", "rustix::backend::"]
+                    .iter()
+                    .any(|p| f.starts_with(p))
+                {
+                    t.push(without_generics(f));
+                }
+            }
+        }
+        for (n, t) in threads.iter().enumerate() {
+            summary.push(format!(
+                "  {role} pid {pid} thread {}: {}",
+                n + 1,
+                t.join(" < ")
+            ));
+        }
+    }
+    let file = dir.join(format!("stacks.{role}"));
+    let _ = fs::write(&file, full);
+    if summary.is_empty() {
+        return Vec::new();
+    }
+    summary.insert(0, format!("where it waited ({}):", file.display()));
+    vec![summary.join("\n")]
+}
+
+/// `a::b<c<d>>::e` as `a::b::e`: generic arguments make a frame unreadable.
+fn without_generics(name: &str) -> String {
+    let mut depth = 0usize;
+    name.chars()
+        .filter(|&c| match c {
+            '<' => {
+                depth += 1;
+                false
+            }
+            '>' => {
+                depth = depth.saturating_sub(1);
+                false
+            }
+            _ => depth == 0,
+        })
+        .collect()
+}
+
 fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exit status {c}"),
@@ -463,6 +552,7 @@ fn run_way(case: &str, bin: &Path, lib: &Path, way: Way) -> Result<Run, String> 
                 "{role} process still running {:.1} s after the start: killed",
                 started.elapsed().as_secs_f64()
             ));
+            problems.extend(record_stacks(&dir, role, child.id()));
             killed.push(*role);
         } else {
             let strays = group_members(child.id());

@@ -13,7 +13,7 @@
 #include <stdatomic.h>
 #include <sys/wait.h>
 
-#define CHILDREN 200
+#define CHILDREN 100
 
 static atomic_int stop_;
 
