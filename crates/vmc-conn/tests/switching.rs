@@ -435,6 +435,109 @@ fn a_settle_puts_a_full_ring_on_tcp_while_the_peer_reads_nothing() {
     server.join().unwrap();
 }
 
+/// A program writes, shuts its sending side and waits to read the answer
+/// (request, then response), while the other end settles on TCP (a forked
+/// server's child asked for the connection). The REWIND reaches the writer while
+/// it waits to read, which serves it: the ring's unread bytes go on TCP, then the
+/// FIN. The small buffers take only part of them at once; the rest must follow as
+/// TCP drains, while the program still only waits to read. Before, the rest
+/// waited for a write that never came, and both ends waited for each other for
+/// good.
+fn request_then_answer_across_a_settle(wait: fn(&mut TcpStream)) {
+    private_registry();
+    const ON_RING: u64 = 96 * 1024;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (shut, wait_shut) = std::sync::mpsc::channel::<()>();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        common::settle(&s);
+        assert!(s.is_accelerated(), "{:?}", s.fallback_reason());
+        rustix::net::sockopt::set_socket_recv_buffer_size(&s, 4096).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        // Nothing read yet: the client's request is all on the ring.
+        wait_shut.recv().unwrap();
+        s.settle_on_tcp(std::time::Duration::from_secs(2)).unwrap();
+        assert_eq!(s.recv_path(), Path::Tcp);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut got = 0u64;
+        loop {
+            let n = s
+                .read(&mut buf)
+                .expect("the request's bytes and its end come on TCP");
+            if n == 0 {
+                break;
+            }
+            check_pattern(8, got, &buf[..n]);
+            got += n as u64;
+        }
+        assert_eq!(got, ON_RING);
+        s.write_all(b"ok").unwrap();
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    common::settle(&c);
+    assert!(c.is_accelerated(), "{:?}", c.fallback_reason());
+    rustix::net::sockopt::set_socket_send_buffer_size(&c, 4096).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = vec![0u8; ON_RING as usize];
+    fill_pattern(8, 0, &mut buf);
+    c.write_all(&buf).unwrap();
+    assert_eq!(c.send_path(), Path::Shm);
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    shut.send(()).unwrap();
+    wait(&mut c);
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer)
+        .expect("the answer comes once the request has");
+    assert_eq!(answer, b"ok");
+    server.join().unwrap();
+}
+
+/// The program waits in a blocking read.
+#[test]
+fn a_rewind_served_in_a_blocked_read_puts_every_byte_and_the_fin_on_tcp() {
+    request_then_answer_across_a_settle(|_| {});
+}
+
+/// The program waits in an event loop, for reading only.
+#[test]
+fn a_rewind_served_by_an_event_loop_that_waits_to_read_puts_every_byte_on_tcp() {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use std::time::{Duration, Instant};
+    use vmc_conn::Interest;
+    request_then_answer_across_a_settle(|c| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "the answer never became readable"
+            );
+            if let Some(r) = c.arm(Interest::READ).unwrap() {
+                if r.readable {
+                    return;
+                }
+                continue;
+            }
+            let t = Timespec::try_from(deadline - Instant::now()).unwrap();
+            let fd = c.wait_fd().unwrap();
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            let _ = poll(&mut fds, Some(&t));
+            // Only a wake-up counts: the loop would sleep for good otherwise.
+            assert!(
+                !fds[0].revents().is_empty(),
+                "the event loop was never woken"
+            );
+            drop(fds);
+            c.disarm(Interest::READ);
+            if c.poll_ready(Interest::READ, false).readable {
+                return;
+            }
+        }
+    });
+}
+
 /// The case the revoke is for: an end writes on the ring, its move onto it not
 /// yet answered (the peer has not read anything), and execs; its new image
 /// writes on TCP. Leaving the ring by a SWITCH would need the peer's answer to

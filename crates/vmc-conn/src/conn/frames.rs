@@ -58,7 +58,8 @@ impl Conn {
 
     /// Reads whatever control frames the socket has, without waiting. A REWIND
     /// among them is served right away if the sending side is free (else by the
-    /// thread that holds it, see [`Conn::serve_rewind`]).
+    /// thread that holds it, see [`Conn::serve_rewind`]), and so is the rest of
+    /// one served before that TCP had no room for then.
     pub(super) fn pump_control(&self) -> io::Result<()> {
         self.read_control()?;
         if self.tx_mail.load(Ordering::Acquire) {
@@ -68,6 +69,7 @@ impl Conn {
                 }
             }
         }
+        self.flush_owed();
         Ok(())
     }
 

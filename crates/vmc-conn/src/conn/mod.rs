@@ -174,6 +174,11 @@ pub(crate) struct Conn {
     tx_mail: AtomicBool,
     /// The peer sent SPILL: it waits for room in the ring we read.
     spill_asked: AtomicBool,
+    /// `tx.backlog` holds bytes a REWIND gave back that TCP did not take at
+    /// once: whoever looks at the connection next, reader or event loop, puts
+    /// more there ([`Conn::flush_owed`]), so a program that only waits to read
+    /// still sends them and the FIN after them.
+    backlog_owed: AtomicBool,
     /// The sending direction is shut, and the receiving direction saw the peer's
     /// end of stream on the ring, as flags readiness can read without the other
     /// direction's lock.
@@ -346,6 +351,7 @@ impl Conn {
             abandoned: AtomicBool::new(false),
             tx_mail: AtomicBool::new(false),
             spill_asked: AtomicBool::new(false),
+            backlog_owed: AtomicBool::new(false),
             tx_shut: AtomicBool::new(false),
             rx_ended: AtomicBool::new(false),
             rx_settled: AtomicBool::new(false),

@@ -25,6 +25,9 @@ impl Conn {
     /// the kernel about the TCP socket (hang-ups, errors) and the peer's liveness.
     pub(crate) fn readiness(&self, want: Interest, deep: bool) -> Ready {
         self.advance();
+        // Whatever the interest: a loop that only waits to read still sends what
+        // a REWIND gave back (and the FIN after it) as TCP makes room.
+        self.flush_owed();
         let mut r = Ready::default();
         let mut tcp: Option<PollFlags> = None;
         if want.read {
@@ -219,13 +222,14 @@ impl Conn {
         // TCP's writability matters only while sending goes (or is about to go)
         // there; watching it otherwise would report a stale edge at every change.
         // (Only for a write interest: a reader's arm must not take the sending
-        // side's lock, see `readiness`.)
+        // side's lock, see `readiness`. And while a REWIND's bytes wait for room
+        // there, whatever the interest: the look after the wait sends them.)
         let sends_tcp = || {
             self.tx.try_lock().map_or(true, |tx| {
                 tx.proto.path() == Path::Tcp || tx.proto.wants() == Path::Tcp
             })
         };
-        if want.write && sends_tcp() {
+        if (want.write && sends_tcp()) || self.backlog_owed() {
             tcp_ev |= EventFlags::OUT;
         }
         ws.watch(self.tcp.as_fd(), tcp_ev)?;

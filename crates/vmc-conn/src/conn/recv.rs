@@ -305,7 +305,13 @@ impl Conn {
             (None, Some(fd)) if self.is_pending() => Some(fd.as_fd()),
             _ => None,
         };
-        let mut fds = vec![PollFd::new(&self.tcp, PollFlags::IN | PollFlags::RDHUP)];
+        // Room on TCP too, while bytes a REWIND gave back wait for it: this
+        // thread puts them there when it looks again (`Conn::pump_control`).
+        let mut tcp_ev = PollFlags::IN | PollFlags::RDHUP;
+        if self.backlog_owed() {
+            tcp_ev |= PollFlags::OUT;
+        }
+        let mut fds = vec![PollFd::new(&self.tcp, tcp_ev)];
         if let Some(o) = other {
             fds.push(PollFd::from_borrowed_fd(o, PollFlags::IN));
         }

@@ -323,8 +323,44 @@ impl Conn {
 
     /// Puts what a REWIND gave back on TCP, before anything else goes there; then
     /// the FIN a shutdown owes. Without `dontwait` this waits for room as the
-    /// direction's mode says. True once the backlog is gone.
+    /// direction's mode says. True once the backlog is gone; while it is not,
+    /// [`Conn::flush_owed`] goes on with it wherever the connection is looked at.
     pub(super) fn flush_backlog(&self, tx: &mut Tx, dontwait: bool) -> io::Result<bool> {
+        let r = self.flush_backlog_inner(tx, dontwait);
+        // Owed while room is what it lacks. After another error the socket
+        // reports it to every later call: nothing more will go, and no wait
+        // should watch for room.
+        let owed = match &r {
+            Ok(done) => !done,
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        };
+        self.backlog_owed
+            .store(owed && !tx.backlog.is_empty(), Ordering::Release);
+        r
+    }
+
+    /// Goes on with a backlog that TCP did not take at once (see
+    /// `Conn::backlog_owed`), if the sending side is free: a thread holding it
+    /// is writing, and flushes it first anyway. (Taking that lock from a
+    /// reader's look is safe here: with a backlog, sending is on TCP for good,
+    /// and a writer's `arm` that finds the lock taken has no ring to arm.)
+    pub(super) fn flush_owed(&self) {
+        if !self.backlog_owed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(mut tx) = self.tx.try_lock() {
+            if let Err(e) = self.flush_backlog(&mut tx, true) {
+                tracing::debug!("vmc connection: the bytes taken back from the ring: {e}");
+            }
+        }
+    }
+
+    /// True if a backlog waits for room on TCP: a wait should watch for it.
+    pub(super) fn backlog_owed(&self) -> bool {
+        self.backlog_owed.load(Ordering::Acquire)
+    }
+
+    fn flush_backlog_inner(&self, tx: &mut Tx, dontwait: bool) -> io::Result<bool> {
         let started = Instant::now();
         while !tx.backlog.is_empty() {
             match send(
