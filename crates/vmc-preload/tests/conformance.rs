@@ -647,7 +647,9 @@ fn run_case(case: &'static str) -> CaseRuns {
         // Keep only what is needed to look into a failure.
         let reference = runs[0].trace.clone();
         for run in &runs {
-            let clean = run.problems.is_empty() && run.trace == reference;
+            let unaccelerated = run.way.acceleration() == Some(true)
+                && run.reports.iter().all(|r| r.accelerated == 0);
+            let clean = run.problems.is_empty() && run.trace == reference && !unaccelerated;
             if clean && !keep_all() {
                 let _ = fs::remove_dir_all(&run.dir);
             }
@@ -796,8 +798,9 @@ fn check_accelerated(c: &CaseRuns) {
             ));
         } else if run.way.acceleration() == Some(true) && n == 0 {
             failures.push(format!(
-                "[{}] accelerated 0 connections (expected >= 1); reports:\n    {}",
+                "[{}] accelerated 0 connections (expected >= 1; run directory {}); reports:\n    {}",
                 run.way.name(),
+                run.dir.display(),
                 run.reports
                     .iter()
                     .map(|r| r.line.as_str())
