@@ -261,6 +261,14 @@ impl TcpStream {
         self.conn.fallback().cloned()
     }
 
+    /// True if a thread is inside a read or a write of this connection right
+    /// now (one of its directions is locked). Before a `fork`, such a thread goes
+    /// on with its call in the parent, without a new call that would claim the
+    /// connection there.
+    pub fn in_use(&self) -> bool {
+        self.conn.in_use()
+    }
+
     /// True once the connection is known to stay plain TCP for good (cheaper than
     /// [`TcpStream::fallback_reason`]: no allocation).
     pub fn is_plain(&self) -> bool {

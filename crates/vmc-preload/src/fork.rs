@@ -466,6 +466,24 @@ pub(crate) extern "C" fn prepare() {
                 s.owner.forked.store(true, Ordering::Relaxed);
             }
         }
+        // From here a thread that starts a call claims its connection (the
+        // generation moved, so its check claims) before the fork: for the parent.
+        GEN.fetch_add(1, Ordering::AcqRel);
+        // A thread inside a call right now (blocked in a read, say) goes on with
+        // it in the parent after the fork, with no new call to claim the
+        // connection there; the child's first use would claim it instead, and two
+        // processes would drive its rings. Its connection is this process's: claimed
+        // now, before the child can. (A thread between its check and its lock is
+        // missed: a window of a few instructions.)
+        let me = std::process::id();
+        for (i, sock) in owned.iter().enumerate() {
+            if let Sock::Stream(s) = &**sock {
+                if s.in_use() {
+                    page.claim(i).claim(me);
+                }
+            }
+        }
+        return;
     }
     GEN.fetch_add(1, Ordering::AcqRel);
 }

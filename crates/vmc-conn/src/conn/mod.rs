@@ -406,6 +406,11 @@ impl Conn {
         self.state.load(Ordering::Acquire) == ACCELERATED
     }
 
+    /// A thread holds one direction's lock: it is inside a read or a write.
+    pub(crate) fn in_use(&self) -> bool {
+        self.rx.is_locked() || self.tx.is_locked()
+    }
+
     fn is_plain(&self) -> bool {
         self.state.load(Ordering::Acquire) == PLAIN
     }

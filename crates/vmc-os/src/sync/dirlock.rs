@@ -74,6 +74,13 @@ impl<T> DirLock<T> {
             })
     }
 
+    /// True if a thread holds the lock right now (a look, which takes nothing:
+    /// it may be free again by the time the caller acts on it).
+    #[inline]
+    pub fn is_locked(&self) -> bool {
+        self.state.load(Ordering::Acquire) == HELD
+    }
+
     /// The lock, waiting for it if another thread holds it.
     #[inline]
     pub fn lock(&self) -> DirGuard<'_, T> {
