@@ -529,7 +529,6 @@ fn a_rewind_served_by_an_event_loop_that_waits_to_read_puts_every_byte_on_tcp() 
                 !fds[0].revents().is_empty(),
                 "the event loop was never woken"
             );
-            drop(fds);
             c.disarm(Interest::READ);
             if c.poll_ready(Interest::READ, false).readable {
                 return;
