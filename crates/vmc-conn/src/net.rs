@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use vmc_os::ForkSafeOnce;
 
-use crate::conn::{Conn, ReadOpts};
+use crate::conn::{Conn, OfferOut, ReadOpts};
 use crate::fallback::Fallback;
 use crate::handshake::PreparedOffer;
 use crate::ready::{Interest, Ready};
@@ -299,7 +299,16 @@ impl TcpStream {
     /// peer owes to an earlier move (and for other threads using the stream).
     /// Does nothing to a connection that is not accelerated.
     pub fn settle_on_tcp(&self, patience: Duration) -> io::Result<()> {
-        self.conn.settle_on_tcp(patience)
+        self.conn.settle_on_tcp(patience, OfferOut::GiveUp)
+    }
+
+    /// [`TcpStream::settle_on_tcp`] for a caller that can ask again (another
+    /// process after a fork, which waits for it): a handshake whose offer is out
+    /// is never given up, since the peer may have taken it and be writing on the
+    /// ring already. Still unanswered when `patience` runs out: `WouldBlock`,
+    /// nothing changed.
+    pub fn settle_on_tcp_or_wait(&self, patience: Duration) -> io::Result<()> {
+        self.conn.settle_on_tcp(patience, OfferOut::Wait)
     }
 
     /// The first half of [`TcpStream::settle_on_tcp`]: the receiving direction
@@ -308,7 +317,7 @@ impl TcpStream {
     /// the other's request when they move their sending direction.
     pub fn settle_on_tcp_receiving(&self, patience: Duration) -> io::Result<()> {
         self.conn
-            .settle_receiving(std::time::Instant::now() + patience)
+            .settle_receiving(std::time::Instant::now() + patience, OfferOut::GiveUp)
     }
 
     /// Wakes every thread, in this process or in another that shares the

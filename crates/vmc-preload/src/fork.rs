@@ -390,7 +390,7 @@ fn settle_where(pick: impl Fn(&crate::table::Stream) -> bool, patience: Duration
             // A thread of ours asleep on it wakes, sees the request pending and
             // lets go of the connection.
             s.kick();
-            match s.settle_on_tcp(patience) {
+            match s.settle_on_tcp_or_wait(patience) {
                 Ok(()) => {
                     tracing::debug!(
                         pid = std::process::id(),

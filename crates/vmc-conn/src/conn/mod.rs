@@ -32,6 +32,7 @@ mod readiness;
 mod recv;
 mod send;
 mod settle;
+pub(crate) use settle::OfferOut;
 
 use std::collections::VecDeque;
 use std::io;

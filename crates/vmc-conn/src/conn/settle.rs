@@ -3,6 +3,20 @@
 
 use super::*;
 
+/// What a settle does with a handshake whose offer is out, unanswered when its
+/// patience ends. The peer may have taken the offer already and be writing on
+/// the ring: giving the handshake up then leaves those bytes where nobody reads
+/// them, so only a settle that cannot wait does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OfferOut {
+    /// Give it up: the connection is plain from here (before exec, which cannot
+    /// wait: the new image has no use for a channel).
+    GiveUp,
+    /// Keep it; the settle fails with `WouldBlock`, changing nothing, and is
+    /// asked for again (for another process after fork, which waits for it).
+    Wait,
+}
+
 impl Conn {
     /// Moves both directions to TCP for good, at exact byte boundaries, without
     /// waiting for the peer to act (before exec: the new program image cannot use
@@ -11,23 +25,29 @@ impl Conn {
     /// Sending: we revoke our ring, which ends it exactly where the peer is, and
     /// put what it had not read on TCP first. `patience` bounds the wait for
     /// another thread of ours that holds a direction, and for room on TCP.
-    pub(crate) fn settle_on_tcp(&self, patience: Duration) -> io::Result<()> {
+    pub(crate) fn settle_on_tcp(&self, patience: Duration, offer: OfferOut) -> io::Result<()> {
         let deadline = Instant::now() + patience;
-        self.settle_receiving(deadline)?;
-        self.settle_sending(deadline)
+        self.settle_receiving(deadline, offer)?;
+        self.settle_sending(deadline, offer)
     }
 
     /// [`Conn::settle_on_tcp`], first step: the receiving direction (REWIND).
     /// Doing it for every connection before the second step lets two ends that
     /// settle at once (in one process, before exec) each find the other's REWIND
     /// when they move their sending direction.
-    pub(crate) fn settle_receiving(&self, deadline: Instant) -> io::Result<()> {
+    pub(crate) fn settle_receiving(&self, deadline: Instant, offer: OfferOut) -> io::Result<()> {
         // Only an offer made may have a channel on the other side already: wait
         // for its answer, give anything earlier up at once.
         let offered = || matches!(*lock(&self.setup), Setup::Offered(_));
         while self.is_pending() && offered() && Instant::now() < deadline {
             self.advance();
             std::thread::sleep(Duration::from_millis(1));
+        }
+        if offer == OfferOut::Wait && self.is_pending() && offered() {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "vmc connection: the handshake's offer is still unanswered",
+            ));
         }
         if self.is_pending() {
             // For good means now: the handshake ends here, unfinished (the peer
@@ -78,8 +98,8 @@ impl Conn {
     /// is plain. The revoke needs no answer from the peer, whatever it is doing,
     /// so neither a move it has not answered yet nor a peer busy elsewhere keeps
     /// the ring's bytes from reaching it ahead of what is written on TCP next.
-    pub(crate) fn settle_sending(&self, deadline: Instant) -> io::Result<()> {
-        self.settle_receiving(deadline)?;
+    pub(crate) fn settle_sending(&self, deadline: Instant, offer: OfferOut) -> io::Result<()> {
+        self.settle_receiving(deadline, offer)?;
         if !self.is_accelerated() {
             return Ok(());
         }
