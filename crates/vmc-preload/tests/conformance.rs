@@ -34,7 +34,9 @@
 //! `handoff` (one thread adds connections to the epoll set another thread
 //! sleeps on, as Apache's event MPM does), `forkrace` (forks while another
 //! thread of the process is inside the library, holding its locks), `fdlist`
-//! (listings of `/proc/self/fd` hold the program's descriptors, not vmc's).
+//! (listings of `/proc/self/fd` hold the program's descriptors, not vmc's),
+//! `forkwait` (a fork while another thread waits in a read on the connection the
+//! child then writes to).
 //! Each file's head comment says what it covers.
 //!
 //! Every run gets a fresh directory (mode 0700) holding its `VMC_REGISTRY_DIR`
@@ -932,5 +934,6 @@ cases!(
     spawn,
     handoff,
     forkrace,
-    fdlist
+    fdlist,
+    forkwait
 );
