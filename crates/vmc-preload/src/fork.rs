@@ -254,7 +254,7 @@ impl Owner {
     }
 
     /// Marks every claim this process holds as settled.
-    fn mark_settled(&self) {
+    pub(crate) fn mark_settled(&self) {
         let me = std::process::id();
         for (page, i) in self.claims().iter() {
             page.claim(*i).mark_settled(me);

@@ -76,12 +76,15 @@ fn before_exec() {
     }
     for (fd, sock) in &settling {
         if let Sock::Stream(s) = &**sock {
-            if let Err(e) = s.settle_on_tcp(patience) {
-                tracing::warn!(
+            match s.settle_on_tcp(patience) {
+                // A process that shares it since a fork (our parent, say) may use
+                // the kernel socket from here: the new image answers no request.
+                Ok(()) => s.owner.mark_settled(),
+                Err(e) => tracing::warn!(
                     fd,
                     "exec: could not move an accelerated connection to TCP ({e}); \
                      bytes may be lost to the new program image"
-                );
+                ),
             }
         }
     }
