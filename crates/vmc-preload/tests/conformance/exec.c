@@ -7,6 +7,9 @@
  *     connection, the fd must still be a working TCP socket;
  *  C. posix_spawn instead of fork and exec: the server reads the first half
  *     itself, spawns the reader of the rest and closes its copy.
+ *  D. as A, but the parent keeps its copy and, once the child is gone, writes
+ *     on it after the new image's answer: the connection the child moved to
+ *     TCP before its exec is the parent's to use.
  * A forked child does the exec, so that in "both" mode the client thread
  * lives on in the parent.
  */
@@ -47,7 +50,7 @@ static int after_exec(char **argv) {
     return 0;
 }
 
-static void one(int l, const char *label, int keep_env) {
+static void one(int l, const char *label, int keep_env, int parent_writes) {
     int c = take(l);
     pid_t pid = fork();
     MUST(pid);
@@ -73,12 +76,16 @@ static void one(int l, const char *label, int keep_env) {
         }
         die("exec");
     }
-    R(close(c), "%s: parent close(its copy)", label);
+    if (!parent_writes) R(close(c), "%s: parent close(its copy)", label);
     ctl_send("go");
     int st;
     while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
     }
     T("%s: child exited=%s status=%d", label, yesno(WIFEXITED(st)), WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st));
+    if (parent_writes) {
+        R(write(c, "!", 1), "%s: parent write(!)", label);
+        R(close(c), "%s: parent close", label);
+    }
 }
 
 static void spawned(int l, const char *label) {
@@ -104,13 +111,15 @@ static void spawned(int l, const char *label) {
 
 static void server(void) {
     int l = listener();
-    one(l, "A", 1);
-    one(l, "B", 0);
+    one(l, "A", 1, 0);
+    one(l, "B", 0, 0);
     spawned(l, "C");
+    one(l, "D", 1, 1);
     R(close(l), "close listener");
 }
 
-static void client_one(const char *label) {
+/* `answer`: how many bytes come back ("done", and the parent's "!" in D). */
+static void client_one(const char *label, size_t answer) {
     char buf[64];
     int s = dial();
     ctl_expect("go");
@@ -121,15 +130,16 @@ static void client_one(const char *label) {
     }
     T("%s: sent %d bytes", label, TOTAL);
     R(shutdown(s, SHUT_WR), "%s: shutdown(SHUT_WR)", label);
-    RD(recv(s, buf, 4, MSG_WAITALL), buf, "%s: recv(4, WAITALL)", label);
+    RD(recv(s, buf, answer, MSG_WAITALL), buf, "%s: recv(%zu, WAITALL)", label, answer);
     RD(read(s, buf, sizeof buf), buf, "%s: read at EOF", label);
     R(close(s), "%s: close", label);
 }
 
 static void client(void) {
-    client_one("A");
-    client_one("B");
-    client_one("C");
+    client_one("A", 4);
+    client_one("B", 4);
+    client_one("C", 4);
+    client_one("D", 5);
 }
 
 int main(int argc, char **argv) {
