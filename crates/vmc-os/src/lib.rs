@@ -83,4 +83,29 @@ pub(crate) mod test_support {
     pub(crate) fn fork_exclusive() -> RwLockWriteGuard<'static, ()> {
         FORK.write().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Forks; the child runs `check` and exits with 0 if it said true. True if
+    /// it did; false if it said false or was still running after 10 s (a hang,
+    /// which `SIGALRM` ends). `check` must only do what is safe in the child of
+    /// a multi-threaded process: no allocation, no lock another thread may hold
+    /// (unless that is what is tested).
+    pub(crate) fn in_child(check: impl FnOnce() -> bool) -> bool {
+        // SAFETY: the child arms an alarm, runs `check` (see above) and
+        // `_exit`s, nothing else.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            // SAFETY: alarm only arms a timer, whose default action ends the
+            // child; `_exit` ends it at once, without the parent's atexit
+            // handlers or destructors.
+            unsafe {
+                libc::alarm(10);
+                libc::_exit(if check() { 0 } else { 1 })
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out pointer.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
 }

@@ -169,30 +169,11 @@ mod tests {
         assert_eq!(euid(), unsafe { libc::geteuid() });
     }
 
-    /// Forks; the child runs `check` and exits with 0 if it said true. True if it did.
-    /// `check` must only do what is safe in the child of a multi-threaded process
-    /// (atomic loads: the counters' registration is done before any fork here).
-    fn in_child(check: impl FnOnce() -> bool) -> bool {
-        // SAFETY: the child runs `check` (see above) and `_exit`, nothing else.
-        let child = unsafe { libc::fork() };
-        assert!(child >= 0, "fork failed");
-        if child == 0 {
-            let code = if check() { 0 } else { 1 };
-            // SAFETY: ends the child at once, without running the parent's atexit
-            // handlers or destructors.
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        // SAFETY: waits for our own child; `status` is a valid out pointer.
-        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
-    }
-
     #[test]
     fn a_forked_child_sees_another_generation() {
         let before = fork_generation();
         assert_eq!(fork_generation(), before);
-        assert!(in_child(|| fork_generation() != before));
+        assert!(crate::test_support::in_child(|| fork_generation() != before));
         assert_eq!(
             fork_generation(),
             before,
@@ -205,7 +186,7 @@ mod tests {
         note_owner();
         assert!(!in_vfork_child());
         assert!(
-            in_child(|| !in_vfork_child()),
+            crate::test_support::in_child(|| !in_vfork_child()),
             "a forked child owns its memory"
         );
         // SAFETY: the child only makes system calls (getpid) and atomic loads on
@@ -230,7 +211,7 @@ mod tests {
     #[test]
     fn a_fork_is_seen_on_both_sides() {
         let before = forks_seen();
-        assert!(in_child(|| forks_seen() != before));
+        assert!(crate::test_support::in_child(|| forks_seen() != before));
         assert_ne!(forks_seen(), before, "the parent saw it too");
     }
 
