@@ -455,7 +455,8 @@ pub(crate) extern "C" fn prepare() {
             }
         }
     });
-    if let Some(page) = Page::new(owned.len()).map(Arc::new) {
+    let page = Page::new(owned.len()).map(Arc::new);
+    if let Some(page) = &page {
         for (i, sock) in owned.iter().enumerate() {
             if let Sock::Stream(s) = &**sock {
                 let mut claims = s.owner.claims();
@@ -466,15 +467,17 @@ pub(crate) extern "C" fn prepare() {
                 s.owner.forked.store(true, Ordering::Relaxed);
             }
         }
-        // From here a thread that starts a call claims its connection (the
-        // generation moved, so its check claims) before the fork: for the parent.
-        GEN.fetch_add(1, Ordering::AcqRel);
-        // A thread inside a call right now (blocked in a read, say) goes on with
-        // it in the parent after the fork, with no new call to claim the
-        // connection there; the child's first use would claim it instead, and two
-        // processes would drive its rings. Its connection is this process's: claimed
-        // now, before the child can. (A thread between its check and its lock is
-        // missed: a window of a few instructions.)
+    }
+    // From here a thread that starts a call claims its connection (the
+    // generation moved, so its check claims) before the fork: for the parent.
+    GEN.fetch_add(1, Ordering::AcqRel);
+    // A thread inside a call right now (blocked in a read, say) goes on with it
+    // in the parent after the fork, with no new call to claim the connection
+    // there; the child's first use would claim it instead, and two processes
+    // would drive its rings. Its connection is this process's: claimed now,
+    // before the child can. (A thread between its check and its lock is missed:
+    // a window of a few instructions.)
+    if let Some(page) = &page {
         let me = std::process::id();
         for (i, sock) in owned.iter().enumerate() {
             if let Sock::Stream(s) = &**sock {
@@ -483,7 +486,5 @@ pub(crate) extern "C" fn prepare() {
                 }
             }
         }
-        return;
     }
-    GEN.fetch_add(1, Ordering::AcqRel);
 }
